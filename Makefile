@@ -1,0 +1,30 @@
+# The README's two commands: `make run` (set up, run the model on the sample audio) and `make test`.
+# Both are idempotent: the virtual environment is rebuilt only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PY := $(VENV)/bin/python
+
+.PHONY: setup samples run test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+samples: setup
+	$(PY) -m jobs.samples
+
+run: samples
+	$(PY) -m nota_model.transcribe --model tiny --batch-size 5 \
+		$${NOTA_CACHE:-$$HOME/.cache/nota}/samples/librivox/items.jsonl \
+		$${NOTA_CACHE:-$$HOME/.cache/nota}/samples/animals/items.jsonl
+
+test: samples
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

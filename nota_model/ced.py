@@ -1,0 +1,282 @@
+"""CED audio encoder (Consistent Ensemble Distillation, RicherMans/CED) that returns patch tokens.
+
+This is the seed project's `ExtendedCEDEncoder`: the published `AudioTransformer` without its classification
+head, with the log-mel features normalised as BEATs does and long inputs encoded chunk by chunk. Module names
+follow the published checkpoints: less their `outputlayer.*` head, they hold every key here but the
+`fbank_mean` and `fbank_std` buffers, which the config sets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nota_model.config import AudioEncoderConfig
+from nota_model.errors import AudioError, ConfigError
+
+SAMPLE_RATE = 16000
+AMPLITUDE_FLOOR = 1e-10
+
+
+def hz_to_mel(freq: float) -> float:
+    """HTK mel scale."""
+    return 2595.0 * math.log10(1.0 + freq / 700.0)
+
+
+def mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+
+
+def melscale_fbanks(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """torchaudio's `melscale_fbanks(norm=None, mel_scale="htk")`: triangular filters, shape (n_freqs, n_mels)."""
+    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float32)
+    f_pts = mel_to_hz(torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2, dtype=torch.float32))
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)
+    down_slopes = -slopes[:, :-2] / f_diff[:-1]
+    up_slopes = slopes[:, 2:] / f_diff[1:]
+    return torch.clamp(torch.minimum(down_slopes, up_slopes), min=0.0)
+
+
+class CEDSpectrogram(nn.Module):
+    """Power spectrogram as torchaudio's `Spectrogram`: periodic Hann window, centred frames, reflect padding."""
+
+    def __init__(self, n_fft: int, win_length: int, hop_length: int):
+        super().__init__()
+        self.n_fft = n_fft
+        self.win_length = win_length
+        self.hop_length = hop_length
+        self.register_buffer("window", torch.hann_window(win_length, dtype=torch.float32))
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(B, samples) -> (B, n_fft // 2 + 1, frames)."""
+        spec = torch.stft(
+            waveforms,
+            self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.win_length,
+            window=self.window.to(waveforms.dtype),
+            center=True,
+            pad_mode="reflect",
+            normalized=False,
+            onesided=True,
+            return_complex=True,
+        )
+        return spec.abs().pow(2.0)
+
+
+class CEDMelScale(nn.Module):
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        fb = melscale_fbanks(config.n_fft // 2 + 1, config.f_min, config.f_max, config.n_mels, SAMPLE_RATE)
+        self.register_buffer("fb", fb)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        """(B, n_freqs, frames) -> (B, n_mels, frames)."""
+        return (spec.transpose(-1, -2) @ self.fb.to(spec.dtype)).transpose(-1, -2)
+
+
+class CEDMelSpectrogram(nn.Module):
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        self.spectrogram = CEDSpectrogram(config.n_fft, config.win_length, config.hop_length)
+        self.mel_scale = CEDMelScale(config)
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return self.mel_scale(self.spectrogram(waveforms))
+
+
+class CEDAmplitudeToDB(nn.Module):
+    """torchaudio's `AmplitudeToDB("power", top_db)`, except that each item is floored at its OWN peak minus
+    `top_db` (torchaudio takes one peak over a whole (B, n_mels, frames) batch)."""
+
+    def __init__(self, top_db: float):
+        super().__init__()
+        self.top_db = top_db
+
+    def forward(self, power: torch.Tensor) -> torch.Tensor:
+        db = 10.0 * torch.log10(torch.clamp(power, min=AMPLITUDE_FLOOR))
+        return torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - self.top_db)
+
+
+class CEDTranspose(nn.Module):
+    """Swaps two axes: the published checkpoints' weightless einops `Rearrange` layers around `init_bn`."""
+
+    def __init__(self, dim0: int, dim1: int):
+        super().__init__()
+        self.dim0 = dim0
+        self.dim1 = dim1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(self.dim0, self.dim1)
+
+
+class CEDPatchEmbed(nn.Module):
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(1, config.embed_dim, kernel_size=config.patch_size, stride=config.patch_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n_mels, frames) -> (B, embed_dim, freq patches, time patches)."""
+        return self.proj(x)
+
+
+class CEDAttention(nn.Module):
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
+class CEDMlp(nn.Module):
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        hidden = int(config.embed_dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.embed_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CEDBlock(nn.Module):
+    """Pre-norm ViT block (timm layout)."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.attn = CEDAttention(config)
+        self.norm2 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.mlp = CEDMlp(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _check_config(config: AudioEncoderConfig) -> None:
+    if config.n_mels % config.patch_stride:
+        raise ConfigError(
+            f"CED needs audio_encoder.n_mels ({config.n_mels}) divisible by audio_encoder.patch_stride "
+            f"({config.patch_stride}): freq_pos_embed has one row per n_mels // patch_stride patches"
+        )
+    if (config.n_mels - config.patch_size) // config.patch_stride + 1 != config.n_mels // config.patch_stride:
+        raise ConfigError(
+            f"CED's audio_encoder.patch_size ({config.patch_size}) gives a number of frequency patches other "
+            f"than n_mels // patch_stride ({config.n_mels // config.patch_stride}), the rows of freq_pos_embed"
+        )
+    if config.embed_dim % config.num_heads:
+        raise ConfigError(
+            f"CED needs audio_encoder.embed_dim ({config.embed_dim}) divisible by num_heads ({config.num_heads})"
+        )
+
+
+class CEDEncoder(nn.Module):
+    """CED over 16 kHz waveforms, returning the final-norm patch tokens, frequency-major within each chunk of
+    `target_length` frames, the chunks one after the other. Call `.eval()` before use: `init_bn` is a
+    BatchNorm, which in training mode normalises with batch statistics."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.front_end = nn.Sequential(CEDMelSpectrogram(config), CEDAmplitudeToDB(config.top_db))
+        self.register_buffer("fbank_mean", torch.tensor(config.fbank_mean, dtype=torch.float32))
+        self.register_buffer("fbank_std", torch.tensor(config.fbank_std, dtype=torch.float32))
+        self.init_bn = nn.Sequential(
+            CEDTranspose(1, 2), nn.BatchNorm2d(config.n_mels, momentum=0.01), CEDTranspose(1, 2)
+        )
+        self.patch_embed = CEDPatchEmbed(config)
+        time_patches = config.target_length // config.patch_stride
+        freq_patches = config.n_mels // config.patch_stride
+        self.time_pos_embed = nn.Parameter(torch.randn(1, config.embed_dim, 1, time_patches) * 0.02)
+        self.freq_pos_embed = nn.Parameter(torch.randn(1, config.embed_dim, freq_patches, 1) * 0.02)
+        self.blocks = nn.Sequential(*(CEDBlock(config) for _ in range(config.depth)))
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.apply(_init_linear)
+
+    def min_samples(self) -> int:
+        """The fewest samples that give a patch (and that the STFT's reflect padding accepts)."""
+        min_frames_samples = (self.config.patch_size - 1) * self.config.hop_length + self.config.n_fft % 2
+        return max(min_frames_samples, self.config.n_fft // 2 + 1)
+
+    def num_tokens(self, num_samples: int) -> int:
+        """Tokens `forward` returns per item for waveforms of `num_samples` samples."""
+        self._check_length(num_samples)
+        cfg = self.config
+        frames = (num_samples + 2 * (cfg.n_fft // 2) - cfg.n_fft) // cfg.hop_length + 1
+        full_chunks, last_chunk = divmod(frames, cfg.target_length)
+        time_patches = full_chunks * self._time_patches(cfg.target_length) + self._time_patches(last_chunk)
+        return cfg.n_mels // cfg.patch_stride * time_patches
+
+    def front_end_features(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """Normalised log-mel features (B, n_mels, frames), in float32 whatever the module's dtype."""
+        self._check_length(waveforms.shape[-1])
+        # Mel power spectra overflow float16.
+        with torch.autocast(device_type=waveforms.device.type, enabled=False):
+            db = self.front_end(waveforms.float())
+            return (db - self.fbank_mean.float()) / (2 * self.fbank_std.float())
+
+    def forward_features(self, spec: torch.Tensor) -> torch.Tensor:
+        """One chunk of at most `target_length` frames: (B, 1, n_mels, frames) -> (B, tokens, embed_dim)."""
+        x = self.patch_embed(spec)
+        x = x + self.time_pos_embed[..., : x.shape[-1]] + self.freq_pos_embed
+        x = x.flatten(2).transpose(1, 2)
+        return self.norm(self.blocks(x))
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """Equal-length 16 kHz waveforms (B, samples) -> tokens (B, num_tokens(samples), embed_dim)."""
+        if waveforms.ndim != 2:
+            raise ValueError(f"CEDEncoder.forward takes (batch, samples), got {tuple(waveforms.shape)}")
+        spec = self.front_end_features(waveforms).unsqueeze(1).to(self.patch_embed.proj.weight.dtype)
+        spec = self.init_bn(spec)
+        chunks = spec.split(self.config.target_length, dim=-1)
+        return torch.cat([self.forward_features(c) for c in chunks if self._time_patches(c.shape[-1])], dim=1)
+
+    def encode(self, waveforms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Encodes 1-D waveforms of any lengths, each on its own (equal lengths share a forward):
+        item i -> (num_tokens(len(item i)), embed_dim)."""
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for index, waveform in enumerate(waveforms):
+            if waveform.ndim != 1:
+                raise ValueError(f"CEDEncoder.encode takes 1-D waveforms, got {tuple(waveform.shape)}")
+            by_length[waveform.shape[0]].append(index)
+        tokens: dict[int, torch.Tensor] = {}
+        for indices in by_length.values():
+            tokens.update(zip(indices, self(torch.stack([waveforms[i] for i in indices]))))
+        return [tokens[i] for i in range(len(waveforms))]
+
+    def _time_patches(self, frames: int) -> int:
+        if frames < self.config.patch_size:
+            return 0
+        return (frames - self.config.patch_size) // self.config.patch_stride + 1
+
+    def _check_length(self, num_samples: int) -> None:
+        if num_samples < self.min_samples():
+            raise AudioError(
+                "too_short",
+                f"CED needs at least {self.min_samples()} samples ({self.min_samples() / SAMPLE_RATE:.3f} s "
+                f"at {SAMPLE_RATE} Hz) for one patch, got {num_samples}",
+            )
+
+
+def _init_linear(module: nn.Module) -> None:
+    """The published random init of Linear layers (LayerNorms keep torch's ones and zeros)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

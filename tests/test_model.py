@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from nota_model.build import load_model
+from nota_model.config import DecodingConfig
+from nota_model.errors import ConfigError
+from tests.conftest import make_clip
+
+ASR, AAC = "asr", "aac"
+
+
+def prompts_for(model, tasks):
+    return [model.config.prompt.task_prompt(task) for task in tasks]
+
+
+def test_30_seconds_give_88_audio_tokens_of_llm_width(tiny):
+    model = tiny.model
+    tokens = model.audio_tokens([make_clip(30.0), make_clip(2.5, seed=1)])
+    hidden = model.llama_model.get_input_embeddings().embedding_dim
+    assert [t.shape for t in tokens] == [(88, hidden), (88, hidden)]
+
+
+def test_prompt_layout_is_bos_prompt_audio_prompt_with_left_padding(tiny):
+    model = tiny.model
+    audio = [torch.randn(88, 64), torch.randn(88, 64)]
+    custom = "<Speech><SpeechHere></Speech> Is there a dog barking in this recording? Answer yes or no."
+    embeds, mask = model.prompt_embeddings(audio, [model.config.prompt.task_prompt(ASR), custom])
+    embed = model.llama_model.get_input_embeddings()
+    before = model.tokenizer("USER: <Speech>", add_special_tokens=False).input_ids
+    short = int(mask[0].sum())
+    assert mask[1].all() and not mask[0, : len(mask[0]) - short].any()
+    start = len(mask[0]) - short
+    assert torch.equal(embeds[0, start], embed.weight[model.tokenizer.convert_tokens_to_ids("<|im_start|>")])
+    assert torch.equal(embeds[0, start + 1 : start + 1 + len(before)], embed.weight[before])
+    audio_at = start + 1 + len(before)
+    assert torch.equal(embeds[0, audio_at : audio_at + 88], audio[0])
+    assert torch.equal(embeds[1, 1 + len(before) : 1 + len(before) + 88], audio[1])
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_batch_gives_the_same_output_as_each_item_alone(tiny, num_beams):
+    model = tiny.model
+    clips = [make_clip(1.2), make_clip(30.0, seed=1), make_clip(7.0, seed=2)]
+    prompts = prompts_for(model, [ASR, AAC, ASR])
+    prompts[2] = "<Speech><SpeechHere></Speech> What is said?"
+    decoding = DecodingConfig(num_beams=num_beams, max_new_tokens=8)
+    batch = model.generate(clips, prompts, decoding)
+    alone = [model.generate([clip], [prompt], decoding) for clip, prompt in zip(clips, prompts)]
+    assert batch.token_ids == [one.token_ids[0] for one in alone]
+    assert batch.texts == [one.texts[0] for one in alone]
+    batch_logits = model.next_token_logits(clips, prompts)
+    for index, (clip, prompt) in enumerate(zip(clips, prompts)):
+        torch.testing.assert_close(batch_logits[index], model.next_token_logits([clip], [prompt])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_reports_tokens_and_timing(tiny):
+    output = tiny.model.generate([make_clip(3.0), make_clip(4.0, seed=3)], prompts_for(tiny.model, [ASR, AAC]),
+                                 DecodingConfig(num_beams=1, max_new_tokens=6))
+    assert len(output.texts) == 2 and all(isinstance(t, str) for t in output.texts)
+    assert all(0 <= n <= 6 for n in output.output_tokens)
+    assert output.output_tokens == [len(ids) for ids in output.token_ids]
+    assert 1 <= output.decode_steps <= 6 and output.ttft_s > 0
+    assert output.tpot_s is None if output.decode_steps == 1 else output.tpot_s > 0
+
+
+def test_generation_stops_at_the_end_symbol_and_cuts_it(tiny):
+    model = tiny.model
+    clip, prompt = make_clip(2.0), prompts_for(model, [ASR])
+    free = model.generate([clip], prompt, DecodingConfig(num_beams=1, max_new_tokens=8)).token_ids[0]
+    fresh = [k for k in range(len(free)) if free[k] not in free[:k]]
+    step = fresh[-1]  # the random tiny model often repeats itself; any first occurrence will do
+    original = model.end_token_id
+    model.end_token_id = free[step]
+    try:
+        stopped = model.generate([clip], prompt, DecodingConfig(num_beams=1, max_new_tokens=8))
+    finally:
+        model.end_token_id = original
+    assert stopped.token_ids[0] == free[:step] and stopped.decode_steps == step + 1
+
+
+def test_a_prompt_without_the_placeholder_is_rejected(tiny):
+    with pytest.raises(ConfigError, match="SpeechHere"):
+        tiny.model.generate([make_clip(1.0)], ["Recognize the speech."])
+
+
+def test_lora_changes_outputs_only_when_enabled(tiny):
+    model = tiny.model
+    clips, prompts = [make_clip(2.0)], prompts_for(model, [ASR])
+    with model.llama_model.disable_adapter():
+        base = model.next_token_logits(clips, prompts)
+    torch.testing.assert_close(model.next_token_logits(clips, prompts), base)  # lora_B starts at zero
+    lora_b = [p for n, p in model.llama_model.named_parameters() if "lora_B" in n]
+    assert lora_b
+    saved = [p.data.clone() for p in lora_b]
+    try:
+        for p in lora_b:
+            p.data.normal_(std=0.5)
+        changed = model.next_token_logits(clips, prompts)
+        with model.llama_model.disable_adapter():
+            disabled = model.next_token_logits(clips, prompts)
+    finally:
+        for p, s in zip(lora_b, saved):
+            p.data.copy_(s)
+    assert (changed - base).abs().max() > 1e-3
+    torch.testing.assert_close(disabled, base)
+
+
+def test_speech_only_model_without_an_audio_encoder(tiny_config):
+    config = tiny_config.with_overrides({"audio_encoder": {"kind": "none"}, "lora": {"enabled": False}})
+    model = load_model(config, device="cpu").model
+    assert model.ced is None and model.ln_audio is None
+    assert model.audio_tokens([make_clip(1.0)])[0].shape[0] == 88
+    assert not any("lora" in key for key in model.state_dict())
