@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from nota_model.ced import CEDEncoder
+from nota_model.ced import CEDEncoder, resize_position_embeddings
 from nota_model.checkpoint import LoadReport, is_ced_extra, load_into, read_state_dict, save_state_dict
 from nota_model.config import AudioEncoderConfig, LLMConfig, NotaConfig, SpeechEncoderConfig
 from nota_model.errors import ConfigError
@@ -90,7 +90,7 @@ def build_audio_encoder(config: AudioEncoderConfig) -> CEDEncoder | None:
     if config.path is not None:
         load_into(
             ced,
-            read_state_dict(resolve(config.path)),
+            resize_position_embeddings(read_state_dict(resolve(config.path)), ced),
             required=_parameter_names(ced) | {"init_bn.1.running_mean", "init_bn.1.running_var"},
             source=config.path,
             ignorable=is_ced_extra,

@@ -2,8 +2,9 @@
 
 This is the seed project's `ExtendedCEDEncoder`: the published `AudioTransformer` without its classification
 head, with the log-mel features normalised as BEATs does and long inputs encoded chunk by chunk. Module names
-follow the published checkpoints: less their `outputlayer.*` head, they hold every key here but the
-`fbank_mean` and `fbank_std` buffers, which the config sets.
+follow the published checkpoints and the seed's: less their `outputlayer.*` head, published checkpoints hold
+every key here but the seed's `front_end.fbank_mean`/`fbank_std` buffers, which the config sets. Their
+position embeddings (10 s, 63 time positions) are resized to `target_length` as CED's own loader does.
 """
 
 from __future__ import annotations
@@ -89,6 +90,21 @@ class CEDMelSpectrogram(nn.Module):
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         return self.mel_scale(self.spectrogram(waveforms))
+
+
+class CEDFrontEnd(nn.Sequential):
+    """Mel spectrogram, then dB, then the seed's BEATs-style normalisation, always in float32."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__(CEDMelSpectrogram(config), CEDAmplitudeToDB(config.top_db))
+        self.register_buffer("fbank_mean", torch.tensor(config.fbank_mean, dtype=torch.float32))
+        self.register_buffer("fbank_std", torch.tensor(config.fbank_std, dtype=torch.float32))
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        # Mel power spectra overflow float16.
+        with torch.autocast(device_type=waveforms.device.type, enabled=False):
+            db = super().forward(waveforms.float())
+            return (db - self.fbank_mean.float()) / (2 * self.fbank_std.float())
 
 
 class CEDAmplitudeToDB(nn.Module):
@@ -194,9 +210,7 @@ class CEDEncoder(nn.Module):
         super().__init__()
         _check_config(config)
         self.config = config
-        self.front_end = nn.Sequential(CEDMelSpectrogram(config), CEDAmplitudeToDB(config.top_db))
-        self.register_buffer("fbank_mean", torch.tensor(config.fbank_mean, dtype=torch.float32))
-        self.register_buffer("fbank_std", torch.tensor(config.fbank_std, dtype=torch.float32))
+        self.front_end = CEDFrontEnd(config)
         self.init_bn = nn.Sequential(
             CEDTranspose(1, 2), nn.BatchNorm2d(config.n_mels, momentum=0.01), CEDTranspose(1, 2)
         )
@@ -226,10 +240,7 @@ class CEDEncoder(nn.Module):
     def front_end_features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel features (B, n_mels, frames), in float32 whatever the module's dtype."""
         self._check_length(waveforms.shape[-1])
-        # Mel power spectra overflow float16.
-        with torch.autocast(device_type=waveforms.device.type, enabled=False):
-            db = self.front_end(waveforms.float())
-            return (db - self.fbank_mean.float()) / (2 * self.fbank_std.float())
+        return self.front_end(waveforms)
 
     def forward_features(self, spec: torch.Tensor) -> torch.Tensor:
         """One chunk of at most `target_length` frames: (B, 1, n_mels, frames) -> (B, tokens, embed_dim)."""
@@ -272,6 +283,25 @@ class CEDEncoder(nn.Module):
                 f"CED needs at least {self.min_samples()} samples ({self.min_samples() / SAMPLE_RATE:.3f} s "
                 f"at {SAMPLE_RATE} Hz) for one patch, got {num_samples}",
             )
+
+
+def resize_position_embeddings(state_dict: dict[str, torch.Tensor], encoder: CEDEncoder) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint's time/frequency position embeddings to `encoder`, as CED's own `load_state_dict` does:
+    cut when the checkpoint has more positions, bilinear interpolation when it has fewer."""
+    resized = dict(state_dict)
+    for key, axis in (("time_pos_embed", -1), ("freq_pos_embed", -2)):
+        if key not in state_dict:
+            continue
+        source, target = state_dict[key], getattr(encoder, key)
+        length, wanted = source.shape[axis], target.shape[axis]
+        if source.ndim != 4 or source.shape[1] != target.shape[1] or length == wanted:
+            continue
+        if wanted <= length:
+            resized[key] = source.narrow(axis, 0, wanted)
+        else:
+            size = (1, wanted) if axis == -1 else (wanted, 1)
+            resized[key] = F.interpolate(source.float(), size=size, mode="bilinear", align_corners=False)
+    return resized
 
 
 def _init_linear(module: nn.Module) -> None:

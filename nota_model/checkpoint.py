@@ -24,8 +24,8 @@ LORA_MARKER = ".lora_"
 # say): the model takes them from the components' own weights. CED buffers (init_bn statistics, mel
 # filterbank, window) are loaded: the seed's training may have updated the statistics.
 FROZEN_PREFIXES = ("llama_model.", "beats.", "speech_encoder.")
-# CED entries that our encoder has no use for: the classifier head and the seed's front-end constants.
-CED_EXTRAS = ("outputlayer.", "front_end.fbank_")
+# CED entries that our encoder has no use for: the classifier head.
+CED_EXTRAS = ("outputlayer.",)
 
 
 @dataclass(frozen=True)

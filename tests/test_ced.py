@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nota_model.ced import CEDAttention, CEDEncoder, hz_to_mel, melscale_fbanks
+from nota_model.ced import CEDAttention, CEDEncoder, hz_to_mel, melscale_fbanks, resize_position_embeddings
 from nota_model.config import AudioEncoderConfig
 from nota_model.errors import AudioError, ConfigError
 
@@ -120,10 +120,10 @@ def test_num_tokens_agrees_with_forward(encoder: CEDEncoder, samples: int) -> No
     assert tokens.shape == (1, encoder.num_tokens(samples), 32)
 
 
-def test_state_dict_keys_match_published_names() -> None:
+def test_state_dict_keys_match_published_and_seed_names() -> None:
     expected = {
-        "fbank_mean",
-        "fbank_std",
+        "front_end.fbank_mean",
+        "front_end.fbank_std",
         "front_end.0.spectrogram.window",
         "front_end.0.mel_scale.fb",
         "init_bn.1.weight",
@@ -148,7 +148,7 @@ def test_state_dict_keys_match_published_names() -> None:
     assert state["front_end.0.mel_scale.fb"].shape == (257, 64)
     assert state["blocks.0.attn.qkv.weight"].shape == (96, 32)
     assert state["blocks.0.mlp.fc1.weight"].shape == (128, 32)
-    assert state["fbank_mean"].ndim == 0
+    assert state["front_end.fbank_mean"].ndim == 0
 
 
 def test_state_dict_round_trips_strictly(encoder: CEDEncoder) -> None:
@@ -161,9 +161,26 @@ def test_state_dict_round_trips_strictly(encoder: CEDEncoder) -> None:
 
 def test_front_end_buffers_are_deterministic() -> None:
     a, b = CEDEncoder(TINY).state_dict(), CEDEncoder(TINY).state_dict()
-    for key in ("front_end.0.spectrogram.window", "front_end.0.mel_scale.fb", "fbank_mean", "fbank_std"):
+    for key in ("front_end.0.spectrogram.window", "front_end.0.mel_scale.fb", "front_end.fbank_mean", "front_end.fbank_std"):
         assert torch.equal(a[key], b[key])
     torch.testing.assert_close(a["front_end.0.spectrogram.window"], torch.hann_window(512))
+
+
+def test_published_10_second_position_embeddings_are_resized_as_ced_does() -> None:
+    encoder = CEDEncoder(TINY)
+    published = {"time_pos_embed": torch.randn(1, 32, 1, 63), "freq_pos_embed": torch.randn(1, 32, 4, 1)}
+    resized = resize_position_embeddings(published, encoder)
+    assert resized["time_pos_embed"].shape == (1, 32, 1, 187)
+    assert torch.equal(resized["freq_pos_embed"], published["freq_pos_embed"])
+    # Bilinear, align_corners=False: the first target position samples the source at (0 + 0.5) * 63/187 - 0.5 < 0.
+    torch.testing.assert_close(resized["time_pos_embed"][..., 0], published["time_pos_embed"][..., 0])
+    position = (93 + 0.5) * 63 / 187 - 0.5
+    low, weight = int(position), position - int(position)
+    source = published["time_pos_embed"]
+    expected = source[..., low] * (1 - weight) + source[..., low + 1] * weight
+    torch.testing.assert_close(resized["time_pos_embed"][..., 93], expected)
+    longer = resize_position_embeddings({"time_pos_embed": torch.randn(1, 32, 1, 300)}, encoder)
+    assert longer["time_pos_embed"].shape[-1] == 187
 
 
 def test_attention_matches_explicit_softmax() -> None:

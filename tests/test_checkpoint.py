@@ -126,13 +126,16 @@ def test_components_load_from_their_own_weights(tiny_config, tmp_path):
     whisper = WhisperModel(WhisperConfig(**tiny_config.speech_encoder.hf_config, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64))
     whisper.save_pretrained(tmp_path / "whisper")
     ced = CEDEncoder(tiny_config.audio_encoder)
-    torch.save({**ced.state_dict(), "outputlayer.1.weight": torch.zeros(527, 32)}, tmp_path / "ced.pt")
+    published = {k: v for k, v in ced.state_dict().items() if not k.startswith("front_end.fbank")}
+    published["time_pos_embed"] = published["time_pos_embed"][..., :63].clone()  # a 10 s checkpoint
+    torch.save({**published, "outputlayer.1.weight": torch.zeros(527, 32)}, tmp_path / "ced.pt")
     config = tiny_config.with_overrides(
         {"speech_encoder": {"path": str(tmp_path / "whisper")}, "audio_encoder": {"path": str(tmp_path / "ced.pt")}}
     )
     model = load_model(config, device="cpu").model
     torch.testing.assert_close(model.speech_encoder.layers[1].fc1.weight, whisper.encoder.layers[1].fc1.weight)
     torch.testing.assert_close(model.ced.blocks[1].attn.qkv.weight, ced.blocks[1].attn.qkv.weight)
+    assert model.ced.time_pos_embed.shape[-1] == 187
 
     with pytest.raises(ConfigError, match="d_model"):
         load_model(config.with_overrides({"speech_encoder": {"hf_config": {"d_model": 128}}}), device="cpu")
