@@ -3,6 +3,7 @@ the seed's tokenizer set-up, LoRA, and an optional trained checkpoint."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from nota_model.ced import CEDEncoder, resize_position_embeddings
-from nota_model.checkpoint import LoadReport, is_ced_extra, load_into, read_state_dict, save_state_dict
+from nota_model.checkpoint import (
+    SETTINGS_METADATA_KEY,
+    LoadReport,
+    check_trained_with,
+    is_ced_extra,
+    load_into,
+    read_checkpoint,
+    read_state_dict,
+    save_state_dict,
+    seed_settings,
+)
 from nota_model.config import AudioEncoderConfig, LLMConfig, NotaConfig, SpeechEncoderConfig
 from nota_model.errors import ConfigError
 from nota_model.model import NotaModel
@@ -33,8 +44,9 @@ class LoadedModel:
 
 
 def load_model(config: NotaConfig, checkpoint: str | None = None, device: str | torch.device | None = None) -> LoadedModel:
-    """Build the model on `device` (default: CUDA if available) in the config's dtype, and load `checkpoint`
-    (a seed `.pth` or our safetensors of the trained parameters) when given."""
+    """Build the model on `device` (default: CUDA if available) and load `checkpoint` (a seed `.pth` or our
+    safetensors of the trained parameters) when given. As in the seed, the LLM takes the config's dtype
+    (float16 on GPU by default) while encoders and connector keep float32 weights under autocast."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
     speech_encoder = build_whisper_encoder(config.speech_encoder)
@@ -45,16 +57,20 @@ def load_model(config: NotaConfig, checkpoint: str | None = None, device: str | 
     if checkpoint:
         path = resolve(checkpoint)
         sha = sha256_of(path)
-        report = load_into(model, read_state_dict(path), required=set(model.trained_state_dict()), source=checkpoint)
+        trained = read_checkpoint(path)
+        check_trained_with(trained, config, source=checkpoint)
+        report = load_into(model, trained.tensors, required=set(model.trained_state_dict()), source=checkpoint)
         log.info("checkpoint_loaded", checkpoint=checkpoint, sha256=sha, loaded=len(report.loaded), ignored=report.ignored)
-    model.to(device=device, dtype=resolve_dtype(config.dtype, device)).eval()
+    model.to(device).eval()
+    model.llama_model.to(resolve_dtype(config.dtype, device))
     identity = f"{config.name}+ckpt:sha256:{sha[:16]}" if sha else f"{config.name}+no-checkpoint"
     return LoadedModel(model=model, identity=identity, checkpoint_sha256=sha, checkpoint_report=report)
 
 
 def save_trained(model: NotaModel, path: Path) -> None:
     """Write the trained parameters, under the seed's key names, as safetensors."""
-    save_state_dict(model.trained_state_dict(), path, metadata={"format": "nota-trained", "config": model.config.name})
+    metadata = {"format": "nota-trained", "config": model.config.name, SETTINGS_METADATA_KEY: json.dumps(seed_settings(model.config))}
+    save_state_dict(model.trained_state_dict(), path, metadata=metadata)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

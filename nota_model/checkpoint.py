@@ -6,14 +6,18 @@ Seed checkpoints are SALMONN-style `.pth` files, `{"model": state_dict, ...}`, r
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 
+from nota_model.config import WHISPER_FRAMES_PER_SECOND, NotaConfig
 from nota_model.errors import CheckpointError
 
 # Parameters a NOTA checkpoint trains; everything else comes from the frozen components' own weights.
@@ -28,10 +32,64 @@ FROZEN_PREFIXES = ("llama_model.", "beats.", "speech_encoder.")
 CED_EXTRAS = ("outputlayer.",)
 
 
+# The seed's run-config names of the settings a trained checkpoint depends on. A seed `.pth` stores its
+# run config beside the weights; our safetensors store these in their metadata.
+SEED_SETTINGS: dict[str, Callable[[NotaConfig], Any]] = {
+    "second_per_window": lambda c: c.qformer.window_seconds,
+    "second_stride": lambda c: c.qformer.stride_seconds,
+    "num_speech_query_token": lambda c: c.qformer.num_query_tokens,
+    "speech_qformer_layer": lambda c: c.qformer.num_layers,
+    "lora_rank": lambda c: c.lora.r,
+    "lora_alpha": lambda c: c.lora.alpha,
+    "end_sym": lambda c: c.prompt.end_symbol,
+    "prompt_template": lambda c: c.prompt.template,
+}
+SETTINGS_METADATA_KEY = "seed_settings"
+
+
 @dataclass(frozen=True)
 class LoadReport:
     loaded: list[str]
     ignored: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    trained_with: dict[str, Any]  # SEED_SETTINGS names -> values, as far as the file records them
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """A trained checkpoint: a seed `.pth` (`{"model": ..., "config": {"model": ...}}`) or our safetensors."""
+    if path.suffix == ".safetensors":
+        with safetensors.safe_open(str(path), "pt") as file:
+            metadata = file.metadata() or {}
+        return Checkpoint(read_state_dict(path), json.loads(metadata.get(SETTINGS_METADATA_KEY, "{}")))
+    loaded = _torch_load(path)
+    run_config = loaded.get("config") if isinstance(loaded, dict) else None
+    model_config = run_config.get("model", {}) if isinstance(run_config, dict) else {}
+    return Checkpoint(_unwrap(loaded, path), {k: v for k, v in model_config.items() if k in SEED_SETTINGS})
+
+
+def seed_settings(config: NotaConfig) -> dict[str, Any]:
+    return {key: setting(config) for key, setting in SEED_SETTINGS.items()}
+
+
+def check_trained_with(checkpoint: Checkpoint, config: NotaConfig, source: str) -> None:
+    """A checkpoint trained with other windows, query tokens, LoRA sizes or prompt format would load
+    without a shape error and give wrong text: refuse it."""
+    ours = seed_settings(config)
+    wrong = [
+        f"{key}: trained with {value!r}, config has {ours[key]!r}"
+        for key, value in checkpoint.trained_with.items()
+        if _comparable(key, value) != _comparable(key, ours[key])
+    ]
+    if wrong:
+        raise CheckpointError(f"{source} was trained with other settings than the model config; fix the config: {'; '.join(wrong)}")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    return round(WHISPER_FRAMES_PER_SECOND * float(value)) if key.startswith("second_") else value
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -133,12 +133,15 @@ class PromptConfig(_Strict):
 
 
 class DecodingConfig(_Strict):
-    """num_beams 1 is greedy search."""
+    """num_beams 1 is greedy search. Generation stops on the prompt's end symbol and on
+    `extra_stop_tokens` (the seed's Qwen generation config also stopped on `<|endoftext|>`)."""
 
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(200, ge=1)
+    min_new_tokens: int = Field(1, ge=0)
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
+    extra_stop_tokens: tuple[str, ...] = ()
 
 
 class AudioConfig(_Strict):

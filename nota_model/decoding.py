@@ -15,7 +15,7 @@ from nota_model.config import DecodingConfig
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """One batch's results. `output_tokens` counts each item's tokens before the end symbol.
+    """One batch's results. `output_tokens` counts each item's tokens before its stop token.
     `ttft_s`: start of the batch (audio encoders included) to its first token; `tpot_s`: mean time of the
     later decode steps (None when there was only one step). Times are synchronised on GPU."""
 
@@ -44,14 +44,15 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generation_config(decoding: DecodingConfig, end_token_id: int, pad_token_id: int) -> GenerationConfig:
+def generation_config(decoding: DecodingConfig, stop_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
     return GenerationConfig(
         do_sample=False,
         num_beams=decoding.num_beams,
         max_new_tokens=decoding.max_new_tokens,
+        min_new_tokens=decoding.min_new_tokens,
         length_penalty=decoding.length_penalty,
         repetition_penalty=decoding.repetition_penalty,
-        eos_token_id=end_token_id,
+        eos_token_id=stop_token_ids,
         pad_token_id=pad_token_id,
     )
 
@@ -68,10 +69,10 @@ def timed_generate(
     start = clock.now()
     with torch.inference_mode():
         sequences = model.generate(**prepare(), generation_config=config, stopping_criteria=StoppingCriteriaList([clock]))
-    token_ids = [_until_end(row.tolist(), config.eos_token_id) for row in sequences]
+    token_ids = [_until_stop(row.tolist(), set(config.eos_token_id)) for row in sequences]
     steps = len(clock.times)
     return GenerationOutput(
-        texts=[tokenizer.decode(ids, skip_special_tokens=False).strip() for ids in token_ids],
+        texts=[tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids],
         token_ids=token_ids,
         output_tokens=[len(ids) for ids in token_ids],
         ttft_s=clock.times[0] - start,
@@ -80,5 +81,5 @@ def timed_generate(
     )
 
 
-def _until_end(ids: list[int], end_token_id: int) -> list[int]:
-    return ids[: ids.index(end_token_id)] if end_token_id in ids else ids
+def _until_stop(ids: list[int], stop_token_ids: set[int]) -> list[int]:
+    return next((ids[:i] for i, token in enumerate(ids) if token in stop_token_ids), ids)

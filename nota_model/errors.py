@@ -24,3 +24,7 @@ class AudioError(NotaError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class ConversionError(NotaError):
+    """A weights file cannot be converted: truncated, of another format, or inconsistent after conversion."""

@@ -55,24 +55,26 @@ class NotaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.speech_Qformer.bert.embeddings.LayerNorm.weight.dtype
+        """The LLM's dtype. Encoders and connector keep float32 weights and run under autocast to it."""
+        return self.llama_model.get_input_embeddings().weight.dtype
 
     @torch.inference_mode()
     def audio_tokens(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
         """The audio tokens fed to the LLM for each clip, after the projection: (windows, LLM hidden) each."""
-        states = self._encoder_states(clips)
-        window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
-        windows = [split_windows(item.unsqueeze(0), window, stride) for item in states]
-        counts = [len(item) for item in windows]
-        queries = self.speech_query_tokens.expand(sum(counts), -1, -1)
-        tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))
-        return [item.flatten(0, 1) for item in tokens.split(counts)]
+        features = whisper_features(clips, self.config.speech_encoder.num_mel_bins).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            states = self._encoder_states(features, clips)
+            window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
+            windows = [split_windows(item.unsqueeze(0), window, stride) for item in states]
+            counts = [len(item) for item in windows]
+            queries = self.speech_query_tokens.expand(sum(counts), -1, -1)
+            tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))
+        return [item.flatten(0, 1).to(self.dtype) for item in tokens.split(counts)]
 
-    def _encoder_states(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+    def _encoder_states(self, features: torch.Tensor, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
         """Per clip: LayerNormed Whisper states, concatenated on channels with LayerNormed CED tokens.
         The shorter of the two is zero-padded to the longer, as the seed does."""
-        features = whisper_features(clips, self.config.speech_encoder.num_mel_bins)
-        speech = self.ln_speech(self.speech_encoder(features.to(self.device, self.dtype)).last_hidden_state)
+        speech = self.ln_speech(self.speech_encoder(features).last_hidden_state)
         if self.ced is None:
             return list(speech)
         waveforms = [torch.from_numpy(clip.waveform).to(self.device) for clip in clips]
@@ -119,7 +121,9 @@ class NotaModel(nn.Module):
             embeds, mask = self.prompt_embeddings(self.audio_tokens(clips), prompts)
             return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions(mask)}
 
-        config = generation_config(decoding or self.config.decoding, self.end_token_id, self.pad_token_id)
+        decoding = decoding or self.config.decoding
+        stop_ids = [self.end_token_id, *(_token_id(self.tokenizer, token) for token in decoding.extra_stop_tokens)]
+        config = generation_config(decoding, stop_ids, self.pad_token_id)
         return timed_generate(prepare, self.llama_model, config, self.tokenizer, self.device)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

@@ -38,7 +38,12 @@ def seed_style_checkpoint(model, trained):
     for key, value in model.ced.state_dict().items():
         state[f"ced.{key}"] = value.clone()
     state["ced.outputlayer.1.weight"] = torch.zeros(527, 32)
-    return {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "config": {"run": {"epochs": 30}}, "epoch": 29}
+    run_config = {
+        "model": {"second_per_window": 0.333333, "second_stride": 0.333333, "lora_rank": 4, "lora_alpha": 16,
+                  "end_sym": "<|im_end|>", "prompt_template": "USER: {}\nASSISTANT:", "llama_path": "/data/qwen"},
+        "run": {"epochs": 30},
+    }
+    return {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "config": run_config, "epoch": 29}
 
 
 def test_trained_keys_carry_the_seed_names(tiny):
@@ -62,6 +67,18 @@ def test_seed_pth_loads_safely_and_reports_what_it_ignored(tiny_config, tmp_path
         expected = trained[key].half().float() if list(trained).index(key) % 2 else trained[key]
         torch.testing.assert_close(value, expected)
     assert loaded.identity.startswith("tiny+ckpt:sha256:") and len(loaded.checkpoint_sha256) == 64
+
+
+def test_a_checkpoint_trained_with_other_windows_or_prompts_is_refused(tiny_config, tmp_path):
+    model = load_model(tiny_config, device="cpu").model
+    checkpoint = seed_style_checkpoint(model, trained_with_noise(model))
+    checkpoint["config"]["model"].update(second_per_window=0.2525, end_sym="</s>")
+    torch.save(checkpoint, tmp_path / "other_windows.pth")
+    with pytest.raises(CheckpointError, match=r"second_per_window: trained with 0.2525.*end_sym: trained with '</s>'"):
+        load_model(tiny_config, checkpoint=str(tmp_path / "other_windows.pth"), device="cpu")
+    save_trained(model, tmp_path / "ours.safetensors")
+    with pytest.raises(CheckpointError, match="lora_rank: trained with 4, config has 2"):
+        load_model(tiny_config.with_overrides({"lora": {"r": 2}}), checkpoint=str(tmp_path / "ours.safetensors"), device="cpu")
 
 
 def test_safetensors_round_trip_gives_the_same_outputs(tiny_config, tmp_path):

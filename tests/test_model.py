@@ -63,19 +63,25 @@ def test_generation_reports_tokens_and_timing(tiny):
     assert output.tpot_s is None if output.decode_steps == 1 else output.tpot_s > 0
 
 
-def test_generation_stops_at_the_end_symbol_and_cuts_it(tiny):
+def test_generation_stops_at_a_stop_token_and_cuts_it(tiny):
     model = tiny.model
     clip, prompt = make_clip(2.0), prompts_for(model, [ASR])
-    free = model.generate([clip], prompt, DecodingConfig(num_beams=1, max_new_tokens=8)).token_ids[0]
+    greedy = DecodingConfig(num_beams=1, max_new_tokens=8, min_new_tokens=0)
+    free = model.generate([clip], prompt, greedy).token_ids[0]
     fresh = [k for k in range(len(free)) if free[k] not in free[:k]]
     step = fresh[-1]  # the random tiny model often repeats itself; any first occurrence will do
+    stop_token = model.tokenizer.convert_ids_to_tokens(free[step])
     original = model.end_token_id
     model.end_token_id = free[step]
     try:
-        stopped = model.generate([clip], prompt, DecodingConfig(num_beams=1, max_new_tokens=8))
+        stopped = model.generate([clip], prompt, greedy)
+        at_least_one = model.generate([clip], prompt, greedy.model_copy(update={"min_new_tokens": 1}))
     finally:
         model.end_token_id = original
     assert stopped.token_ids[0] == free[:step] and stopped.decode_steps == step + 1
+    assert at_least_one.output_tokens[0] >= 1
+    extra = model.generate([clip], prompt, greedy.model_copy(update={"extra_stop_tokens": (stop_token,)}))
+    assert extra.token_ids == stopped.token_ids
 
 
 def test_a_prompt_without_the_placeholder_is_rejected(tiny):
@@ -111,3 +117,13 @@ def test_speech_only_model_without_an_audio_encoder(tiny_config):
     assert model.ced is None and model.ln_audio is None
     assert model.audio_tokens([make_clip(1.0)])[0].shape[0] == 88
     assert not any("lora" in key for key in model.state_dict())
+
+
+def test_half_precision_keeps_encoders_in_float32_as_the_seed(tiny_config):
+    model = load_model(tiny_config.with_overrides({"dtype": "bfloat16"}), device="cpu").model
+    assert model.dtype == torch.bfloat16
+    assert model.speech_encoder.conv1.weight.dtype == model.speech_Qformer.bert.embeddings.LayerNorm.weight.dtype == torch.float32
+    assert model.ced.front_end.fbank_mean.dtype == torch.float32
+    tokens = model.audio_tokens([make_clip(1.5)])
+    assert tokens[0].dtype == torch.bfloat16
+    assert model.generate([make_clip(1.5)], prompts_for(model, [ASR]), DecodingConfig(num_beams=2, max_new_tokens=3)).decode_steps >= 1
