@@ -1,9 +1,12 @@
 # The README's two commands: `make run` (set up, run the model on the sample audio) and `make test`.
 # Both are idempotent: the virtual environment is rebuilt only when pyproject.toml changes.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
+SAMPLES := $${NOTA_CACHE:-$$HOME/.cache/nota}/samples
 
 .PHONY: setup samples run test clean
 
@@ -19,9 +22,12 @@ samples: setup
 	$(PY) -m jobs.samples
 
 run: samples
-	$(PY) -m nota_model.transcribe --model tiny --batch-size 5 \
-		$${NOTA_CACHE:-$$HOME/.cache/nota}/samples/librivox/items.jsonl \
-		$${NOTA_CACHE:-$$HOME/.cache/nota}/samples/animals/items.jsonl
+	$(PY) -m jobs.packs whisper-base
+	mkdir -p out
+	$(PY) -m nota_model.transcribe --model whisper-base --batch-size 5 $(SAMPLES)/librivox/items.jsonl \
+		| tee out/whisper-base.jsonl
+	$(PY) -m jobs.metrics out/whisper-base.jsonl
+	$(PY) -m nota_model.transcribe --model tiny --batch-size 5 $(SAMPLES)/animals/items.jsonl
 
 test: samples
 	$(PY) -m pytest -q

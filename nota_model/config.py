@@ -153,8 +153,39 @@ class AudioConfig(_Strict):
     max_seconds: float = 30.0
 
 
-class NotaConfig(_Strict):
+class _ModelConfig(_Strict):
+    """What every model kind's config has: a name, decoding, audio preparation and a dtype."""
+
     name: str = "custom"
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_audio(self) -> _ModelConfig:
+        if self.audio.max_seconds > 30.0:
+            raise ValueError("audio.max_seconds above 30 does not fit the Whisper encoder's 30 s window")
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
+        return _validate(_deep_merge(self.model_dump(), overrides), source="overrides")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class WhisperASRConfig(_ModelConfig):
+    """Plain Whisper speech recognition: the reference every re-scoring compares against.
+    `path` is a transformers Whisper directory (e.g. `pack://whisper-base`); `language` None for
+    English-only models."""
+
+    model_kind: Literal["whisper"] = "whisper"
+    path: str
+    language: str | None = "en"
+    task: Literal["transcribe", "translate"] = "transcribe"
+
+
+class NotaConfig(_ModelConfig):
     model_kind: Literal["nota"] = "nota"
     speech_encoder: SpeechEncoderConfig = Field(default_factory=SpeechEncoderConfig)
     audio_encoder: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
@@ -162,15 +193,10 @@ class NotaConfig(_Strict):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
-    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
-    audio: AudioConfig = Field(default_factory=AudioConfig)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> NotaConfig:
-        if self.audio.max_seconds > 30.0:
-            raise ValueError("audio.max_seconds above 30 does not fit the Whisper encoder's 30 s window")
         if self.qformer.hidden_size % self.qformer.num_heads:
             raise ValueError("qformer.hidden_size must be a multiple of qformer.num_heads")
         return self
@@ -180,18 +206,15 @@ class NotaConfig(_Strict):
         """Width of the concatenated encoder states the Q-Former attends to."""
         return self.speech_encoder.width + self.audio_encoder.width
 
-    def with_overrides(self, overrides: dict[str, Any]) -> NotaConfig:
-        return _validate(_deep_merge(self.model_dump(), overrides), source="overrides")
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+ModelConfig = NotaConfig | WhisperASRConfig
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> NotaConfig:
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """Load a preset by name (see `preset_names()`) or a YAML file, then apply nested overrides."""
     path = PRESETS_DIR / f"{name_or_path}.yaml"
     if name_or_path not in preset_names():
@@ -205,9 +228,10 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> N
     return _validate(_deep_merge(data, overrides or {}), source=str(path))
 
 
-def _validate(data: dict[str, Any], source: str) -> NotaConfig:
+def _validate(data: dict[str, Any], source: str) -> ModelConfig:
+    kind = WhisperASRConfig if data.get("model_kind") == "whisper" else NotaConfig
     try:
-        return NotaConfig.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"invalid model config ({source}):\n{err}") from err
 

@@ -3,6 +3,7 @@ prompt embeddings, stopping on the end symbol alone, timed per decode step."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,8 +45,13 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generation_config(decoding: DecodingConfig, stop_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
-    return GenerationConfig(
+def generation_config(
+    decoding: DecodingConfig, stop_token_ids: list[int], pad_token_id: int, base: GenerationConfig | None = None
+) -> GenerationConfig:
+    """`decoding` over `base` (a model's own generation config, whose other fields it keeps)."""
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    config.max_length = config.min_length = None  # new-token limits below replace total-length ones
+    config.update(
         do_sample=False,
         num_beams=decoding.num_beams,
         max_new_tokens=decoding.max_new_tokens,
@@ -55,6 +61,7 @@ def generation_config(decoding: DecodingConfig, stop_token_ids: list[int], pad_t
         eos_token_id=stop_token_ids,
         pad_token_id=pad_token_id,
     )
+    return config
 
 
 def timed_generate(
@@ -63,13 +70,15 @@ def timed_generate(
     config: GenerationConfig,
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
+    prompt_length: int = 0,
 ) -> GenerationOutput:
-    """Run `prepare()` (encoders, prompt assembly) and `model.generate(**inputs)`, timing both."""
+    """Run `prepare()` (encoders, prompt assembly) and `model.generate(**inputs)`, timing both.
+    `prompt_length`: leading tokens of the returned sequences that are the decoder prompt, not output."""
     clock = StepClock(device)
     start = clock.now()
     with torch.inference_mode():
         sequences = model.generate(**prepare(), generation_config=config, stopping_criteria=StoppingCriteriaList([clock]))
-    token_ids = [_until_stop(row.tolist(), set(config.eos_token_id)) for row in sequences]
+    token_ids = [_until_stop(row[prompt_length:].tolist(), set(config.eos_token_id)) for row in sequences]
     steps = len(clock.times)
     return GenerationOutput(
         texts=[tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids],

@@ -58,6 +58,10 @@ class NotaModel(nn.Module):
         """The LLM's dtype. Encoders and connector keep float32 weights and run under autocast to it."""
         return self.llama_model.get_input_embeddings().weight.dtype
 
+    def prompt_for(self, task: str, prompt: str | None = None) -> str:
+        """The prompt an item gets: its own, or its task's."""
+        return prompt or self.config.prompt.task_prompt(task)
+
     @torch.inference_mode()
     def audio_tokens(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
         """The audio tokens fed to the LLM for each clip, after the projection: (windows, LLM hidden) each."""

@@ -39,10 +39,12 @@ class BertSelfAttention(nn.Module):
         return context.transpose(1, 2).reshape(batch, length, -1)
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, config: QFormerConfig):
+class BertOutput(nn.Module):
+    """Dense projection back to the hidden size, residual, LayerNorm: after attention and after the feed-forward."""
+
+    def __init__(self, config: QFormerConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,7 @@ class BertAttention(nn.Module):
     def __init__(self, config: QFormerConfig, key_value_width: int):
         super().__init__()
         self.self = BertSelfAttention(config, key_value_width)
-        self.output = BertSelfOutput(config)
+        self.output = BertOutput(config, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(hidden, key_value), hidden)
@@ -69,16 +71,6 @@ class BertIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden))
 
 
-class BertOutput(nn.Module):
-    def __init__(self, config: QFormerConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(hidden) + residual)
-
-
 class BertLayer(nn.Module):
     def __init__(self, config: QFormerConfig, encoder_width: int, layer_index: int):
         super().__init__()
@@ -87,7 +79,7 @@ class BertLayer(nn.Module):
         if self.has_cross_attention:
             self.crossattention = BertAttention(config, encoder_width)
         self.intermediate_query = BertIntermediate(config)
-        self.output_query = BertOutput(config)
+        self.output_query = BertOutput(config, config.intermediate_size)
 
     def forward(self, queries: torch.Tensor, encoder_states: torch.Tensor) -> torch.Tensor:
         hidden = self.attention(queries, queries)

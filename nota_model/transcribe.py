@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.utils import logging as transformers_logging
 
 from nota_model.audio import AudioClip, load_audio
 from nota_model.build import load_model
@@ -31,16 +32,19 @@ class Item:
     audio: str
     task: str
     prompt: str | None = None
+    reference: str | list[str] | None = None
 
 
 def read_items(inputs: list[str], default_task: str) -> Iterator[Item]:
-    """Audio paths as they are; `.jsonl` files as item lists (`id`, `audio`, optional `task`, `prompt`)."""
+    """Audio paths as they are; `.jsonl` files as item lists (`id`, `audio`, optional `task`, `prompt`,
+    `reference`; see manifests/README.md)."""
     for source in inputs:
         if source.endswith(".jsonl"):
             for line in Path(source).read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    yield Item(str(row["id"]), row["audio"], row.get("task", default_task), row.get("prompt"))
+                    task = row.get("task", default_task)
+                    yield Item(str(row["id"]), row["audio"], task, row.get("prompt"), row.get("reference"))
         else:
             yield Item(Path(source).stem, source, default_task)
 
@@ -79,15 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     args = parser.parse_args(argv)
+    transformers_logging.set_verbosity_error()
 
     config = load_config(args.model, parse_overrides(args.set))
     loaded = load_model(config, checkpoint=args.checkpoint, device=args.device)
-    if loaded.checkpoint_sha256 is None:
-        print(
-            f"WARNING: {loaded.identity}: no trained checkpoint, so the Q-Former, projection and LoRA are random "
-            "and the text below is MEANINGLESS; it shows the model runs, not what it hears.",
-            file=sys.stderr,
-        )
+    if loaded.warning():
+        print(f"WARNING: {loaded.warning()}", file=sys.stderr)
     started, counts = time.perf_counter(), {"items": 0, "errors": 0, "audio_seconds": 0.0}
     for batch in batched(read_items(args.inputs, args.task), args.batch_size):
         for row in run_batch(loaded.model, batch, loaded.identity):
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, Any]]:
     """One row per item, in order: the answer, or the audio error that kept the item out of the batch."""
-    rows: list[dict[str, Any]] = [{"id": item.id, "task": item.task, "text": None, "error": None} for item in batch]
+    rows: list[dict[str, Any]] = [
+        {"id": item.id, "task": item.task, "text": None, "error": None, "reference": item.reference} for item in batch
+    ]
     ready: list[tuple[int, AudioClip]] = []
     for position, item in enumerate(batch):
         try:
@@ -112,7 +115,7 @@ def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, An
         except AudioError as err:
             rows[position].update(error=err.code, message=err.message)
     if ready:
-        prompts = [batch[p].prompt or model.config.prompt.task_prompt(batch[p].task) for p, _ in ready]
+        prompts = [model.prompt_for(batch[p].task, batch[p].prompt) for p, _ in ready]
         output = model.generate([clip for _, clip in ready], prompts)
         for index, (position, clip) in enumerate(ready):
             rows[position].update(

@@ -1,0 +1,70 @@
+"""Plain Whisper speech recognition, batched and timed like the NOTA model: the reference model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, WhisperForConditionalGeneration, WhisperTokenizer
+
+from nota_model.audio import AudioClip, whisper_features
+from nota_model.config import DecodingConfig, WhisperASRConfig
+from nota_model.decoding import GenerationOutput, generation_config, timed_generate
+from nota_model.errors import ConfigError
+
+ASR_TASK = "asr"
+
+
+class WhisperASR(nn.Module):
+    def __init__(self, config: WhisperASRConfig, whisper: WhisperForConditionalGeneration, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.config = config
+        self.whisper = whisper
+        self.tokenizer = tokenizer
+        self.decoder_prompt = self._decoder_prompt()
+
+    @property
+    def device(self) -> torch.device:
+        return self.whisper.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.whisper.dtype
+
+    def prompt_for(self, task: str, prompt: str | None = None) -> str:
+        """Whisper takes no text prompt: only speech recognition, described by its decoder prompt."""
+        if task != ASR_TASK or prompt:
+            raise ConfigError(f"the Whisper reference model does speech recognition only (task 'asr', no prompt), not {task!r}")
+        return self.tokenizer.decode(self.decoder_prompt)
+
+    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str] | None = None, decoding: DecodingConfig | None = None) -> GenerationOutput:
+        """Transcribe each clip; `prompts` are accepted for the common interface and must be `prompt_for`'s.
+        Whisper's `generate` returns only the tokens after the decoder prompt."""
+
+        def prepare() -> dict[str, torch.Tensor]:
+            features = whisper_features(clips, self.whisper.config.num_mel_bins).to(self.device, self.dtype)
+            return {"input_features": features, "decoder_input_ids": self._prompt_batch(len(clips))}
+
+        base = self.whisper.generation_config
+        config = generation_config(decoding or self.config.decoding, [base.eos_token_id], base.pad_token_id, base=base)
+        return timed_generate(prepare, self.whisper, config, self.tokenizer, self.device)
+
+    def _prompt_batch(self, size: int) -> torch.Tensor:
+        return torch.tensor([self.decoder_prompt] * size, dtype=torch.long, device=self.device)
+
+    def _decoder_prompt(self) -> list[int]:
+        """<|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>, from the model's generation config."""
+        generation = self.whisper.generation_config
+        prompt = [generation.decoder_start_token_id]
+        if getattr(generation, "is_multilingual", False):
+            language = self.config.language or "en"
+            prompt += [generation.lang_to_id[f"<|{language}|>"], generation.task_to_id[self.config.task]]
+        elif self.config.language not in (None, "en"):
+            raise ConfigError(f"{self.config.path} is an English-only Whisper: set language to null or 'en'")
+        return prompt + [generation.no_timestamps_token_id]
+
+
+def load_whisper_asr(config: WhisperASRConfig, path: str, device: torch.device, dtype: torch.dtype) -> WhisperASR:
+    whisper = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    return WhisperASR(config, whisper, WhisperTokenizer.from_pretrained(path))
