@@ -64,12 +64,22 @@ def load_model(config: ModelConfig, checkpoint: str | None = None, device: str |
     return _load_nota(config, checkpoint, device)
 
 
+def model_identity(config: ModelConfig, checkpoint: str | None = None) -> str:
+    """What output rows name as the model: the config's name and the checksum of the trained weights
+    (the NOTA checkpoint; the Whisper reference model's own weights)."""
+    if isinstance(config, WhisperASRConfig):
+        weights = resolve(config.path) / "model.safetensors"
+        return f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
+    return _nota_identity(config.name, sha256_of(resolve(checkpoint)) if checkpoint else None)
+
+
+def _nota_identity(name: str, checkpoint_sha256: str | None) -> str:
+    return f"{name}+ckpt:sha256:{checkpoint_sha256[:16]}" if checkpoint_sha256 else f"{name}+no-checkpoint"
+
+
 def _load_whisper(config: WhisperASRConfig, device: torch.device) -> LoadedModel:
-    path = resolve(config.path)
-    model = load_whisper_asr(config, str(path), device, resolve_dtype(config.dtype, device))
-    weights = path / "model.safetensors"
-    identity = f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
-    return LoadedModel(model=model, identity=identity, checkpoint_sha256=None, checkpoint_report=None)
+    model = load_whisper_asr(config, str(resolve(config.path)), device, resolve_dtype(config.dtype, device))
+    return LoadedModel(model=model, identity=model_identity(config), checkpoint_sha256=None, checkpoint_report=None)
 
 
 def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device) -> LoadedModel:
@@ -91,7 +101,7 @@ def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device)
         log.info("checkpoint_loaded", checkpoint=checkpoint, sha256=sha, loaded=len(report.loaded), ignored=report.ignored)
     model.to(device).eval()
     model.llama_model.to(resolve_dtype(config.dtype, device))
-    identity = f"{config.name}+ckpt:sha256:{sha[:16]}" if sha else f"{config.name}+no-checkpoint"
+    identity = _nota_identity(config.name, sha)
     return LoadedModel(model, identity, sha, report, random_parts=_random_parts(config, checkpoint))
 
 

@@ -1,0 +1,278 @@
+"""Batch inference over a corpus on Ray Data: one Parquet row per input item, the answer or an error.
+
+    python -m jobs.infer --manifest M --model CONFIG_OR_PRESET [--checkpoint C] --output URL
+
+Runs on the current Ray cluster (`RAY_ADDRESS`, as under `ray job submit`) or starts a local one.
+Stages: work items (driver) -> read and decode audio (CPU tasks) -> the model (an actor pool: one
+actor per GPU in the model's half dtype, or CPU actors) -> Parquet files, one per input shard, written
+by the driver as soon as a shard is complete. A rerun with the same output skips complete shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from jobs import logs
+from jobs.manifest import WORK_ITEM_SCHEMA, Manifest, load_manifest, read_item_bytes
+from jobs.outputs import OUTPUT_SCHEMA, OutputStore
+from nota_model.audio import AudioClip, load_audio
+from nota_model.build import load_model, model_identity
+from nota_model.config import AudioConfig, ModelConfig, load_config
+from nota_model.decoding import GenerationOutput
+from nota_model.errors import AudioError, ConfigError
+from nota_model.transcribe import parse_overrides
+
+DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).append(
+    pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
+)
+DECODE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    corpus: str
+    job_id: str
+    model_identity: str
+    decoding: str
+
+
+def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dict[str, Any]) -> pa.Table:
+    """Read and decode each work item's audio; a failure becomes the item's error. Rows leave sorted by
+    duration, so that the model's batches hold clips of similar length."""
+    rows = []
+    for item in batch.to_pylist():
+        item.update(waveform=None, clip=None)
+        if item["error"] is None:
+            try:
+                clip = load_audio(read_item_bytes(item, storage_options), audio, name=item.get("member") or item["audio"])
+                item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()))
+            except AudioError as err:
+                item.update(error=err.code, error_message=err.message)
+        rows.append(item)
+    rows.sort(key=lambda row: json.loads(row["clip"])["seconds"] if row["clip"] else 0.0)
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+class Predictor:
+    """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor."""
+
+    def __init__(self, config: ModelConfig, checkpoint: str | None, settings: JobSettings):
+        self.loaded = load_model(config, checkpoint=checkpoint)
+        self.model = self.loaded.model
+        self.settings = settings
+        gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:gpu={gpus}:{self.model.device}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self._output_row(item) for item in batch.to_pylist()]
+        runnable = [row for row in rows if row["error"] is None]
+        for row in runnable:
+            try:
+                row["prompt"] = self.model.prompt_for(row["task"], row["prompt"])
+            except ConfigError as err:
+                row.update(error="invalid_prompt", error_message=str(err))
+        self._generate([row for row in runnable if row["error"] is None])
+        return pa.Table.from_pylist([{k: row[k] for k in OUTPUT_SCHEMA.names} for row in rows], schema=OUTPUT_SCHEMA)
+
+    def _generate(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        try:
+            output = self.model.generate([row["_clip"] for row in rows], [row["prompt"] for row in rows])
+        except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
+            if len(rows) == 1:
+                rows[0].update(error="model_error", error_message=f"{type(err).__name__}: {err}")
+                return
+            for row in rows:  # one at a time, so that one bad item cannot fail its batch-mates
+                self._generate([row])
+            return
+        self._fill(rows, output)
+
+    def _fill(self, rows: list[dict[str, Any]], output: GenerationOutput) -> None:
+        for index, row in enumerate(rows):
+            row.update(
+                text=output.texts[index],
+                output_tokens=output.output_tokens[index],
+                ttft_s=output.ttft_s,
+                tpot_s=output.tpot_s,
+                batch_size=len(rows),
+            )
+
+    def _output_row(self, item: dict[str, Any]) -> dict[str, Any]:
+        clip = json.loads(item["clip"]) if item["clip"] else {}
+        row = {
+            **item,
+            "corpus": self.settings.corpus,
+            "text": None,
+            "audio_seconds": clip.get("original_seconds"),
+            "truncated": clip.get("truncated"),
+            "sample_rate": clip.get("original_sample_rate"),
+            "channels": clip.get("original_channels"),
+            "model": self.loaded.identity,
+            "decoding": self.settings.decoding,
+            "output_tokens": None,
+            "ttft_s": None,
+            "tpot_s": None,
+            "batch_size": None,
+            "worker": self.worker,
+            "job_id": self.settings.job_id,
+            "created_at": datetime.now(UTC),
+        }
+        if item["waveform"] is not None:
+            waveform = np.frombuffer(item["waveform"], dtype=np.float32)
+            fields = {k: v for k, v in clip.items() if k != "waveform"}
+            row["_clip"] = AudioClip(waveform=waveform, **fields)
+        return row
+
+
+class ShardCollector:
+    """Gathers result rows per shard; writes a shard's file once all its items are in."""
+
+    def __init__(self, store: OutputStore, expected: dict[int, int]):
+        self.store = store
+        self.expected = expected
+        self.rows: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
+        self.written: list[int] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        shard = row["shard"]
+        self.rows[shard][row["index"]] = row  # a redone batch replaces, never duplicates
+        if len(self.rows[shard]) == self.expected[shard]:
+            self._write(shard)
+
+    def finish(self, pending: pa.Table, settings: JobSettings) -> None:
+        """Items the pipeline never returned (it should not happen) still get a row: an error."""
+        for item in pending.to_pylist():
+            if item["shard"] not in self.written and item["index"] not in self.rows[item["shard"]]:
+                self.rows[item["shard"]][item["index"]] = lost_row(item, settings)
+        for shard in sorted(set(self.rows) - set(self.written)):
+            self._write(shard)
+
+    def _write(self, shard: int) -> None:
+        self.store.write_shard(shard, list(self.rows.pop(shard).values()))
+        self.written.append(shard)
+
+
+def lost_row(item: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
+    return {
+        **{name: None for name in OUTPUT_SCHEMA.names},
+        **{k: item[k] for k in ("id", "shard", "index", "source", "audio", "task", "prompt", "reference")},
+        "corpus": settings.corpus,
+        "error": "lost",
+        "error_message": "the pipeline returned no result for this item",
+        "model": settings.model_identity,
+        "decoding": settings.decoding,
+        "job_id": settings.job_id,
+        "created_at": datetime.now(UTC),
+    }
+
+
+def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings) -> ray.data.Dataset:
+    blocks = max(1, -(-pending.num_rows // DECODE_BATCH))
+    decoded = ray.data.from_arrow(pending).repartition(blocks).map_batches(
+        decode_audio_batch,
+        batch_size=DECODE_BATCH,
+        batch_format="pyarrow",
+        fn_kwargs={"audio": config.audio, "storage_options": manifest.storage_options},
+        num_cpus=1,
+    )
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    pool = args.pool_size or max(gpus, 1)
+    return decoded.map_batches(
+        Predictor,
+        batch_size=args.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+        num_gpus=1 if gpus else 0,
+        num_cpus=args.cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    job_id = args.job_id or os.environ.get("RAY_JOB_SUBMISSION_ID") or f"job-{uuid.uuid4().hex[:12]}"
+    log = logs.configure(job_id)
+    storage_options = json.loads(args.storage_options)
+    manifest = load_manifest(args.manifest, storage_options)
+    config = load_config(args.model, parse_overrides(args.set))
+    identity = model_identity(config, args.checkpoint)
+    settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json())
+    store = OutputStore(args.output, manifest.name, storage_options)
+    store.claim({"model": identity, "decoding": settings.decoding})
+
+    items = manifest.work_items()
+    done = store.completed_shards()
+    pending = items.filter(pa.compute.invert(pa.compute.is_in(items["shard"], pa.array(sorted(done), pa.int32()))))
+    log.info("job_start", corpus=manifest.name, model=identity, items=items.num_rows, pending=pending.num_rows,
+             shards_done=len(done), ray=ray.cluster_resources())
+    collector = ShardCollector(store, dict(zip(*np.unique(pending["shard"].to_numpy(), return_counts=True))))
+    audio_seconds, processed = 0.0, 0
+    if pending.num_rows:
+        for batch in build_dataset(pending, manifest, config, args, settings).iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                collector.add(row)
+                processed += 1
+                audio_seconds += row["audio_seconds"] or 0.0
+    collector.finish(pending, settings)
+    wall = time.perf_counter() - started
+    errors = [e for e in store.read_column("error") if e is not None]
+    summary = {
+        "corpus": manifest.name, "job_id": job_id, "model": identity, "output": args.output,
+        "items": items.num_rows, "errors": len(errors), "error_codes": {c: errors.count(c) for c in sorted(set(errors))},
+        "items_this_run": processed, "shards_skipped": len(done), "shards_written": len(collector.written),
+        "audio_seconds_this_run": round(audio_seconds, 3), "wall_s": round(wall, 3),
+        "items_per_s": round(processed / wall, 3), "x_real_time": round(audio_seconds / wall, 3),
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+    store.write_summary(summary)
+    log.info("job_done", **summary)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, help="corpus manifest (YAML), path or URL")
+    parser.add_argument("--model", required=True, help="preset name or YAML config")
+    parser.add_argument("--checkpoint", help="trained parameters (seed .pth or safetensors), path or URL")
+    parser.add_argument("--output", required=True, help="output URL (local path, s3://...)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    parser.add_argument(
+        "--storage-options", default="{}", metavar="JSON",
+        help="fsspec options for the manifest, the corpus and the output, e.g. an S3 endpoint; credentials "
+        "belong in the standard AWS variables",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="items per model batch")
+    parser.add_argument("--pool-size", type=int, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--job-id", help="default: the Ray job submission id, else a fresh one")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    summary = run(args)
+    print(json.dumps(summary), flush=True)
+    return 1 if args.strict and summary["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The job's Parquet output: an explicit schema, one file per input shard, written atomically.
+
+Layout under the output URL (hive-partitioned by corpus, so DuckDB, pandas and Spark read it directly):
+
+    OUTPUT/corpus=NAME/part-00000.parquet   one file per input shard, complete or absent
+    OUTPUT/corpus=NAME/_RUN.json            model identity and decoding the files were made with
+    OUTPUT/corpus=NAME/_SUCCESS.json        summary of the last run that finished
+
+A rerun with the same output skips the shards whose file exists: a file is only ever visible whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nota_model.errors import NotaError
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("audio", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("reference", pa.list_(pa.string())),
+        pa.field("text", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("audio_seconds", pa.float64()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("sample_rate", pa.int32()),
+        pa.field("channels", pa.int32()),
+        pa.field("model", pa.string()),
+        pa.field("decoding", pa.string()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("ttft_s", pa.float64()),
+        pa.field("tpot_s", pa.float64()),
+        pa.field("batch_size", pa.int32()),
+        pa.field("worker", pa.string()),
+        pa.field("job_id", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+PART_NAME = re.compile(r"part-(\d{5,})\.parquet$")
+
+
+class OutputMismatchError(NotaError):
+    """The output already holds results made with another model or decoding."""
+
+
+class OutputStore:
+    def __init__(self, url: str, corpus: str, storage_options: dict[str, Any] | None = None):
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.dir = f"{root.rstrip('/')}/corpus={corpus}"
+        self.url = url
+        self.fs.makedirs(self.dir, exist_ok=True)
+
+    def part_path(self, shard: int) -> str:
+        return f"{self.dir}/part-{shard:05d}.parquet"
+
+    def completed_shards(self) -> set[int]:
+        names = (path.rsplit("/", 1)[-1] for path in self.fs.ls(self.dir, detail=False))
+        return {int(match[1]) for name in names if (match := PART_NAME.fullmatch(name))}
+
+    def write_shard(self, shard: int, rows: list[dict[str, Any]]) -> None:
+        table = pa.Table.from_pylist(sorted(rows, key=lambda row: row["index"]), schema=OUTPUT_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self._write_atomically(self.part_path(shard), buffer.getvalue())
+
+    def claim(self, run: dict[str, Any]) -> None:
+        """Record what this output is made with, or refuse to mix in results of another model or decoding."""
+        path = f"{self.dir}/_RUN.json"
+        if self.fs.exists(path):
+            recorded = json.loads(self.fs.cat_file(path))
+            if recorded != run:
+                raise OutputMismatchError(
+                    f"{self.url} (corpus {self.dir.rsplit('=', 1)[-1]}) holds results of {recorded}, not {run}: "
+                    "write to another --output, or delete it to start over"
+                )
+            return
+        self._write_atomically(path, json.dumps(run, indent=2).encode())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self._write_atomically(f"{self.dir}/_SUCCESS.json", json.dumps(summary, indent=2).encode())
+
+    def read_column(self, name: str) -> list[Any]:
+        """One column of every part file (for the run summary)."""
+        return [value for shard in sorted(self.completed_shards()) for value in self._column(shard, name)]
+
+    def _column(self, shard: int, name: str) -> Iterable[Any]:
+        with self.fs.open(self.part_path(shard), "rb") as file:
+            return pq.read_table(file, columns=[name]).column(name).to_pylist()
+
+    def _write_atomically(self, path: str, data: bytes) -> None:
+        if "file" in _protocols(self.fs):
+            temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+            self.fs.pipe_file(temporary, data)
+            self.fs.mv(temporary, path)
+        else:  # an object store's single PUT is atomic
+            self.fs.pipe_file(path, data)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)

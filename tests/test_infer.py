@@ -1,0 +1,151 @@
+"""The Ray Data job on a local Ray, tiny model: one row per item, error codes, batch == one by one, resume."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import soundfile as sf
+
+from jobs.infer import parse_args, run
+from jobs.manifest import build_shards
+from jobs.outputs import OUTPUT_SCHEMA, OutputMismatchError
+from nota_model import load_audio, load_config, load_model
+from nota_model.config import DecodingConfig
+from tests.s3 import moto_server, s3_filesystem
+
+TINY_DECODING = ["decoding.num_beams=1", "decoding.max_new_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 300.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    mono = (0.3 * np.sin(2 * np.pi * freq * t * (1 + t / 4))).astype(np.float32)
+    return np.stack([mono] * channels, axis=1) if channels > 1 else mono
+
+
+def wav_bytes(samples: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    """A corpus of good and bad items; returns the manifest path and each id's expected error code."""
+    root = tmp_path_factory.mktemp("corpus")
+    files = {
+        "good-1": ("a.wav", wav_bytes(tone(2.0), 16000), None),
+        "good-stereo-44k": ("b.flac", wav_bytes(tone(3.0, 44100, 2, 500.0), 44100, "FLAC"), None),
+        "good-long": ("c.wav", wav_bytes(tone(45.0, 8000, 1, 200.0), 8000), None),
+        "good-short": ("d.ogg", wav_bytes(tone(0.3, 16000, 1, 700.0), 16000, "OGG"), None),
+        "empty": ("e.wav", b"", "empty_audio"),
+        "garbage": ("f.mp3", b"\x00\x13garbage" * 100, "not_audio"),
+        "cut": ("g.wav", wav_bytes(tone(2.0), 16000)[:20000], "truncated_audio"),
+        "missing": ("does-not-exist.wav", None, "missing_audio"),
+    }
+    lines = []
+    for item_id, (name, data, _) in files.items():
+        if data is not None:
+            (root / name).write_bytes(data)
+        lines.append(json.dumps({"id": item_id, "audio": str(root / name), "reference": "a tone"}))
+    lines.append(json.dumps({"id": "captioned", "audio": str(root / "a.wav"), "task": "aac"}))
+    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = root / "corpus.yaml"
+    manifest.write_text("name: mixed\ntask: asr\nitems: items.jsonl\nitems_per_shard: 3\n")
+    expected = {item_id: code for item_id, (_, _, code) in files.items()} | {"captioned": None}
+    return manifest, expected
+
+
+def job_args(manifest: Path, output: Path, *extra: str):
+    sets = [arg for setting in TINY_DECODING for arg in ("--set", setting)]
+    return parse_args(["--manifest", str(manifest), "--model", "tiny", "--output", str(output), "--batch-size", "3", *sets, *extra])
+
+
+def read_rows(output: Path) -> list[dict]:
+    files = sorted(output.glob("corpus=mixed/part-*.parquet"))
+    return [row for file in files for row in pq.read_table(file).to_pylist()]
+
+
+def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus, tmp_path):
+    manifest, expected = corpus
+    summary = run(job_args(manifest, tmp_path / "out"))
+    rows = read_rows(tmp_path / "out")
+    assert sorted(row["id"] for row in rows) == sorted(expected)
+    assert {row["id"]: row["error"] for row in rows} == expected
+    assert pq.read_schema(next((tmp_path / "out").glob("corpus=mixed/part-*.parquet"))).equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert summary["items"] == 9 and summary["errors"] == 4 and summary["shards_written"] == 3
+    good = {row["id"]: row for row in rows if row["error"] is None}
+    assert good["good-long"]["truncated"] is True and good["good-long"]["audio_seconds"] == pytest.approx(45.0)
+    assert good["good-stereo-44k"]["channels"] == 2 and good["good-stereo-44k"]["sample_rate"] == 44100
+    assert good["captioned"]["prompt"].endswith("Please write down what your hear in the audio.")
+    assert all(row["model"] == "tiny+no-checkpoint" and row["job_id"] == summary["job_id"] for row in rows)
+    assert all(row["output_tokens"] is not None and row["ttft_s"] > 0 for row in good.values())
+    assert json.loads((tmp_path / "out" / "corpus=mixed" / "_SUCCESS.json").read_text())["items"] == 9
+
+
+def test_job_output_equals_the_model_one_item_at_a_time(local_ray, corpus, tmp_path):
+    manifest, expected = corpus
+    run(job_args(manifest, tmp_path / "out"))
+    rows = {row["id"]: row for row in read_rows(tmp_path / "out") if row["error"] is None}
+    config = load_config("tiny", {"decoding": {"num_beams": 1, "max_new_tokens": 6}})
+    model = load_model(config, device="cpu").model
+    for row in rows.values():
+        clip = load_audio(row["audio"], config.audio)
+        alone = model.generate([clip], [row["prompt"]], DecodingConfig(num_beams=1, max_new_tokens=6))
+        assert row["text"] == alone.texts[0], row["id"]
+
+
+def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, tmp_path):
+    manifest, _ = corpus
+    output = tmp_path / "out"
+    run(job_args(manifest, output))
+    first = {row["id"]: row["text"] for row in read_rows(output)}
+    again = run(job_args(manifest, output))
+    assert again["items_this_run"] == 0 and again["shards_skipped"] == 3
+    (output / "corpus=mixed" / "part-00001.parquet").unlink()
+    (output / "corpus=mixed" / "part-00002.parquet.tmp-crashed").write_bytes(b"half a file")
+    resumed = run(job_args(manifest, output))
+    assert resumed["items_this_run"] == 3 and resumed["shards_written"] == 1
+    assert {row["id"]: row["text"] for row in read_rows(output)} == first
+
+
+def test_an_output_made_with_other_settings_is_refused(local_ray, corpus, tmp_path):
+    manifest, _ = corpus
+    run(job_args(manifest, tmp_path / "out"))
+    with pytest.raises(OutputMismatchError, match="another --output"):
+        run(job_args(manifest, tmp_path / "out", "--set", "decoding.max_new_tokens=7"))
+
+
+def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, corpus, tmp_path):
+    with moto_server() as endpoint:
+        # The Ray workers started before the test credentials were set: hand them over explicitly.
+        options = {**endpoint, "key": "testing", "secret": "testing"}
+        fs = s3_filesystem(options)
+        fs.mkdir("corpora")
+        audio_dir = tmp_path / "audio"
+        audio_dir.mkdir()
+        for index in range(4):
+            (audio_dir / f"clip{index}.wav").write_bytes(wav_bytes(tone(1.0 + index, freq=250.0 + 50 * index), 16000))
+            (audio_dir / f"clip{index}.txt").write_text(f"clip number {index}")
+        (audio_dir / "broken.wav").write_bytes(b"RIFF not really")
+        manifest_url = build_shards(audio_dir, None, "s3corpus", "asr", "s3://corpora/s3corpus/shard", 2, options)
+        args = parse_args(["--manifest", manifest_url, "--model", "tiny", "--output", "s3://corpora/predictions",
+                           "--storage-options", json.dumps(options), "--set", TINY_DECODING[0], "--set", TINY_DECODING[1]])
+        summary = run(args)
+        parts = sorted(fs.glob("corpora/predictions/corpus=s3corpus/part-*.parquet"))
+        rows = [row for part in parts for row in pq.read_table(part, filesystem=fs).to_pylist()]
+    assert len(parts) == 3 and summary["items"] == 5 and summary["errors"] == 1
+    assert sorted(row["id"] for row in rows) == ["broken", "clip0", "clip1", "clip2", "clip3"]
+    assert {row["id"]: row["error"] for row in rows}["broken"] == "not_audio"
+    assert {row["id"]: row["reference"] for row in rows}["clip2"] == ["clip number 2"]
+    assert all(row["audio"].startswith("s3://corpora/s3corpus/shard-") for row in rows)
