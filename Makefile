@@ -23,11 +23,9 @@ samples: setup
 
 run: samples
 	$(PY) -m jobs.packs whisper-base
-	mkdir -p out
-	$(PY) -m nota_model.transcribe --model whisper-base --batch-size 5 $(SAMPLES)/librivox/items.jsonl \
-		| tee out/whisper-base.jsonl
-	$(PY) -m jobs.metrics out/whisper-base.jsonl
-	$(PY) -m nota_model.transcribe --model tiny --batch-size 5 $(SAMPLES)/animals/items.jsonl
+	$(PY) -m jobs.infer --manifest manifests/librivox-sample.yaml --model whisper-base --output out/predictions
+	$(PY) -m jobs.infer --manifest manifests/animals-sample.yaml --model tiny --output out/predictions
+	$(PY) -m jobs.metrics out/predictions
 
 test: samples
 	$(PY) -m pytest -q

@@ -30,7 +30,7 @@ from jobs import logs
 from jobs.manifest import WORK_ITEM_SCHEMA, Manifest, load_manifest, read_item_bytes
 from jobs.outputs import OUTPUT_SCHEMA, OutputStore
 from nota_model.audio import AudioClip, load_audio
-from nota_model.build import load_model, model_identity
+from nota_model.build import load_model, model_identity, random_parts
 from nota_model.config import AudioConfig, ModelConfig, load_config
 from nota_model.decoding import GenerationOutput
 from nota_model.errors import AudioError, ConfigError
@@ -40,6 +40,7 @@ DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).appe
     pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
 )
 DECODE_BATCH = 16
+ACTOR_START_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -192,12 +193,14 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
     )
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = args.pool_size or max(gpus, 1)
+    # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes all.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     return decoded.map_batches(
         Predictor,
         batch_size=args.batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+        compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
         num_gpus=1 if gpus else 0,
         num_cpus=args.cpus_per_actor,
         max_restarts=-1,
@@ -222,6 +225,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pending = items.filter(pa.compute.invert(pa.compute.is_in(items["shard"], pa.array(sorted(done), pa.int32()))))
     log.info("job_start", corpus=manifest.name, model=identity, items=items.num_rows, pending=pending.num_rows,
              shards_done=len(done), ray=ray.cluster_resources())
+    untrained = random_parts(config, args.checkpoint)
+    if untrained:
+        log.warning("random_weights", parts=untrained, meaning="the text of this run is MEANINGLESS")
     collector = ShardCollector(store, dict(zip(*np.unique(pending["shard"].to_numpy(), return_counts=True))))
     audio_seconds, processed = 0.0, 0
     if pending.num_rows:
@@ -240,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "audio_seconds_this_run": round(audio_seconds, 3), "wall_s": round(wall, 3),
         "items_per_s": round(processed / wall, 3), "x_real_time": round(audio_seconds / wall, 3),
         "finished_at": datetime.now(UTC).isoformat(),
+        "random_weights": list(untrained),
     }
     store.write_summary(summary)
     log.info("job_done", **summary)
@@ -259,7 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "belong in the standard AWS variables",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="items per model batch")
-    parser.add_argument("--pool-size", type=int, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--pool-size", type=int, help="model actors to start with (default: one per GPU, else 1)")
+    parser.add_argument("--max-pool-size", type=int, help="let the pool grow to this many as GPU nodes join")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--job-id", help="default: the Ray job submission id, else a fresh one")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")

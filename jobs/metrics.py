@@ -3,7 +3,8 @@
 Speech recognition: corpus WER (total edits over total reference words) after the Whisper English
 text normalizer, with substitutions, deletions and insertions, and CER; jiwer aligns.
 
-    python -m jobs.metrics PREDICTIONS.jsonl    (rows with `text`, `reference`, `error`, `task`)
+    python -m jobs.metrics PREDICTIONS    (the job's Parquet output directory, or a JSONL of rows
+                                           with `text`, `reference`, `error`, `task`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jiwer
+import pyarrow.parquet as pq
 from whisper_normalizer.english import EnglishTextNormalizer
 
 
@@ -68,14 +70,23 @@ def asr_rows_wer(rows: Sequence[dict]) -> WordErrors | None:
     return corpus_wer([r["reference"] for r in scored], [r["text"] for r in scored])
 
 
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [row for row in rows if "id" in row]
+    return pq.ParquetDataset(path).read().to_pylist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", type=Path)
-    rows = [json.loads(line) for line in parser.parse_args().predictions.read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if "id" in row]
-    result = asr_rows_wer(rows)
-    errors = sum(row.get("error") is not None for row in rows)
-    report = {"items": len(rows), "errors": errors, "asr": asdict(result) if result else None}
+    rows = read_rows(parser.parse_args().predictions)
+    report = {}
+    for corpus in sorted({row.get("corpus", "") for row in rows}):
+        group = [row for row in rows if row.get("corpus", "") == corpus]
+        result = asr_rows_wer(group)
+        errors = sum(row.get("error") is not None for row in group)
+        report[corpus or "items"] = {"items": len(group), "errors": errors, "asr": asdict(result) if result else None}
     print(json.dumps(report, indent=2))
 
 

@@ -1,10 +1,11 @@
 """The job's Parquet output: an explicit schema, one file per input shard, written atomically.
 
-Layout under the output URL (hive-partitioned by corpus, so DuckDB, pandas and Spark read it directly):
+Layout under the output URL: a folder per corpus; every file carries all columns (`corpus` too), so
+DuckDB, pandas and Spark read `OUTPUT/**/*.parquet` (or the folder) directly:
 
-    OUTPUT/corpus=NAME/part-00000.parquet   one file per input shard, complete or absent
-    OUTPUT/corpus=NAME/_RUN.json            model identity and decoding the files were made with
-    OUTPUT/corpus=NAME/_SUCCESS.json        summary of the last run that finished
+    OUTPUT/NAME/part-00000.parquet   one file per input shard, complete or absent
+    OUTPUT/NAME/_RUN.json            model identity and decoding the files were made with
+    OUTPUT/NAME/_SUCCESS.json        summary of the last run that finished
 
 A rerun with the same output skips the shards whose file exists: a file is only ever visible whole.
 """
@@ -64,7 +65,7 @@ class OutputMismatchError(NotaError):
 class OutputStore:
     def __init__(self, url: str, corpus: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        self.dir = f"{root.rstrip('/')}/corpus={corpus}"
+        self.dir = f"{root.rstrip('/')}/{corpus}"
         self.url = url
         self.fs.makedirs(self.dir, exist_ok=True)
 
@@ -88,7 +89,7 @@ class OutputStore:
             recorded = json.loads(self.fs.cat_file(path))
             if recorded != run:
                 raise OutputMismatchError(
-                    f"{self.url} (corpus {self.dir.rsplit('=', 1)[-1]}) holds results of {recorded}, not {run}: "
+                    f"{self.url} (corpus {self.dir.rsplit('/', 1)[-1]}) holds results of {recorded}, not {run}: "
                     "write to another --output, or delete it to start over"
                 )
             return

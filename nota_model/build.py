@@ -102,10 +102,13 @@ def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device)
     model.to(device).eval()
     model.llama_model.to(resolve_dtype(config.dtype, device))
     identity = _nota_identity(config.name, sha)
-    return LoadedModel(model, identity, sha, report, random_parts=_random_parts(config, checkpoint))
+    return LoadedModel(model, identity, sha, report, random_parts=random_parts(config, checkpoint))
 
 
-def _random_parts(config: NotaConfig, checkpoint: str | None) -> tuple[str, ...]:
+def random_parts(config: ModelConfig, checkpoint: str | None) -> tuple[str, ...]:
+    """The parts a model would get random weights for: their output means nothing."""
+    if isinstance(config, WhisperASRConfig):
+        return ()
     parts = {
         "speech encoder": config.speech_encoder.path is None,
         "audio encoder": config.audio_encoder.kind != "none" and config.audio_encoder.path is None,

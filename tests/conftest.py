@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 
 from benchmarks.batching import synthetic_clip
 from nota_model.build import LoadedModel, load_model
@@ -17,3 +18,12 @@ def tiny_config() -> NotaConfig:
 @pytest.fixture(scope="session")
 def tiny(tiny_config: NotaConfig) -> LoadedModel:
     return load_model(tiny_config, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole session, with two fake GPUs (torch sees none, so models stay on CPU).
+    Ray Data keeps per-process state that a second `ray.init` in the same process trips over."""
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

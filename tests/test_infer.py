@@ -7,24 +7,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import soundfile as sf
 
 from jobs.infer import parse_args, run
 from jobs.manifest import build_shards
+from jobs.metrics import read_rows as read_output
 from jobs.outputs import OUTPUT_SCHEMA, OutputMismatchError
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
 from tests.s3 import moto_server, s3_filesystem
 
 TINY_DECODING = ["decoding.num_beams=1", "decoding.max_new_tokens=6"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 300.0) -> np.ndarray:
@@ -72,7 +65,7 @@ def job_args(manifest: Path, output: Path, *extra: str):
 
 
 def read_rows(output: Path) -> list[dict]:
-    files = sorted(output.glob("corpus=mixed/part-*.parquet"))
+    files = sorted(output.glob("mixed/part-*.parquet"))
     return [row for file in files for row in pq.read_table(file).to_pylist()]
 
 
@@ -82,7 +75,7 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus,
     rows = read_rows(tmp_path / "out")
     assert sorted(row["id"] for row in rows) == sorted(expected)
     assert {row["id"]: row["error"] for row in rows} == expected
-    assert pq.read_schema(next((tmp_path / "out").glob("corpus=mixed/part-*.parquet"))).equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert pq.read_schema(next((tmp_path / "out").glob("mixed/part-*.parquet"))).equals(OUTPUT_SCHEMA, check_metadata=False)
     assert summary["items"] == 9 and summary["errors"] == 4 and summary["shards_written"] == 3
     good = {row["id"]: row for row in rows if row["error"] is None}
     assert good["good-long"]["truncated"] is True and good["good-long"]["audio_seconds"] == pytest.approx(45.0)
@@ -90,7 +83,8 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus,
     assert good["captioned"]["prompt"].endswith("Please write down what your hear in the audio.")
     assert all(row["model"] == "tiny+no-checkpoint" and row["job_id"] == summary["job_id"] for row in rows)
     assert all(row["output_tokens"] is not None and row["ttft_s"] > 0 for row in good.values())
-    assert json.loads((tmp_path / "out" / "corpus=mixed" / "_SUCCESS.json").read_text())["items"] == 9
+    assert json.loads((tmp_path / "out" / "mixed" / "_SUCCESS.json").read_text())["items"] == 9
+    assert sorted(row["id"] for row in read_output(tmp_path / "out")) == sorted(expected)  # the folder reads as one table
 
 
 def test_job_output_equals_the_model_one_item_at_a_time(local_ray, corpus, tmp_path):
@@ -112,8 +106,8 @@ def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, tmp
     first = {row["id"]: row["text"] for row in read_rows(output)}
     again = run(job_args(manifest, output))
     assert again["items_this_run"] == 0 and again["shards_skipped"] == 3
-    (output / "corpus=mixed" / "part-00001.parquet").unlink()
-    (output / "corpus=mixed" / "part-00002.parquet.tmp-crashed").write_bytes(b"half a file")
+    (output / "mixed" / "part-00001.parquet").unlink()
+    (output / "mixed" / "part-00002.parquet.tmp-crashed").write_bytes(b"half a file")
     resumed = run(job_args(manifest, output))
     assert resumed["items_this_run"] == 3 and resumed["shards_written"] == 1
     assert {row["id"]: row["text"] for row in read_rows(output)} == first
@@ -131,21 +125,21 @@ def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, co
         # The Ray workers started before the test credentials were set: hand them over explicitly.
         options = {**endpoint, "key": "testing", "secret": "testing"}
         fs = s3_filesystem(options)
-        fs.mkdir("corpora")
+        fs.mkdir("infer-corpora")  # moto keeps buckets across servers in one process: a name of our own
         audio_dir = tmp_path / "audio"
         audio_dir.mkdir()
         for index in range(4):
             (audio_dir / f"clip{index}.wav").write_bytes(wav_bytes(tone(1.0 + index, freq=250.0 + 50 * index), 16000))
             (audio_dir / f"clip{index}.txt").write_text(f"clip number {index}")
         (audio_dir / "broken.wav").write_bytes(b"RIFF not really")
-        manifest_url = build_shards(audio_dir, None, "s3corpus", "asr", "s3://corpora/s3corpus/shard", 2, options)
-        args = parse_args(["--manifest", manifest_url, "--model", "tiny", "--output", "s3://corpora/predictions",
+        manifest_url = build_shards(audio_dir, None, "s3corpus", "asr", "s3://infer-corpora/s3corpus/shard", 2, options)
+        args = parse_args(["--manifest", manifest_url, "--model", "tiny", "--output", "s3://infer-corpora/predictions",
                            "--storage-options", json.dumps(options), "--set", TINY_DECODING[0], "--set", TINY_DECODING[1]])
         summary = run(args)
-        parts = sorted(fs.glob("corpora/predictions/corpus=s3corpus/part-*.parquet"))
+        parts = sorted(fs.glob("infer-corpora/predictions/s3corpus/part-*.parquet"))
         rows = [row for part in parts for row in pq.read_table(part, filesystem=fs).to_pylist()]
     assert len(parts) == 3 and summary["items"] == 5 and summary["errors"] == 1
     assert sorted(row["id"] for row in rows) == ["broken", "clip0", "clip1", "clip2", "clip3"]
     assert {row["id"]: row["error"] for row in rows}["broken"] == "not_audio"
     assert {row["id"]: row["reference"] for row in rows}["clip2"] == ["clip number 2"]
-    assert all(row["audio"].startswith("s3://corpora/s3corpus/shard-") for row in rows)
+    assert all(row["audio"].startswith("s3://infer-corpora/s3corpus/shard-") for row in rows)

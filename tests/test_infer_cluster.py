@@ -1,0 +1,120 @@
+"""The job on a local Ray with fake GPUs, and under faults: a killed actor, a killed driver."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.infer import parse_args, run
+from tests.test_infer import TINY_DECODING, tone, wav_bytes
+
+
+def write_corpus(root: Path, items: int) -> Path:
+    lines = []
+    for index in range(items):
+        (root / f"clip{index}.wav").write_bytes(wav_bytes(tone(1.0 + index % 3, freq=200.0 + 20 * index), 16000))
+        lines.append(json.dumps({"id": f"clip{index}", "audio": str(root / f"clip{index}.wav")}))
+    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "corpus.yaml").write_text("name: faults\ntask: asr\nitems: items.jsonl\nitems_per_shard: 4\n")
+    return root / "corpus.yaml"
+
+
+def job_argv(manifest: Path, output: Path, *extra: str) -> list[str]:
+    sets = [arg for setting in TINY_DECODING for arg in ("--set", setting)]
+    return ["--manifest", str(manifest), "--model", "tiny", "--output", str(output), "--batch-size", "2", *sets, *extra]
+
+
+def rows_by_id(output: Path) -> dict[str, dict]:
+    rows = [row for part in sorted(output.glob("faults/part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+    ids = [row["id"] for row in rows]
+    assert len(ids) == len(set(ids)), "an item was written twice"
+    return {row["id"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("faults"), 32)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(local_ray, corpus, tmp_path_factory) -> dict[str, dict]:
+    output = tmp_path_factory.mktemp("undisturbed")
+    run(parse_args(job_argv(corpus, output, "--pool-size", "2", "--cpus-per-actor", "1")))
+    return rows_by_id(output)
+
+
+def test_two_fake_gpus_get_one_actor_each(undisturbed):
+    workers = {row["worker"] for row in undisturbed.values()}
+    gpus = {worker.split(":gpu=")[1].split(":")[0] for worker in workers}
+    assert gpus == {"0", "1"}, workers
+    assert all(worker.endswith(":cpu") for worker in workers)  # torch sees no CUDA: the model stays on CPU
+
+
+def test_a_killed_actor_is_replaced_and_its_batch_redone(local_ray, corpus, undisturbed, tmp_path):
+    output = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_one_predictor() -> None:
+        pid = _wait_for_predictor_pid()
+        if not list(output.glob("faults/_SUCCESS.json")):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_one_predictor, daemon=True)
+    killer.start()
+    run(parse_args(job_argv(corpus, output, "--pool-size", "2")))  # Ray Data wants its driver's main thread
+    killer.join(timeout=5)
+    assert killed, "the job ended before an actor could be killed"
+    rows = rows_by_id(output)
+    assert {i: r["text"] for i, r in rows.items()} == {i: r["text"] for i, r in undisturbed.items()}
+    assert all(r["error"] is None for r in rows.values())
+
+
+def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(undisturbed, tmp_path):
+    # A longer corpus (its first 32 items are the undisturbed run's), so the kill lands mid-run.
+    (tmp_path / "corpus").mkdir()
+    corpus = write_corpus(tmp_path / "corpus", 96)
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.infer", *job_argv(corpus, output, "--pool-size", "1")]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(output.glob("faults/part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first.wait()
+    written_before = len(list(output.glob("faults/part-*.parquet")))
+    assert 1 <= written_before < 24
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["shards_skipped"] == written_before and summary["items"] == 96 and summary["errors"] == 0
+    rows = rows_by_id(output)
+    assert sorted(rows) == sorted(f"clip{index}" for index in range(96))
+    assert {i: rows[i]["text"] for i in undisturbed} == {i: r["text"] for i, r in undisturbed.items()}
+
+
+def _wait_for_predictor_pid(timeout: float = 120) -> int:
+    """A model actor's process: Ray names its worker processes after the actor (`ray::...Predictor...`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"Predictor" in _cmdline(p)]
+        if pids:
+            time.sleep(3.0)  # let it load the model and take a batch
+            return pids[0]
+        time.sleep(0.2)
+    raise AssertionError("no Predictor actor came up")
+
+
+def _cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:
+        return b""
