@@ -67,7 +67,12 @@ def asr_rows_wer(rows: Sequence[dict]) -> WordErrors | None:
     scored = [r for r in rows if r.get("task") == "asr" and r.get("error") is None and r.get("reference")]
     if not scored:
         return None
-    return corpus_wer([r["reference"] for r in scored], [r["text"] for r in scored])
+    return corpus_wer([_transcript(r["reference"]) for r in scored], [r["text"] for r in scored])
+
+
+def _transcript(reference: str | list[str]) -> str:
+    """An ASR item's transcript: its reference, or the first of a list (the job stores lists)."""
+    return reference if isinstance(reference, str) else reference[0]
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -81,7 +81,7 @@ class NotaModel(nn.Module):
         speech = self.ln_speech(self.speech_encoder(features).last_hidden_state)
         if self.ced is None:
             return list(speech)
-        waveforms = [torch.from_numpy(clip.waveform).to(self.device) for clip in clips]
+        waveforms = [torch.tensor(clip.waveform, device=self.device) for clip in clips]
         audio = [self.ln_audio(tokens) for tokens in self.ced.encode(waveforms)]
         return [_concat_padded(s, a) for s, a in zip(speech, audio)]
 

@@ -24,7 +24,7 @@ def test_the_whisper_english_normalizer_applies_before_scoring():
 
 def test_rows_with_errors_or_other_tasks_are_left_out():
     rows = [
-        {"task": "asr", "text": "he was not ill", "reference": "he was not ill", "error": None},
+        {"task": "asr", "text": "he was not ill", "reference": ["he was not ill"], "error": None},
         {"task": "asr", "text": None, "reference": "lost clip", "error": "not_audio"},
         {"task": "aac", "text": "a dog barks", "reference": "a cat meows", "error": None},
     ]
