@@ -147,10 +147,12 @@ class ShardCollector:
         self.store = store
         self.expected = expected
         self.rows: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
-        self.written: list[int] = []
+        self.written: set[int] = set()
 
     def add(self, row: dict[str, Any]) -> None:
         shard = row["shard"]
+        if shard in self.written:  # a late copy from a redone batch: the shard is complete already
+            return
         self.rows[shard][row["index"]] = row  # a redone batch replaces, never duplicates
         if len(self.rows[shard]) == self.expected[shard]:
             self._write(shard)
@@ -165,7 +167,7 @@ class ShardCollector:
 
     def _write(self, shard: int) -> None:
         self.store.write_shard(shard, list(self.rows.pop(shard).values()))
-        self.written.append(shard)
+        self.written.add(shard)
 
 
 def lost_row(item: dict[str, Any], settings: JobSettings) -> dict[str, Any]:

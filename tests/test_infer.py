@@ -143,3 +143,17 @@ def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, co
     assert {row["id"]: row["error"] for row in rows}["broken"] == "not_audio"
     assert {row["id"]: row["reference"] for row in rows}["clip2"] == ["clip number 2"]
     assert all(row["audio"].startswith("s3://infer-corpora/s3corpus/shard-") for row in rows)
+
+
+def test_a_late_copy_of_a_written_shards_row_never_rewrites_it(tmp_path):
+    from jobs.infer import JobSettings, ShardCollector
+    from jobs.outputs import OutputStore
+
+    store = OutputStore(str(tmp_path), "late")
+    collector = ShardCollector(store, {0: 2})
+    row = {name: None for name in OUTPUT_SCHEMA.names} | {"id": "a", "corpus": "late", "shard": 0, "index": 0}
+    collector.add(row)
+    collector.add(row | {"id": "b", "index": 1})
+    collector.add(row | {"text": "redone"})  # a retried task's copy arriving after the shard was written
+    collector.finish(pq.read_table(store.part_path(0)).slice(0, 0), JobSettings("late", "job", "m", "{}"))
+    assert [r["id"] for r in pq.read_table(store.part_path(0)).to_pylist()] == ["a", "b"]
