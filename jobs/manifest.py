@@ -22,7 +22,6 @@ import posixpath
 import re
 import sys
 import tarfile
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +43,7 @@ from pydantic import field_validator, model_validator
 
 from nota_model.config import PromptConfig
 from nota_model.errors import AudioError, NotaError
+from nota_model.storage import write_atomically
 from nota_model.storage import cache_dir
 
 SPEECH_PLACEHOLDER = PromptConfig().speech_placeholder
@@ -516,19 +516,8 @@ def _http_status(err: BaseException) -> int | None:
 
 
 def _write_atomically(url: str, write: Callable[[IO[bytes]], None], storage_options: Mapping[str, Any]) -> None:
-    """Readers see the whole file or none: a local temp file renamed into place, or one upload to an object store."""
     try:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
-        if isinstance(fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(f"{path}.partial", "wb") as file:
-                write(file)
-            os.replace(f"{path}.partial", path)
-        else:
-            with tempfile.NamedTemporaryFile() as file:
-                write(file)
-                file.flush()
-                fs.put_file(file.name, path)
+        write_atomically(*fsspec.core.url_to_fs(url, **storage_options), write)
     except (*_IO_ERRORS, ValueError, ImportError) as err:
         raise ManifestError(f"cannot write {url}: {err}") from None
 

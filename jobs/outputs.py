@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nota_model.errors import NotaError
+from nota_model.storage import write_atomically
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -107,14 +107,4 @@ class OutputStore:
             return pq.read_table(file, columns=[name]).column(name).to_pylist()
 
     def _write_atomically(self, path: str, data: bytes) -> None:
-        if "file" in _protocols(self.fs):
-            temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(temporary, data)
-            self.fs.mv(temporary, path)
-        else:  # an object store's single PUT is atomic
-            self.fs.pipe_file(path, data)
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        write_atomically(self.fs, path, lambda file: file.write(data))

@@ -5,9 +5,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import fsspec
+import fsspec.implementations.local
 
 from nota_model.errors import WeightsNotFoundError
 
@@ -77,3 +82,19 @@ def _download(url: str) -> Path:
     fs.get(remote, str(partial), recursive=fs.isdir(remote))
     partial.rename(target)
     return target
+
+
+def write_atomically(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Readers see the whole file or none: a local temp file renamed into place, or one upload to an
+    object store (a single PUT is atomic)."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.partial-{uuid.uuid4().hex}"
+        with open(partial, "wb") as file:
+            write(file)
+        os.replace(partial, path)
+    else:
+        with tempfile.NamedTemporaryFile() as file:
+            write(file)
+            file.flush()
+            fs.put_file(file.name, path)
