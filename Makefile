@@ -25,7 +25,7 @@ run: samples
 	$(PY) -m jobs.packs whisper-base
 	$(PY) -m jobs.infer --manifest manifests/librivox-sample.yaml --model whisper-base --output out/predictions
 	$(PY) -m jobs.infer --manifest manifests/animals-sample.yaml --model tiny --output out/predictions
-	$(PY) -m jobs.metrics out/predictions
+	$(PY) -m jobs.score --predictions out/predictions --output out/scores
 
 test: samples
 	$(PY) -m pytest -q

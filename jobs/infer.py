@@ -26,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from jobs import logs
+from jobs import logs, report
 from jobs.manifest import WORK_ITEM_SCHEMA, Manifest, load_manifest, read_item_bytes
 from jobs.outputs import OUTPUT_SCHEMA, OutputStore
+from jobs.score import add_scoring_arguments, score
 from nota_model.audio import AudioClip, load_audio
 from nota_model.build import load_model, model_identity, random_parts
 from nota_model.config import AudioConfig, ModelConfig, load_config
@@ -92,6 +93,7 @@ class Predictor:
     def _generate(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
+        started = time.perf_counter()
         try:
             output = self.model.generate([row["_clip"] for row in rows], [row["prompt"] for row in rows])
         except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
@@ -101,9 +103,10 @@ class Predictor:
             for row in rows:  # one at a time, so that one bad item cannot fail its batch-mates
                 self._generate([row])
             return
-        self._fill(rows, output)
+        self._fill(rows, output, time.perf_counter() - started)
 
-    def _fill(self, rows: list[dict[str, Any]], output: GenerationOutput) -> None:
+    def _fill(self, rows: list[dict[str, Any]], output: GenerationOutput, model_s: float) -> None:
+        finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
         for index, row in enumerate(rows):
             row.update(
                 text=output.texts[index],
@@ -111,6 +114,8 @@ class Predictor:
                 ttft_s=output.ttft_s,
                 tpot_s=output.tpot_s,
                 batch_size=len(rows),
+                model_s=model_s,
+                created_at=finished,
             )
 
     def _output_row(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +134,7 @@ class Predictor:
             "ttft_s": None,
             "tpot_s": None,
             "batch_size": None,
+            "model_s": None,
             "worker": self.worker,
             "job_id": self.settings.job_id,
             "created_at": datetime.now(UTC),
@@ -252,6 +258,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     store.write_summary(summary)
     log.info("job_done", **summary)
+    if not args.no_score:
+        summary["metrics"] = f"{store.url.rstrip('/')}/{manifest.name}/_scores"
+        summary["groups"] = score(f"{store.url.rstrip('/')}/{manifest.name}", summary["metrics"], args.references,
+                                  args.spice_lib, storage_options=storage_options)
     return summary
 
 
@@ -273,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--job-id", help="default: the Ray job submission id, else a fresh one")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
+    parser.add_argument("--no-score", action="store_true", help="skip scoring the corpus at the end (OUTPUT/NAME/_scores)")
+    add_scoring_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -280,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ray.init(address=os.environ.get("RAY_ADDRESS"))
     summary = run(args)
+    groups = summary.pop("groups", None)
     print(json.dumps(summary), flush=True)
+    if groups is not None:
+        print(report.table(groups), flush=True)
     return 1 if args.strict and summary["errors"] else 0
 
 

@@ -2,22 +2,15 @@
 
 Speech recognition: corpus WER (total edits over total reference words) after the Whisper English
 text normalizer, with substitutions, deletions and insertions, and CER; jiwer aligns.
-
-    python -m jobs.metrics PREDICTIONS    (the job's Parquet output directory, or a JSONL of rows
-                                           with `text`, `reference`, `error`, `task`)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import jiwer
-import pyarrow.parquet as pq
 from whisper_normalizer.english import EnglishTextNormalizer
 
 
@@ -73,27 +66,3 @@ def asr_rows_wer(rows: Sequence[dict]) -> WordErrors | None:
 def _transcript(reference: str | list[str]) -> str:
     """An ASR item's transcript: its reference, or the first of a list (the job stores lists)."""
     return reference if isinstance(reference, str) else reference[0]
-
-
-def read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [row for row in rows if "id" in row]
-    return pq.ParquetDataset(path).read().to_pylist()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("predictions", type=Path)
-    rows = read_rows(parser.parse_args().predictions)
-    report = {}
-    for corpus in sorted({row.get("corpus", "") for row in rows}):
-        group = [row for row in rows if row.get("corpus", "") == corpus]
-        result = asr_rows_wer(group)
-        errors = sum(row.get("error") is not None for row in group)
-        report[corpus or "items"] = {"items": len(group), "errors": errors, "asr": asdict(result) if result else None}
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

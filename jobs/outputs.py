@@ -20,6 +20,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from nota_model.errors import NotaError
@@ -49,6 +50,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("ttft_s", pa.float64()),
         pa.field("tpot_s", pa.float64()),
         pa.field("batch_size", pa.int32()),
+        pa.field("model_s", pa.float64()),
         pa.field("worker", pa.string()),
         pa.field("job_id", pa.string()),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
@@ -108,3 +110,16 @@ class OutputStore:
 
     def _write_atomically(self, path: str, data: bytes) -> None:
         write_atomically(self.fs, path, lambda file: file.write(data))
+
+
+def read_predictions(url: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Every part file under `url`: a job's output (all corpora), one corpus folder, or one part file.
+    Files written before a column existed read it as null."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fs.isfile(root):
+        paths = [root]
+    else:
+        paths = sorted(path for path in fs.find(root) if PART_NAME.search(path) and "/_" not in path[len(root):])
+    if not paths:
+        raise NotaError(f"{url} holds no prediction files (part-NNNNN.parquet): check the --predictions URL")
+    return ds.dataset(paths, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs).to_table(columns=columns)

@@ -11,8 +11,7 @@ import soundfile as sf
 
 from jobs.infer import parse_args, run
 from jobs.manifest import build_shards
-from jobs.metrics import read_rows as read_output
-from jobs.outputs import OUTPUT_SCHEMA, OutputMismatchError
+from jobs.outputs import OUTPUT_SCHEMA, OutputMismatchError, read_predictions
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
 from tests.s3 import moto_server, s3_filesystem
@@ -84,7 +83,21 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus,
     assert all(row["model"] == "tiny+no-checkpoint" and row["job_id"] == summary["job_id"] for row in rows)
     assert all(row["output_tokens"] is not None and row["ttft_s"] > 0 for row in good.values())
     assert json.loads((tmp_path / "out" / "mixed" / "_SUCCESS.json").read_text())["items"] == 9
-    assert sorted(row["id"] for row in read_output(tmp_path / "out")) == sorted(expected)  # the folder reads as one table
+    assert sorted(row["id"] for row in read_predictions(str(tmp_path / "out")).to_pylist()) == sorted(expected)  # the folder reads as one table
+    assert all(row["model_s"] > 0 and row["batch_size"] >= 1 for row in good.values())
+
+
+def test_the_job_scores_its_corpus_at_the_end(local_ray, corpus, tmp_path):
+    manifest, _ = corpus
+    summary = run(job_args(manifest, tmp_path / "out"))
+    scores = json.loads((tmp_path / "out/mixed/_scores/metrics.json").read_text())
+    assert scores["groups"] == summary["groups"]
+    asr, aac = sorted(summary["groups"], key=lambda group: group["task"] != "asr")
+    assert (asr["task"], asr["items"], asr["errors"], asr["scored_items"]) == ("asr", 8, 4, 4)
+    assert asr["quality"]["wer"] > 0 and asr["speed"]["items"] == 4 and asr["speed"]["items_per_s"] > 0
+    assert aac["task"] == "aac" and "pass --references" in aac["unavailable"]["quality"]  # the item has no caption
+    assert (tmp_path / "out/mixed/_scores/report.md").exists()
+    assert not run(job_args(manifest, tmp_path / "quiet", "--no-score")).get("groups")
 
 
 def test_job_output_equals_the_model_one_item_at_a_time(local_ray, corpus, tmp_path):

@@ -1,0 +1,226 @@
+"""Audio-captioning metrics: CIDEr-D, METEOR, SPICE and SPIDEr, through pycocoevalcap 1.2.
+
+As in the COCO caption evaluation, every caption first goes through pycocoevalcap's PTB tokenizer
+(lower-cased, punctuation dropped), which runs on Java; so do METEOR and SPICE.
+
+SPICE needs the Stanford CoreNLP 3.6.0 jars, which pycocoevalcap does not ship. They are looked up in
+the `spice_lib` argument, then $NOTA_SPICE_LIB, then pycocoevalcap's own spice/lib, and last fetched
+by pycocoevalcap's download, bounded in time. spice-1.0.jar is run here rather than through
+pycocoevalcap's Spice class: without `-cache`, whose LMDB store breaks on Java 17, and with Rhino on
+the class path, since the jar writes its JSON results through a JavaScript engine and Java 15+ has
+none. A metric that cannot run is None with its reason in `unavailable`, never 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pycocoevalcap.spice
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+SPICE_JAR = Path(pycocoevalcap.spice.__file__).parent / "spice-1.0.jar"
+PACKAGE_SPICE_LIB = SPICE_JAR.parent / "lib"
+CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+RHINO_JAR = Path("/usr/share/java/rhino.jar")  # from Debian's librhino-java
+DOWNLOAD_TIMEOUT_S = 60
+SPICE_HEAP = "-Xmx4G"
+NO_JAVA = "caption metrics need Java, starting with the PTB tokenizer behind CIDEr-D: install Java 17"
+
+Captions = dict[int, list[str]]  # item index -> its captions
+
+
+@dataclass(frozen=True)
+class CaptionScores:
+    items: int
+    cider_d: float  # CIDEr-D, IDF over all references of the scored items, all references per item
+    meteor: float | None  # None only when it could not run; the reason is in `unavailable`
+    spice: float | None
+    spider: float | None  # (cider_d + spice) / 2
+    unavailable: dict[str, str]  # metric name -> why it is None
+
+
+def caption_scores(
+    references: Sequence[Sequence[str]], hypotheses: Sequence[str], spice_lib: str | None = None
+) -> CaptionScores:
+    """Corpus-level caption metrics of `hypotheses[i]` against all of `references[i]`."""
+    _check(references, hypotheses)
+    if shutil.which("java") is None:
+        raise RuntimeError(NO_JAVA)
+    gts = _tokenize({i: list(refs) for i, refs in enumerate(references)})
+    res = _tokenize({i: [hypothesis] for i, hypothesis in enumerate(hypotheses)})
+    cider_d = float(Cider().compute_score(gts, res)[0])
+    unavailable = {}
+    meteor, reason = _meteor(gts, res)
+    if reason:
+        unavailable["meteor"] = reason
+    spice, reason = _spice(gts, res, spice_lib)
+    if reason:
+        unavailable["spice"] = reason
+        unavailable["spider"] = f"needs SPICE: {reason}"
+    return CaptionScores(
+        items=len(hypotheses),
+        cider_d=cider_d,
+        meteor=meteor,
+        spice=spice,
+        spider=None if spice is None else (cider_d + spice) / 2,
+        unavailable=unavailable,
+    )
+
+
+def _check(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> None:
+    if not hypotheses:
+        raise ValueError("no captions to score")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str):
+            raise ValueError(f"item {i}: references must be a list of captions, not one string")
+        if not refs:
+            raise ValueError(f"item {i} has no reference")
+
+
+def _tokenize(captions: Captions) -> Captions:
+    """PTB-tokenized captions. The tokenizer answers one line per caption, so a line break inside a
+    caption would shift every caption after it: each whitespace run becomes one space first."""
+    flat = {k: [{"caption": " ".join(c.split())} for c in v] for k, v in captions.items()}
+    tokens = PTBTokenizer().tokenize(flat)
+    if {k: len(v) for k, v in tokens.items()} != {k: len(v) for k, v in captions.items()}:
+        raise RuntimeError("the PTB tokenizer (Java) did not return every caption; its error is above")
+    return tokens
+
+
+def _meteor(gts: Captions, res: Captions) -> tuple[float | None, str | None]:
+    """Corpus METEOR 1.5 from pycocoevalcap's bundled jar, or None and why its JVM failed."""
+    meteor = _meteor_scorer()
+    try:
+        return float(meteor.compute_score(gts, res)[0]), None
+    except (OSError, ValueError) as error:  # the JVM is gone: a broken pipe, or no number to read
+        _meteor_scorer.cache_clear()
+        meteor.lock.release()  # compute_score keeps its lock when it fails, and Meteor.__del__ takes it
+        meteor.meteor_p.kill()
+        _, stderr = meteor.meteor_p.communicate()
+        return None, f"METEOR failed ({error!r}): {_tail(stderr.decode(errors='replace'))}"
+
+
+@lru_cache(maxsize=1)
+def _meteor_scorer() -> Meteor:
+    """One METEOR JVM for the whole process: it takes seconds to load its paraphrase table."""
+    return Meteor()
+
+
+def _spice(gts: Captions, res: Captions, spice_lib: str | None) -> tuple[float | None, str | None]:
+    """Mean SPICE F-score over the items, as pycocoevalcap computes it, or None and why not."""
+    corenlp, reason = _find_corenlp(spice_lib)
+    if corenlp is None:
+        return None, reason
+    engines = sorted(corenlp.glob("rhino*.jar")) or [jar for jar in [RHINO_JAR] if jar.is_file()]
+    if not engines and _java_major() >= 15:
+        return None, (
+            f"Java {_java_major()} has no JavaScript engine, which spice-1.0.jar needs to write its "
+            f"results: install Debian's librhino-java ({RHINO_JAR}) or put rhino*.jar in {corenlp}"
+        )
+    classpath, main_class = _spice_classpath(corenlp, engines)
+    items = [{"image_id": i, "test": res[i][0], "refs": gts[i]} for i in res]
+    with tempfile.TemporaryDirectory(prefix="nota-spice-") as tmp:
+        inputs, outputs = Path(tmp, "in.json"), Path(tmp, "out.json")
+        inputs.write_text(json.dumps(items))
+        command = ["java", SPICE_HEAP, "-cp", classpath, main_class, str(inputs), "-out", str(outputs)]
+        done = subprocess.run([*command, "-subset", "-silent"], cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0:
+            return None, f"spice-1.0.jar exited with {done.returncode}: {_tail(done.stderr)}"
+        results = json.loads(outputs.read_text())
+    return float(np.mean([_f_score(item["scores"]["All"]["f"]) for item in results])), None
+
+
+def _find_corenlp(spice_lib: str | None) -> tuple[Path | None, str]:
+    """The first directory holding both CoreNLP 3.6.0 jars, or None and where they were looked for."""
+    places = {"spice_lib": spice_lib, "NOTA_SPICE_LIB": os.environ.get("NOTA_SPICE_LIB")}
+    tried = [(label, Path(place)) for label, place in places.items() if place]
+    tried.append(("pycocoevalcap", PACKAGE_SPICE_LIB))
+    for _, place in tried:
+        if _has_corenlp(place):
+            return place, ""
+    failure = _download_corenlp()
+    if failure is None and _has_corenlp(PACKAGE_SPICE_LIB):
+        return PACKAGE_SPICE_LIB, ""
+    where = ", ".join(f"{place} ({label})" for label, place in tried)
+    return None, (
+        f"the Stanford CoreNLP 3.6.0 jars ({' and '.join(CORENLP_JARS)}) are not in {where}, and "
+        f"pycocoevalcap's download of them failed: {failure or 'it left no jars'}. "
+        "Set NOTA_SPICE_LIB to a directory holding both jars, or pass --spice-lib."
+    )
+
+
+def _has_corenlp(directory: Path) -> bool:
+    return all((directory / jar).is_file() for jar in CORENLP_JARS)
+
+
+@lru_cache(maxsize=1)
+def _download_corenlp() -> str | None:
+    """pycocoevalcap's own CoreNLP download, in a subprocess so that a closed network cannot hang
+    the caller: None when it finished, else why not. Tried once a process."""
+    code = "from pycocoevalcap.spice.get_stanford_models import get_stanford_models; get_stanford_models()"
+    command = [sys.executable, "-c", code]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {DOWNLOAD_TIMEOUT_S} s"
+    return None if done.returncode == 0 else _tail(done.stderr, lines=1)
+
+
+@lru_cache(maxsize=1)
+def _java_major() -> int:
+    """The feature version of `java`: 8 for 1.8, 17 for 17."""
+    command = ["java", "-XshowSettings:properties", "-version"]
+    settings = subprocess.run(command, capture_output=True, text=True).stderr
+    spec = re.search(r"java\.specification\.version = (\S+)", settings)[1]
+    return int(spec.removeprefix("1.").split(".")[0])
+
+
+def _spice_classpath(corenlp: Path, extra: list[Path]) -> tuple[str, str]:
+    """spice-1.0.jar's class path and main class, from its manifest, with the CoreNLP jars taken from
+    `corenlp`, and `extra` jars."""
+    manifest = _manifest(SPICE_JAR)
+    jars = [
+        corenlp / Path(entry).name if Path(entry).name in CORENLP_JARS else SPICE_JAR.parent / entry
+        for entry in manifest["Class-Path"].split()
+    ]
+    # spice-1.0.jar goes last: the JVM adds the entries of its manifest right after it, behind ours.
+    return os.pathsep.join(map(str, [*jars, *extra, SPICE_JAR])), manifest["Main-Class"]
+
+
+def _manifest(jar: Path) -> dict[str, str]:
+    with zipfile.ZipFile(jar) as archive:
+        text = archive.read("META-INF/MANIFEST.MF").decode()
+    text = text.replace("\r\n", "\n").replace("\n ", "")  # a line that starts with a space continues the last
+    return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+
+
+def _f_score(value: object) -> float:
+    """A SPICE F-score from its JSON, NaN where it has none (pycocoevalcap's float_convert)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _tail(stderr: str, lines: int = 6) -> str:
+    """The last lines of a process's error output, without Java stack frames."""
+    kept = [line.strip() for line in stderr.splitlines()]
+    kept = [line for line in kept if line and not line.startswith("at ")]
+    return " | ".join(kept[-lines:]) or "no error output"

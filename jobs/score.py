@@ -1,0 +1,241 @@
+"""Score stored predictions: quality and speed per (corpus, task, model), as Parquet, JSON and a report.
+
+    python -m jobs.score --predictions URL [--references MANIFEST_OR_URL] --output URL
+                         [--spice-lib DIR] [--submission URL] [--storage-options JSON]
+
+Reads only the job's Parquet. Items with an `error` are counted and left out of quality metrics.
+- speech recognition (`asr`): corpus WER after the Whisper English normalizer, S/D/I, CER (jiwer);
+- captioning (`aac`): CIDEr-D, SPICE, SPIDEr, METEOR (pycocoevalcap, PTB tokenizer);
+- speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
+
+Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `metrics.json`, `report.md`
+and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference`) replaces the rows'
+references. `--submission` writes the seed's submission CSV (`testset_id,text`) per corpus there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs import report
+from jobs.captions import caption_scores
+from jobs.manifest import load_manifest
+from jobs.metrics import asr_rows_wer
+from jobs.outputs import read_predictions
+from jobs.throughput import run_speed, worker_speeds
+from nota_model.errors import NotaError
+from nota_model.storage import write_atomically
+
+GROUP_KEYS = ("corpus", "task", "model")
+METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("task", pa.string()),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("worker", pa.string()),  # null: the whole group
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),  # null: unavailable, `note` says why
+        pa.field("note", pa.string()),
+    ]
+)
+
+
+def score_rows(rows: Sequence[dict[str, Any]], spice_lib: str | None = None) -> list[dict[str, Any]]:
+    """One result per (corpus, task, model), sorted; plain JSON-able dicts."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[key] or "" for key in GROUP_KEYS)].append(row)
+    return [_score_group(dict(zip(GROUP_KEYS, key)), groups[key], spice_lib) for key in sorted(groups)]
+
+
+def _score_group(key: dict[str, str], rows: list[dict[str, Any]], spice_lib: str | None) -> dict[str, Any]:
+    errors = [row["error"] for row in rows if row["error"] is not None]
+    succeeded = [row for row in rows if row["error"] is None]
+    referenced = [row for row in succeeded if row.get("reference")]
+    quality, unavailable = _quality(key["task"], referenced, spice_lib)
+    if succeeded and not referenced and key["task"] in ("asr", "aac"):
+        unavailable["quality"] = "no item has a reference: pass --references with the corpus manifest"
+    speed = run_speed(rows)
+    return {
+        **key,
+        "items": len(rows),
+        "errors": len(errors),
+        "error_codes": {code: errors.count(code) for code in sorted(set(errors))},
+        "scored_items": len(referenced) if quality else 0,
+        "audio_seconds": sum(row.get("audio_seconds") or 0.0 for row in succeeded),
+        "quality": quality,
+        "unavailable": unavailable,
+        "speed": asdict(speed) if speed else None,
+        "workers": {worker: asdict(s) for worker, s in worker_speeds(rows).items()},
+    }
+
+
+def _quality(task: str, rows: list[dict[str, Any]], spice_lib: str | None) -> tuple[dict[str, float], dict[str, str]]:
+    if not rows:
+        return {}, {}
+    if task == "asr":
+        return asdict(asr_rows_wer(rows)), {}
+    if task == "aac":
+        try:
+            scores = caption_scores([row["reference"] for row in rows], [row["text"] for row in rows], spice_lib)
+        except (NotaError, OSError, RuntimeError) as err:
+            return {}, {"captioning": f"caption metrics could not run: {err}"}
+        values = {k: v for k, v in asdict(scores).items() if k != "unavailable" and v is not None}
+        return values, dict(scores.unavailable)
+    return {}, {}
+
+
+def long_rows(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups as METRICS_SCHEMA rows: one a metric (and worker)."""
+    rows = []
+    for group in groups:
+        key = {k: group[k] for k in GROUP_KEYS}
+        metric = lambda name, value, worker=None, note=None: rows.append(
+            {**key, "worker": worker, "metric": name, "value": value, "note": note}
+        )
+        for name in ("items", "errors", "scored_items", "audio_seconds"):
+            metric(name, float(group[name]))
+        for code, count in group["error_codes"].items():
+            metric(f"errors.{code}", float(count))
+        for name, value in group["quality"].items():
+            metric(name, float(value))
+        for name, reason in group["unavailable"].items():
+            metric(name, None, note=reason)
+        for worker, speed in [(None, group["speed"]), *group["workers"].items()]:
+            for name, value in _flat_speed(speed or {}).items():
+                metric(name, value, worker)
+    return rows
+
+
+def flat_values(group: dict[str, Any]) -> dict[str, float]:
+    """A group's quality and whole-group speed figures, one level deep (`ttft_s.p50`)."""
+    return {**group["quality"], **_flat_speed(group["speed"] or {})}
+
+
+def _flat_speed(speed: dict[str, Any]) -> dict[str, float]:
+    flat = {}
+    for name, value in speed.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{stat}": v for stat, v in value.items()})
+        elif value is not None:
+            flat[name] = float(value)
+    return flat
+
+
+def apply_references(rows: list[dict[str, Any]], url: str, storage_options: dict[str, Any]) -> None:
+    """Replace the rows' references with those of a manifest, or of a JSONL/Parquet of `id`, `reference`."""
+    if url.endswith((".yaml", ".yml")):
+        manifest = load_manifest(url, storage_options)
+        items = manifest.work_items().select(["id", "reference"]).to_pylist()
+        references = {(manifest.name, item["id"]): item["reference"] for item in items}
+    else:
+        references = {(row.get("corpus"), row["id"]): row["reference"] for row in _read_table(url, storage_options)}
+    for row in rows:
+        found = references.get((row["corpus"], row["id"]), references.get((None, row["id"])))
+        if found is not None:
+            row["reference"] = [found] if isinstance(found, str) else list(found)
+
+
+def _read_table(url: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    with fsspec.open(url, "rb", **storage_options) as file:
+        data = file.read()
+    if url.endswith(".parquet"):
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def submission_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The seed's submission format: `testset_id,text`, in corpus order; an item with an error has empty text."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["testset_id", "text"])
+    for row in sorted(rows, key=lambda row: (row["shard"], row["index"])):
+        writer.writerow([row["id"], row["text"] if row["error"] is None else ""])
+    return buffer.getvalue()
+
+
+def score(
+    predictions: str,
+    output: str,
+    references: str | None = None,
+    spice_lib: str | None = None,
+    submission: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Score, write metrics, JSON, report (and submission CSVs); return the groups."""
+    options = storage_options or {}
+    rows = read_predictions(predictions, options).to_pylist()
+    if references:
+        apply_references(rows, references, options)
+    groups = score_rows(rows, spice_lib)
+    fs, root = fsspec.core.url_to_fs(output, **options)
+    fs.makedirs(root, exist_ok=True)
+    table = pa.Table.from_pylist(long_rows(groups), schema=METRICS_SCHEMA)
+    write_file(fs, f"{root}/metrics.parquet", parquet_bytes(table))
+    write_file(fs, f"{root}/metrics.json", json.dumps({"predictions": predictions, "groups": groups}, indent=2).encode())
+    charts = report.charts(groups, rows)
+    for name, png in charts.items():
+        write_file(fs, f"{root}/{name}", png)
+    write_file(fs, f"{root}/report.md", report.markdown(groups, predictions, list(charts)).encode())
+    if submission:
+        _write_submissions(rows, submission, options)
+    return groups
+
+
+def _write_submissions(rows: Sequence[dict[str, Any]], url: str, options: dict[str, Any]) -> None:
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    fs.makedirs(root, exist_ok=True)
+    by_corpus: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_corpus[row["corpus"]].append(row)
+    for corpus, corpus_rows in by_corpus.items():
+        write_file(fs, f"{root}/{corpus}.csv", submission_csv(corpus_rows).encode())
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    write_atomically(fs, path, lambda file: file.write(data))
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--references", help="a corpus manifest, or a JSONL/Parquet of id and reference, replacing the rows' references")
+    parser.add_argument("--spice-lib", help="folder with the Stanford CoreNLP 3.6.0 jars SPICE needs (default: $NOTA_SPICE_LIB)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictions", required=True, help="the job's output URL, one corpus folder, or one part file")
+    parser.add_argument("--output", required=True, help="where metrics.parquet, metrics.json and report.md go")
+    parser.add_argument("--submission", help="write the seed's submission CSV per corpus (CORPUS.csv) under this URL")
+    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
+    add_scoring_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        groups = score(args.predictions, args.output, args.references, args.spice_lib, args.submission,
+                       json.loads(args.storage_options))
+    except NotaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.table(groups))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
