@@ -69,6 +69,13 @@ def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dic
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
+def worker_name(device: object) -> str:
+    """host:pid:node=first 8 hex of the Ray node id:gpu=ids:device of the calling actor."""
+    gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
+    node = ray.get_runtime_context().get_node_id()[:8]
+    return f"{socket.gethostname()}:{os.getpid()}:node={node}:gpu={gpus}:{device}"
+
+
 class Predictor:
     """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor."""
 
@@ -76,8 +83,7 @@ class Predictor:
         self.loaded = load_model(config, checkpoint=checkpoint)
         self.model = self.loaded.model
         self.settings = settings
-        gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:gpu={gpus}:{self.model.device}"
+        self.worker = worker_name(self.model.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._output_row(item) for item in batch.to_pylist()]
@@ -190,7 +196,8 @@ def lost_row(item: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
     }
 
 
-def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings) -> ray.data.Dataset:
+def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings,
+                  predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
     blocks = max(1, -(-pending.num_rows // DECODE_BATCH))
     decoded = ray.data.from_arrow(pending).repartition(blocks).map_batches(
         decode_audio_batch,
@@ -204,10 +211,10 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes all.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     return decoded.map_batches(
-        Predictor,
+        predictor,
         batch_size=args.batch_size,
         batch_format="pyarrow",
-        fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings},
+        fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings, **(predictor_kwargs or {})},
         compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
         num_gpus=1 if gpus else 0,
         num_cpus=args.cpus_per_actor,
@@ -216,7 +223,7 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     job_id = args.job_id or os.environ.get("RAY_JOB_SUBMISSION_ID") or f"job-{uuid.uuid4().hex[:12]}"
     log = logs.configure(job_id)
@@ -239,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     collector = ShardCollector(store, dict(zip(*np.unique(pending["shard"].to_numpy(), return_counts=True))))
     audio_seconds, processed = 0.0, 0
     if pending.num_rows:
-        for batch in build_dataset(pending, manifest, config, args, settings).iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in build_dataset(pending, manifest, config, args, settings, predictor, predictor_kwargs).iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 collector.add(row)
                 processed += 1
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = summary.pop("groups", None)
     print(json.dumps(summary), flush=True)
     if groups is not None:
-        print(report.table(groups), flush=True)
+        print(report.summary(groups), flush=True)
     return 1 if args.strict and summary["errors"] else 0
 
 

@@ -28,9 +28,13 @@ def table(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary(groups: Sequence[dict[str, Any]]) -> str:
+    """The table and its notes (errors left out, metrics unavailable): what a command prints at its end."""
+    return "\n".join([table(groups), "", *_notes(groups)]).rstrip() + "\n"
+
+
 def markdown(groups: Sequence[dict[str, Any]], predictions: str, charts: Sequence[str] = ()) -> str:
-    parts = [f"# Scoring report\n\nPredictions: `{predictions}`\n", table(groups), ""]
-    parts += _notes(groups)
+    parts = [f"# Scoring report\n\nPredictions: `{predictions}`\n", summary(groups)]
     parts += [f"![{name}]({name})\n" for name in charts]
     parts += ["## Workers\n", _workers(groups), "", DEFINITIONS]
     return "\n".join(parts)

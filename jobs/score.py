@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except NotaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(report.table(groups))
+    print(report.summary(groups))
     return 0
 
 
