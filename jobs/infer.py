@@ -207,6 +207,7 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
         num_cpus=1,
     )
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
     pool = args.pool_size or max(gpus, 1)
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes all.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
@@ -216,7 +217,7 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
         batch_format="pyarrow",
         fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings, **(predictor_kwargs or {})},
         compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
-        num_gpus=1 if gpus else 0,
+        num_gpus=1 if on_gpu else 0,
         num_cpus=args.cpus_per_actor,
         max_restarts=-1,
         max_task_retries=-1,
@@ -288,6 +289,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, help="model actors to start with (default: one per GPU, else 1)")
     parser.add_argument("--max-pool-size", type=int, help="let the pool grow to this many as GPU nodes join")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument(
+        "--accelerator", choices=("auto", "gpu", "cpu"), default="auto",
+        help="auto: one GPU per model actor if the cluster has GPUs when the job starts; gpu: always (on an "
+        "autoscaling cluster whose GPU nodes join later); cpu: never",
+    )
     parser.add_argument("--job-id", help="default: the Ray job submission id, else a fresh one")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
     parser.add_argument("--no-score", action="store_true", help="skip scoring the corpus at the end (OUTPUT/NAME/_scores)")

@@ -142,7 +142,7 @@ def _run(spec: str) -> tuple[str, str]:
     return name, url
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=_run, action="append", required=True, metavar="NAME=URL",
                         help="a stored prediction set (the job's output URL or one corpus folder); repeat")
@@ -152,11 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
     add_scoring_arguments(parser)
     args = parser.parse_args(argv)
-    runs = dict(args.run)
-    if len(runs) != len(args.run):
+    args.runs = dict(args.run)
+    if len(args.runs) != len(args.run):
         parser.error("run names must be distinct")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        document = rescore(runs, args.output, args.baseline, args.references, args.spice_lib,
+        document = rescore(args.runs, args.output, args.baseline, args.references, args.spice_lib,
                            json.loads(args.storage_options), args.force)
     except NotaError as err:
         print(f"error: {err}", file=sys.stderr)

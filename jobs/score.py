@@ -219,14 +219,18 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spice-lib", help="folder with the Stanford CoreNLP 3.6.0 jars SPICE needs (default: $NOTA_SPICE_LIB)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", required=True, help="the job's output URL, one corpus folder, or one part file")
     parser.add_argument("--output", required=True, help="where metrics.parquet, metrics.json and report.md go")
     parser.add_argument("--submission", help="write the seed's submission CSV per corpus (CORPUS.csv) under this URL")
     parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
     add_scoring_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         groups = score(args.predictions, args.output, args.references, args.spice_lib, args.submission,
                        json.loads(args.storage_options))

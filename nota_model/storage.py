@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -78,9 +79,14 @@ def _download(url: str) -> Path:
     fs, remote = fsspec.core.url_to_fs(url)
     if not fs.exists(remote):
         raise WeightsNotFoundError(f"{url} does not exist or is not readable with the current credentials")
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex}")  # several actors of a node may race
     fs.get(remote, str(partial), recursive=fs.isdir(remote))
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:  # another process's copy (a folder) is in place already
+        if not target.exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

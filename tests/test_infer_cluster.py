@@ -57,6 +57,12 @@ def test_two_fake_gpus_get_one_actor_each(undisturbed):
     assert all(worker.endswith(":cpu") for worker in workers)  # torch sees no CUDA: the model stays on CPU
 
 
+def test_accelerator_cpu_keeps_model_actors_off_the_gpus(local_ray, tmp_path):
+    manifest = write_corpus(tmp_path, 4)
+    run(parse_args(job_argv(manifest, tmp_path / "out", "--accelerator", "cpu", "--no-score")))
+    assert {row["worker"].split(":gpu=")[1] for row in rows_by_id(tmp_path / "out").values()} == {"none:cpu"}
+
+
 def test_a_killed_actor_is_replaced_and_its_batch_redone(local_ray, corpus, undisturbed, tmp_path):
     output = tmp_path / "out"
     killed: list[int] = []
