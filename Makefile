@@ -32,3 +32,32 @@ test: samples
 
 clean:
 	rm -rf $(VENV)
+
+# A local Ray head and `ray job submit`, as on a cluster (cluster/local.sh says how; `cluster/local.sh --help`).
+#   make cluster-up; make cluster-submit [MANIFEST=... MODEL=... OUTPUT=... JOB_ARGS="--set ..."]; make cluster-down
+# Paths are made absolute (the job runs in an uploaded copy of this directory); URLs pass as they are.
+# PACKS: the model packs to build first (default: those the preset names as pack://).
+CLUSTER := cluster/local.sh
+MANIFEST ?= manifests/librivox-sample.yaml
+MODEL ?= whisper-base
+OUTPUT ?= out/cluster/predictions
+JOB_ARGS ?=
+SUBMIT_ARGS ?=
+PACKS ?= $(shell sed -n 's|.*pack://\([A-Za-z0-9._-]*\).*|\1|p' $(wildcard nota_model/presets/$(MODEL).yaml $(MODEL)) /dev/null | sort -u)
+cluster_path = $(if $(findstring ://,$(1)),$(1),$(abspath $(1)))
+
+.PHONY: cluster-up cluster-submit cluster-status cluster-down
+
+cluster-up: setup
+	$(CLUSTER) up
+
+cluster-submit: samples
+	$(if $(strip $(PACKS)),$(PY) -m jobs.packs $(PACKS))
+	$(CLUSTER) submit $(SUBMIT_ARGS) -- python -m jobs.infer --manifest $(call cluster_path,$(MANIFEST)) \
+		--model $(if $(wildcard $(MODEL)),$(abspath $(MODEL)),$(MODEL)) --output $(call cluster_path,$(OUTPUT)) $(JOB_ARGS)
+
+cluster-status:
+	$(CLUSTER) list
+
+cluster-down:
+	$(CLUSTER) down

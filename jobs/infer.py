@@ -224,9 +224,15 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
     )
 
 
+def submission_id() -> str | None:
+    """The `ray job submit` id of this driver: Ray hands it over in the job config's metadata."""
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return config.get("metadata", {}).get("job_submission_id")
+
+
 def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    job_id = args.job_id or os.environ.get("RAY_JOB_SUBMISSION_ID") or f"job-{uuid.uuid4().hex[:12]}"
+    job_id = args.job_id or submission_id() or f"job-{uuid.uuid4().hex[:12]}"
     log = logs.configure(job_id)
     storage_options = json.loads(args.storage_options)
     manifest = load_manifest(args.manifest, storage_options)
