@@ -65,6 +65,11 @@ class NotaModel(nn.Module):
     @torch.inference_mode()
     def audio_tokens(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
         """The audio tokens fed to the LLM for each clip, after the projection: (windows, LLM hidden) each."""
+        return self.encode_audio(clips)
+
+    def encode_audio(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+        """`audio_tokens` with autograd, for training: frozen encoders (no parameter requiring grad) run
+        without building a graph; the layer norms, Q-Former and projection keep theirs."""
         features = whisper_features(clips, self.config.speech_encoder.num_mel_bins).to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             states = self._encoder_states(features, clips)
@@ -78,11 +83,15 @@ class NotaModel(nn.Module):
     def _encoder_states(self, features: torch.Tensor, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
         """Per clip: LayerNormed Whisper states, concatenated on channels with LayerNormed CED tokens.
         The shorter of the two is zero-padded to the longer, as the seed does."""
-        speech = self.ln_speech(self.speech_encoder(features).last_hidden_state)
+        with _grad_only_if_trained(self.speech_encoder):
+            speech = self.speech_encoder(features).last_hidden_state
+        speech = self.ln_speech(speech)
         if self.ced is None:
             return list(speech)
         waveforms = [torch.tensor(clip.waveform, device=self.device) for clip in clips]
-        audio = [self.ln_audio(tokens) for tokens in self.ced.encode(waveforms)]
+        with _grad_only_if_trained(self.ced):
+            encoded = self.ced.encode(waveforms)
+        audio = [self.ln_audio(tokens) for tokens in encoded]
         return [_concat_padded(s, a) for s, a in zip(speech, audio)]
 
     def prompt_embeddings(self, audio_tokens: Sequence[torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,14 +100,20 @@ class NotaModel(nn.Module):
         embed = self.llama_model.get_input_embeddings()
         sequences = []
         for tokens, prompt in zip(audio_tokens, prompts, strict=True):
-            before, after = self._split_prompt(prompt)
-            head = embed(self._token_ids(before, prefix=[self.bos_token_id]))
-            sequences.append(torch.cat([head, tokens.to(head.dtype), embed(self._token_ids(after))]))
+            before, after = self.prompt_token_ids(prompt)
+            head = embed(before)
+            sequences.append(torch.cat([head, tokens.to(head.dtype), embed(after)]))
         longest = max(len(s) for s in sequences)
         padding = embed(torch.tensor([self.pad_token_id], device=self.device))
         embeds = torch.stack([torch.cat([padding.expand(longest - len(s), -1), s]) for s in sequences])
         mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long), (longest - len(s), 0)) for s in sequences])
         return embeds, mask.to(self.device)
+
+    def prompt_token_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids around the audio tokens: ([bos] + the templated prompt before the placeholder,
+        the rest after it)."""
+        before, after = self._split_prompt(prompt)
+        return self._token_ids(before, prefix=[self.bos_token_id]), self._token_ids(after)
 
     def _token_ids(self, text: str, prefix: Sequence[int] = ()) -> torch.Tensor:
         ids = [*prefix, *self.tokenizer(text, add_special_tokens=False).input_ids]
@@ -137,6 +152,11 @@ class NotaModel(nn.Module):
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token, so left padding shifts nothing."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _grad_only_if_trained(module: nn.Module) -> torch.autograd.grad_mode.set_grad_enabled:
+    """No autograd graph through a frozen module (all its parameters have requires_grad False)."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
 
 
 def _concat_padded(speech: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

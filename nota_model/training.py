@@ -1,0 +1,285 @@
+"""Training the NOTA model's trained parts, as the seed did (SALMONN's recipe), as a plain library (no Ray).
+
+- Examples are (clip, prompt, answer). A batch is `[bos] + prompt before <SpeechHere> + audio tokens +
+  prompt after + answer + end symbol`, left-padded like inference, with position ids from the attention
+  mask (`nota_model.model.positions`), so padding shifts nothing. Labels are -100 everywhere but on
+  the answer tokens and the end symbol: padding, bos, prompt and audio positions carry no loss.
+- Only the checkpoint's trained parameters learn (`is_trained_key`: Q-Former, query tokens,
+  projection, `ln_speech`/`ln_audio`, LoRA); the encoders and the LLM stay frozen, encoders in eval mode.
+- AdamW with SALMONN's parameter groups (no weight decay on biases, norms and 1-d parameters), and a
+  per-step schedule: linear warm-up from `warmup_start_lr` to `lr`, then cosine or linear to `min_lr`.
+- Data order is a pure function of (seed, epoch): a resumed run sees the same items in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nota_model.audio import AudioClip
+from nota_model.checkpoint import is_trained_key, seed_settings
+from nota_model.errors import ConfigError
+from nota_model.model import NotaModel, positions
+
+IGNORE_INDEX = -100
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    """AdamW. The seed: lr 1e-4 decaying to 1e-5, weight decay 0.05."""
+
+    kind: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_start_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(None, gt=0)  # clip the trained parameters' gradient norm; None: no clipping
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizerConfig:
+        if self.min_lr > self.lr:
+            raise ValueError("optimizer.min_lr must not exceed optimizer.lr")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    """Per optimizer step: linear warm-up over `warmup_steps`, then `decay` to the optimizer's min_lr at the
+    last step. The seed: 500 warm-up steps, cosine."""
+
+    warmup_steps: int = Field(500, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a clip, the prompt it is asked (holding `<SpeechHere>`) and the answer."""
+
+    clip: AudioClip
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """Left-padded LLM inputs and labels. Every row's answer ends at the right edge, so the answer tokens
+    are within the last `answer_length` positions."""
+
+    inputs_embeds: torch.Tensor  # (B, L, hidden)
+    attention_mask: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L): IGNORE_INDEX but on answer tokens and the end symbol
+    answer_length: int  # the longest answer, end symbol included
+
+    @property
+    def answer_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def answer_token_ids(model: NotaModel, answer: str, max_tokens: int | None = None) -> torch.Tensor:
+    """The answer's tokens (no special tokens added) and the end symbol, cut to `max_tokens` in all."""
+    ids = model.tokenizer(answer, add_special_tokens=False).input_ids
+    if max_tokens is not None:
+        ids = ids[: max(max_tokens - 1, 0)]
+    return torch.tensor([*ids, model.end_token_id], dtype=torch.long, device=model.device)
+
+
+def build_batch(
+    model: NotaModel,
+    audio_tokens: Sequence[torch.Tensor],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_answer_tokens: int | None = None,
+) -> TrainingBatch:
+    """The LLM inputs of a training batch: the inference prompt (as `NotaModel.prompt_embeddings` builds
+    it) followed by the answer and the end symbol; labels only on those."""
+    embed = model.llama_model.get_input_embeddings()
+    sequences, labels = [], []
+    for tokens, prompt, answer in zip(audio_tokens, prompts, answers, strict=True):
+        before, after = model.prompt_token_ids(prompt)
+        target = answer_token_ids(model, answer, max_answer_tokens)
+        head = embed(before)
+        sequences.append(torch.cat([head, tokens.to(head.dtype), embed(after), embed(target)]))
+        context = len(before) + len(tokens) + len(after)
+        labels.append(torch.cat([torch.full((context,), IGNORE_INDEX, dtype=torch.long, device=model.device), target]))
+    longest = max(len(s) for s in sequences)
+    padding = embed(torch.tensor([model.pad_token_id], device=model.device))
+    embeds = torch.stack([torch.cat([padding.expand(longest - len(s), -1), s]) for s in sequences])
+    mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long, device=model.device), (longest - len(s), 0)) for s in sequences])
+    label_rows = torch.stack([F.pad(row, (longest - len(row), 0), value=IGNORE_INDEX) for row in labels])
+    answer_length = max(int((row != IGNORE_INDEX).sum()) for row in labels)
+    return TrainingBatch(embeds, mask, positions(mask), label_rows, answer_length)
+
+
+def batch_for(model: NotaModel, examples: Sequence[Example], max_answer_tokens: int | None = None) -> TrainingBatch:
+    """Encode the clips (frozen encoders without a graph) and build the batch."""
+    tokens = model.encode_audio([example.clip for example in examples])
+    return build_batch(model, tokens, [e.prompt for e in examples], [e.answer for e in examples], max_answer_tokens)
+
+
+def answer_loss(model: NotaModel, batch: TrainingBatch, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Cross-entropy of the answer tokens (the end symbol included), mean over them by default. Logits are
+    computed only over the last `answer_length + 1` positions: with left padding every answer is there,
+    and the full (L, vocabulary) logits would cost far more memory than the model."""
+    keep = batch.answer_length + 1
+    output = model.llama_model(
+        inputs_embeds=batch.inputs_embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = output.logits[:, :-1, :].float()
+    targets = batch.labels[:, -batch.answer_length :]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def prepare_for_training(model: NotaModel) -> list[str]:
+    """Freeze everything but the checkpoint's trained parameters, keep those in float32 (the optimizer and
+    the gradient scaler work on them; the frozen LLM may stay in half precision), and set train mode.
+    Returns the trained parameters' names."""
+    trained = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_trained_key(name))
+        if parameter.requires_grad:
+            trained.append(name)
+            if parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+    if not trained:
+        raise ConfigError("the model has no trained parameters (Q-Former, projection, layer norms, LoRA)")
+    train_mode(model)
+    return trained
+
+
+def train_mode(model: NotaModel) -> None:
+    """Train mode (LoRA dropout) for the trained parts and the LLM; the frozen encoders stay in eval mode,
+    so that CED's batch-norm statistics never move."""
+    model.train()
+    model.speech_encoder.eval()
+    if model.ced is not None:
+        model.ced.eval()
+
+
+def trainable_parameter_count(model: NotaModel) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad, in SALMONN's two groups: weight decay on matrices, none
+    on 1-d parameters, biases and layer norms."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim < 2 or "bias" in name or "ln" in name or "LayerNorm" in name:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+def learning_rate(step: int, total_steps: int, optimizer: OptimizerConfig, schedule: ScheduleConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total_steps`."""
+    warmup = schedule.warmup_steps
+    if step < warmup:
+        return optimizer.warmup_start_lr + (optimizer.lr - optimizer.warmup_start_lr) * step / warmup
+    if schedule.decay == "constant":
+        return optimizer.lr
+    progress = min(1.0, (step - warmup) / max(total_steps - 1 - warmup, 1))
+    if schedule.decay == "linear":
+        return optimizer.lr - (optimizer.lr - optimizer.min_lr) * progress
+    return optimizer.min_lr + (optimizer.lr - optimizer.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, config: OptimizerConfig, schedule: ScheduleConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Step it once per optimizer step. Its state dict (the step) restores with the optimizer's."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, total_steps, config, schedule) / config.lr
+    )
+
+
+# Data order
+
+
+def sampling_weights(tasks: Sequence[str], task_weights: Mapping[str, float]) -> np.ndarray | None:
+    """Per-example sampling weights that give each task `task_weights[task]` of the samples (examples
+    uniform within a task); None when no task weights are set (every example once per epoch)."""
+    if not task_weights:
+        return None
+    missing = sorted(set(tasks) - set(task_weights))
+    if missing:
+        raise ConfigError(f"datasets.task_weights has no weight for task(s) {missing}: give one (0 leaves a task out)")
+    counts: dict[str, int] = {}
+    for task in tasks:
+        counts[task] = counts.get(task, 0) + 1
+    weights = np.array([task_weights[task] / counts[task] for task in tasks], dtype=np.float64)
+    if weights.sum() <= 0:
+        raise ConfigError("datasets.task_weights gives every task weight 0")
+    return weights / weights.sum()
+
+
+def epoch_order(count: int, epoch: int, seed: int, weights: np.ndarray | None = None, size: int | None = None) -> np.ndarray:
+    """Example indices of one epoch, a pure function of (seed, epoch): a permutation of all examples, or
+    `size` (default `count`) draws with replacement by `weights`."""
+    rng = np.random.default_rng([seed, epoch])
+    if weights is None and size in (None, count):
+        return rng.permutation(count)
+    return rng.choice(count, size=size or count, replace=True, p=weights)
+
+
+def shard_steps(order: np.ndarray, world_size: int, rank: int, batch_size: int, accumulation: int) -> list[list[np.ndarray]]:
+    """This rank's micro-batches for each optimizer step of an epoch. The order is wrapped around to fill
+    the last step, so every rank runs the same number of micro-batches; optimizer step s consumes
+    `order[s*G : (s+1)*G]` with G = world_size * batch_size * accumulation."""
+    per_step = world_size * batch_size * accumulation
+    steps = max(1, -(-len(order) // per_step))
+    wrapped = np.resize(order, steps * per_step)
+    micro = world_size * batch_size
+    return [
+        [wrapped[start + rank * batch_size : start + (rank + 1) * batch_size] for start in range(s * per_step, (s + 1) * per_step, micro)]
+        for s in range(steps)
+    ]
+
+
+def steps_per_epoch(examples: int, world_size: int, batch_size: int, accumulation: int) -> int:
+    return max(1, -(-examples // (world_size * batch_size * accumulation)))
+
+
+def choose_prompt(prompts: Sequence[str], seed: int, epoch: int, position: int) -> str:
+    """The seed's multi-prompt training: a random one of the task's prompts, here a pure function of
+    (seed, epoch, position in the epoch) so that a resumed run asks the same."""
+    if len(prompts) == 1:
+        return prompts[0]
+    return prompts[random.Random(f"{seed}:{epoch}:{position}").randrange(len(prompts))]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimizer step on one rank (dropout): a resumed run draws the same masks."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+# Checkpoints
+
+
+def save_seed_checkpoint(model: NotaModel, path: Path, extra: Mapping[str, Any] | None = None) -> None:
+    """The seed's `.pth` layout: `{"model": trained parameters, "config": {"model": settings}, ...extra}`
+    (e.g. optimizer, epoch), loadable with `torch.load(weights_only=True)` and by `load_model`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu() for key, value in model.trained_state_dict().items()}
+    torch.save({"model": state, "config": {"model": seed_settings(model.config)}, **(extra or {})}, path)
