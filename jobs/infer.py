@@ -41,6 +41,7 @@ DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).appe
     pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
 )
 DECODE_BATCH = 16
+BLOCKS_PER_ACTOR = 4
 ACTOR_START_TIMEOUT_S = 900
 
 
@@ -198,19 +199,21 @@ def lost_row(item: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
 
 def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings,
                   predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
-    blocks = max(1, -(-pending.num_rows // DECODE_BATCH))
-    decoded = ray.data.from_arrow(pending).repartition(blocks).map_batches(
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
+    pool = args.pool_size or max(gpus, 1)
+    # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
+    # all. Set before the first dataset is made: a dataset keeps a copy of the context it was made in.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # Several decoded blocks per starting actor, so that a small corpus still reaches every GPU.
+    per_block = max(1, min(DECODE_BATCH, -(-pending.num_rows // (BLOCKS_PER_ACTOR * pool))))
+    decoded = ray.data.from_arrow(pending).repartition(-(-pending.num_rows // per_block)).map_batches(
         decode_audio_batch,
-        batch_size=DECODE_BATCH,
+        batch_size=per_block,
         batch_format="pyarrow",
         fn_kwargs={"audio": config.audio, "storage_options": manifest.storage_options},
         num_cpus=1,
     )
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
-    pool = args.pool_size or max(gpus, 1)
-    # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes all.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     return decoded.map_batches(
         predictor,
         batch_size=args.batch_size,

@@ -100,7 +100,7 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(undisturbed, t
     assert 1 <= written_before < 24
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    summary = next(json.loads(line) for line in rerun.stdout.splitlines() if line.startswith('{"corpus"'))  # then the metrics table
     assert summary["shards_skipped"] == written_before and summary["items"] == 96 and summary["errors"] == 0
     rows = rows_by_id(output)
     assert sorted(rows) == sorted(f"clip{index}" for index in range(96))
