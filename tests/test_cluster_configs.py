@@ -4,6 +4,7 @@ the code that consumes it, and against pyproject.toml's pins."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import importlib.util
