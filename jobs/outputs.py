@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from nota_model.errors import NotaError
-from nota_model.storage import write_atomically
+from nota_model.storage import write_bytes_atomically
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -80,9 +80,7 @@ class OutputStore:
 
     def write_shard(self, shard: int, rows: list[dict[str, Any]]) -> None:
         table = pa.Table.from_pylist(sorted(rows, key=lambda row: row["index"]), schema=OUTPUT_SCHEMA)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        self._write_atomically(self.part_path(shard), buffer.getvalue())
+        write_bytes_atomically(self.fs, self.part_path(shard), parquet_bytes(table))
 
     def claim(self, run: dict[str, Any]) -> None:
         """Record what this output is made with, or refuse to mix in results of another model or decoding."""
@@ -95,10 +93,10 @@ class OutputStore:
                     "write to another --output, or delete it to start over"
                 )
             return
-        self._write_atomically(path, json.dumps(run, indent=2).encode())
+        write_bytes_atomically(self.fs, path, json.dumps(run, indent=2).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self._write_atomically(f"{self.dir}/_SUCCESS.json", json.dumps(summary, indent=2).encode())
+        write_bytes_atomically(self.fs, f"{self.dir}/_SUCCESS.json", json.dumps(summary, indent=2).encode())
 
     def read_column(self, name: str) -> list[Any]:
         """One column of every part file (for the run summary)."""
@@ -108,18 +106,28 @@ class OutputStore:
         with self.fs.open(self.part_path(shard), "rb") as file:
             return pq.read_table(file, columns=[name]).column(name).to_pylist()
 
-    def _write_atomically(self, path: str, data: bytes) -> None:
-        write_atomically(self.fs, path, lambda file: file.write(data))
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A whole Parquet file in memory (zstd), for one atomic write."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def prediction_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
+    """The part files under `root` (or `root` itself, a file) and their listings (size, ETag or mtime);
+    folders named `_…` (scores) are not predictions."""
+    if fs.isfile(root):
+        return {root: fs.info(root)}
+    listing = fs.find(root, detail=True)
+    return {path: info for path, info in listing.items() if PART_NAME.search(path) and "/_" not in path[len(root):]}
 
 
 def read_predictions(url: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:
     """Every part file under `url`: a job's output (all corpora), one corpus folder, or one part file.
     Files written before a column existed read it as null."""
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if fs.isfile(root):
-        paths = [root]
-    else:
-        paths = sorted(path for path in fs.find(root) if PART_NAME.search(path) and "/_" not in path[len(root):])
+    paths = sorted(prediction_files(fs, root))
     if not paths:
         raise NotaError(f"{url} holds no prediction files (part-NNNNN.parquet): check the --predictions URL")
     return ds.dataset(paths, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs).to_table(columns=columns)

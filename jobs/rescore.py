@@ -22,9 +22,10 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from jobs.outputs import PART_NAME
-from jobs.score import add_scoring_arguments, flat_values, parquet_bytes, score, write_file
+from jobs.outputs import parquet_bytes, prediction_files
+from jobs.score import add_scoring_arguments, flat_values, score
 from nota_model.errors import NotaError
+from nota_model.storage import write_bytes_atomically
 
 COMPARED = ("wer", "cer", "cider_d", "spice", "spider", "meteor", "items_per_s", "x_real_time",
             "output_tokens_per_s", "ttft_s.p50", "tpot_s.p50")
@@ -76,10 +77,9 @@ def fingerprint(runs: dict[str, str], settings: dict[str, Any], storage_options:
     listing = {"settings": settings}
     for name, url in sorted(runs.items()):
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        files = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
         listing[name] = sorted(
             (path, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
-            for path, info in files.items() if PART_NAME.search(path) and "/_" not in path[len(root):]
+            for path, info in prediction_files(fs, root).items()
         )
     return hashlib.sha256(json.dumps(listing, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -108,9 +108,9 @@ def rescore(
               for name, url in runs.items()}
     rows = compare(groups, baseline)
     document = {"fingerprint": stamp, "runs": runs, "baseline": baseline, "comparison": rows}
-    write_file(fs, f"{root}/comparison.parquet", parquet_bytes(pa.Table.from_pylist(rows, schema=COMPARISON_SCHEMA)))
-    write_file(fs, f"{root}/comparison.md", markdown(rows).encode())
-    write_file(fs, f"{root}/comparison.json", json.dumps(document, indent=2).encode())  # last: it marks completion
+    write_bytes_atomically(fs, f"{root}/comparison.parquet", parquet_bytes(pa.Table.from_pylist(rows, schema=COMPARISON_SCHEMA)))
+    write_bytes_atomically(fs, f"{root}/comparison.md", markdown(rows).encode())
+    write_bytes_atomically(fs, f"{root}/comparison.json", json.dumps(document, indent=2).encode())  # last: it marks completion
     return {**document, "unchanged": False}
 
 

@@ -33,10 +33,10 @@ from jobs import report
 from jobs.captions import caption_scores
 from jobs.manifest import load_manifest
 from jobs.metrics import asr_rows_wer
-from jobs.outputs import read_predictions
+from jobs.outputs import parquet_bytes, read_predictions
 from jobs.throughput import run_speed, worker_speeds
 from nota_model.errors import NotaError
-from nota_model.storage import write_atomically
+from nota_model.storage import write_bytes_atomically
 
 GROUP_KEYS = ("corpus", "task", "model")
 METRICS_SCHEMA = pa.schema(
@@ -183,12 +183,12 @@ def score(
     fs, root = fsspec.core.url_to_fs(output, **options)
     fs.makedirs(root, exist_ok=True)
     table = pa.Table.from_pylist(long_rows(groups), schema=METRICS_SCHEMA)
-    write_file(fs, f"{root}/metrics.parquet", parquet_bytes(table))
-    write_file(fs, f"{root}/metrics.json", json.dumps({"predictions": predictions, "groups": groups}, indent=2).encode())
+    write_bytes_atomically(fs, f"{root}/metrics.parquet", parquet_bytes(table))
+    write_bytes_atomically(fs, f"{root}/metrics.json", json.dumps({"predictions": predictions, "groups": groups}, indent=2).encode())
     charts = report.charts(groups, rows)
     for name, png in charts.items():
-        write_file(fs, f"{root}/{name}", png)
-    write_file(fs, f"{root}/report.md", report.markdown(groups, predictions, list(charts)).encode())
+        write_bytes_atomically(fs, f"{root}/{name}", png)
+    write_bytes_atomically(fs, f"{root}/report.md", report.markdown(groups, predictions, list(charts)).encode())
     if submission:
         _write_submissions(rows, submission, options)
     return groups
@@ -201,17 +201,7 @@ def _write_submissions(rows: Sequence[dict[str, Any]], url: str, options: dict[s
     for row in rows:
         by_corpus[row["corpus"]].append(row)
     for corpus, corpus_rows in by_corpus.items():
-        write_file(fs, f"{root}/{corpus}.csv", submission_csv(corpus_rows).encode())
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    write_atomically(fs, path, lambda file: file.write(data))
+        write_bytes_atomically(fs, f"{root}/{corpus}.csv", submission_csv(corpus_rows).encode())
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:

@@ -90,6 +90,10 @@ def _download(url: str) -> Path:
     return target
 
 
+def write_bytes_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    write_atomically(fs, path, lambda file: file.write(data))
+
+
 def write_atomically(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Readers see the whole file or none: a local temp file renamed into place, or one upload to an
     object store (a single PUT is atomic)."""
