@@ -97,14 +97,19 @@ class NotaModel(nn.Module):
     def prompt_embeddings(self, audio_tokens: Sequence[torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded LLM input embeddings and attention mask:
         [bos] + prompt before the placeholder + audio tokens + prompt after it, inside the template."""
+        return self.left_pad([self.prompt_sequence(tokens, prompt) for tokens, prompt in zip(audio_tokens, prompts, strict=True)])
+
+    def prompt_sequence(self, audio_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
+        """One item's unpadded LLM input embeddings: the prompt with the audio tokens in its placeholder."""
         embed = self.llama_model.get_input_embeddings()
-        sequences = []
-        for tokens, prompt in zip(audio_tokens, prompts, strict=True):
-            before, after = self.prompt_token_ids(prompt)
-            head = embed(before)
-            sequences.append(torch.cat([head, tokens.to(head.dtype), embed(after)]))
+        before, after = self.prompt_token_ids(prompt)
+        head = embed(before)
+        return torch.cat([head, audio_tokens.to(head.dtype), embed(after)])
+
+    def left_pad(self, sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding sequences left-padded with `[PAD]` to one length, and their attention mask."""
         longest = max(len(s) for s in sequences)
-        padding = embed(torch.tensor([self.pad_token_id], device=self.device))
+        padding = self.llama_model.get_input_embeddings()(torch.tensor([self.pad_token_id], device=self.device))
         embeds = torch.stack([torch.cat([padding.expand(longest - len(s), -1), s]) for s in sequences])
         mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long), (longest - len(s), 0)) for s in sequences])
         return embeds, mask.to(self.device)

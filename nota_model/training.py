@@ -109,16 +109,12 @@ def build_batch(
     embed = model.llama_model.get_input_embeddings()
     sequences, labels = [], []
     for tokens, prompt, answer in zip(audio_tokens, prompts, answers, strict=True):
-        before, after = model.prompt_token_ids(prompt)
+        context = model.prompt_sequence(tokens, prompt)
         target = answer_token_ids(model, answer, max_answer_tokens)
-        head = embed(before)
-        sequences.append(torch.cat([head, tokens.to(head.dtype), embed(after), embed(target)]))
-        context = len(before) + len(tokens) + len(after)
-        labels.append(torch.cat([torch.full((context,), IGNORE_INDEX, dtype=torch.long, device=model.device), target]))
-    longest = max(len(s) for s in sequences)
-    padding = embed(torch.tensor([model.pad_token_id], device=model.device))
-    embeds = torch.stack([torch.cat([padding.expand(longest - len(s), -1), s]) for s in sequences])
-    mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long, device=model.device), (longest - len(s), 0)) for s in sequences])
+        sequences.append(torch.cat([context, embed(target)]))
+        labels.append(torch.cat([torch.full((len(context),), IGNORE_INDEX, dtype=torch.long, device=model.device), target]))
+    embeds, mask = model.left_pad(sequences)
+    longest = embeds.shape[1]
     label_rows = torch.stack([F.pad(row, (longest - len(row), 0), value=IGNORE_INDEX) for row in labels])
     answer_length = max(int((row != IGNORE_INDEX).sum()) for row in labels)
     return TrainingBatch(embeds, mask, positions(mask), label_rows, answer_length)
