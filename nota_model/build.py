@@ -30,6 +30,7 @@ from nota_model.errors import ConfigError
 from nota_model.model import NotaModel
 from nota_model.storage import resolve, sha256_of
 from nota_model.whisper_asr import WhisperASR, load_whisper_asr
+from nota_model.whisper_ct2 import WhisperCT2, load_whisper_ct2
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +39,7 @@ WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: NotaModel | WhisperASR
+    model: NotaModel | WhisperASR | WhisperCT2
     identity: str
     checkpoint_sha256: str | None
     checkpoint_report: LoadReport | None
@@ -54,13 +55,18 @@ class LoadedModel:
         )
 
 
-def load_model(config: ModelConfig, checkpoint: str | None = None, device: str | torch.device | None = None) -> LoadedModel:
-    """Build the model a config describes: the NOTA model, or the Whisper reference model."""
+def load_model(
+    config: ModelConfig, checkpoint: str | None = None, device: str | torch.device | None = None, threads: int | None = None
+) -> LoadedModel:
+    """Build the model a config describes: the NOTA model, or the Whisper reference model.
+    `threads`: CPU threads of the engine (torch's for the process; CTranslate2's for its model)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads:
+        torch.set_num_threads(threads)
     if isinstance(config, WhisperASRConfig):
         if checkpoint:
             raise ConfigError("the Whisper reference model takes no checkpoint: its weights are at its config's path")
-        return _load_whisper(config, device)
+        return _load_whisper(config, device, threads)
     return _load_nota(config, checkpoint, device)
 
 
@@ -69,7 +75,8 @@ def model_identity(config: ModelConfig, checkpoint: str | None = None) -> str:
     (the NOTA checkpoint; the Whisper reference model's own weights)."""
     if isinstance(config, WhisperASRConfig):
         weights = resolve(config.path) / "model.safetensors"
-        return f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
+        identity = f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
+        return f"{identity}+ctranslate2:{config.compute_type}" if config.engine == "ctranslate2" else identity
     return _nota_identity(config.name, sha256_of(resolve(checkpoint)) if checkpoint else None)
 
 
@@ -77,8 +84,11 @@ def _nota_identity(name: str, checkpoint_sha256: str | None) -> str:
     return f"{name}+ckpt:sha256:{checkpoint_sha256[:16]}" if checkpoint_sha256 else f"{name}+no-checkpoint"
 
 
-def _load_whisper(config: WhisperASRConfig, device: torch.device) -> LoadedModel:
-    model = load_whisper_asr(config, str(resolve(config.path)), device, resolve_dtype(config.dtype, device))
+def _load_whisper(config: WhisperASRConfig, device: torch.device, threads: int | None) -> LoadedModel:
+    if config.engine == "ctranslate2":
+        model = load_whisper_ct2(config, device, threads)
+    else:
+        model = load_whisper_asr(config, str(resolve(config.path)), device, resolve_dtype(config.dtype, device))
     return LoadedModel(model=model, identity=model_identity(config), checkpoint_sha256=None, checkpoint_report=None)
 
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nota_model.errors import ConfigError
+from nota_model.storage import CTRANSLATE2_DIR
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -177,12 +178,23 @@ class _ModelConfig(_Strict):
 class WhisperASRConfig(_ModelConfig):
     """Plain Whisper speech recognition: the reference every re-scoring compares against.
     `path` is a transformers Whisper directory (e.g. `pack://whisper-base`); `language` None for
-    English-only models."""
+    English-only models. `engine`: `transformers` (torch; `dtype` applies) or `ctranslate2` (the C++
+    engine, several files per batch; `compute_type` applies: `auto` is int8 on CPU and float16 on GPU)."""
 
     model_kind: Literal["whisper"] = "whisper"
     path: str
     language: str | None = "en"
     task: Literal["transcribe", "translate"] = "transcribe"
+    engine: Literal["transformers", "ctranslate2"] = "transformers"
+    ctranslate2_path: str | None = None
+    compute_type: Literal[
+        "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32"
+    ] = "auto"
+
+    @property
+    def ctranslate2_location(self) -> str:
+        """The CTranslate2 model directory: `ctranslate2_path`, else the `ctranslate2` folder inside `path`."""
+        return self.ctranslate2_path or f"{self.path.rstrip('/')}/{CTRANSLATE2_DIR}"
 
 
 class NotaConfig(_ModelConfig):

@@ -19,6 +19,8 @@ from nota_model.errors import WeightsNotFoundError
 
 PACKAGE_SCHEME = "pkg://"
 PACK_SCHEME = "pack://"
+# The folder of a Whisper pack (or of any transformers Whisper directory) that holds its CTranslate2 model.
+CTRANSLATE2_DIR = "ctranslate2"
 
 
 def cache_dir() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -82,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="asr", help="task for inputs that name none")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of the model (default: all)")
     args = parser.parse_args(argv)
     transformers_logging.set_verbosity_error()
 
     config = load_config(args.model, parse_overrides(args.set))
-    loaded = load_model(config, checkpoint=args.checkpoint, device=args.device)
+    loaded = load_model(config, checkpoint=args.checkpoint, device=args.device, threads=args.threads)
     if loaded.warning():
         print(f"WARNING: {loaded.warning()}", file=sys.stderr)
     started, counts = time.perf_counter(), {"items": 0, "errors": 0, "audio_seconds": 0.0}

@@ -1,4 +1,7 @@
-"""Plain Whisper speech recognition, batched and timed like the NOTA model: the reference model."""
+"""Plain Whisper speech recognition, batched and timed like the NOTA model: the reference model.
+
+Two engines share the prompt, features and decoding settings: `WhisperASR` (transformers, the parity
+reference) and `WhisperCT2` in `whisper_ct2.py` (CTranslate2, faster)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, WhisperForConditionalGeneration, WhisperTokenizer
+from transformers import GenerationConfig, PreTrainedTokenizerBase, WhisperForConditionalGeneration, WhisperTokenizer
 
 from nota_model.audio import AudioClip, whisper_features
 from nota_model.config import DecodingConfig, WhisperASRConfig
@@ -16,13 +19,36 @@ from nota_model.errors import ConfigError
 ASR_TASK = "asr"
 
 
-class WhisperASR(nn.Module):
-    def __init__(self, config: WhisperASRConfig, whisper: WhisperForConditionalGeneration, tokenizer: PreTrainedTokenizerBase):
-        super().__init__()
+class WhisperPrompt:
+    """Whisper's decoder prompt, the same for every engine: <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>."""
+
+    def __init__(self, config: WhisperASRConfig, generation: GenerationConfig, tokenizer: PreTrainedTokenizerBase):
         self.config = config
-        self.whisper = whisper
         self.tokenizer = tokenizer
-        self.decoder_prompt = self._decoder_prompt()
+        self.decoder_prompt = decoder_prompt(config, generation)
+
+    def prompt_for(self, task: str, prompt: str | None = None) -> str:
+        """Whisper takes no text prompt: only speech recognition, described by its decoder prompt."""
+        if task != ASR_TASK or prompt:
+            raise ConfigError(f"the Whisper reference model does speech recognition only (task 'asr', no prompt), not {task!r}")
+        return self.tokenizer.decode(self.decoder_prompt)
+
+
+def decoder_prompt(config: WhisperASRConfig, generation: GenerationConfig) -> list[int]:
+    prompt = [generation.decoder_start_token_id]
+    if getattr(generation, "is_multilingual", False):
+        language = config.language or "en"
+        prompt += [generation.lang_to_id[f"<|{language}|>"], generation.task_to_id[config.task]]
+    elif config.language not in (None, "en"):
+        raise ConfigError(f"{config.path} is an English-only Whisper: set language to null or 'en'")
+    return prompt + [generation.no_timestamps_token_id]
+
+
+class WhisperASR(nn.Module, WhisperPrompt):
+    def __init__(self, config: WhisperASRConfig, whisper: WhisperForConditionalGeneration, tokenizer: PreTrainedTokenizerBase):
+        nn.Module.__init__(self)
+        WhisperPrompt.__init__(self, config, whisper.generation_config, tokenizer)
+        self.whisper = whisper
 
     @property
     def device(self) -> torch.device:
@@ -31,12 +57,6 @@ class WhisperASR(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.whisper.dtype
-
-    def prompt_for(self, task: str, prompt: str | None = None) -> str:
-        """Whisper takes no text prompt: only speech recognition, described by its decoder prompt."""
-        if task != ASR_TASK or prompt:
-            raise ConfigError(f"the Whisper reference model does speech recognition only (task 'asr', no prompt), not {task!r}")
-        return self.tokenizer.decode(self.decoder_prompt)
 
     def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str] | None = None, decoding: DecodingConfig | None = None) -> GenerationOutput:
         """Transcribe each clip; `prompts` are accepted for the common interface and must be `prompt_for`'s.
@@ -52,17 +72,6 @@ class WhisperASR(nn.Module):
 
     def _prompt_batch(self, size: int) -> torch.Tensor:
         return torch.tensor([self.decoder_prompt] * size, dtype=torch.long, device=self.device)
-
-    def _decoder_prompt(self) -> list[int]:
-        """<|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>, from the model's generation config."""
-        generation = self.whisper.generation_config
-        prompt = [generation.decoder_start_token_id]
-        if getattr(generation, "is_multilingual", False):
-            language = self.config.language or "en"
-            prompt += [generation.lang_to_id[f"<|{language}|>"], generation.task_to_id[self.config.task]]
-        elif self.config.language not in (None, "en"):
-            raise ConfigError(f"{self.config.path} is an English-only Whisper: set language to null or 'en'")
-        return prompt + [generation.no_timestamps_token_id]
 
 
 def load_whisper_asr(config: WhisperASRConfig, path: str, device: torch.device, dtype: torch.dtype) -> WhisperASR:

@@ -1,4 +1,5 @@
-"""The Whisper reference model on the real converted whisper-base weights and the real LibriVox clips."""
+"""The Whisper reference model on the real whisper-base weights and the real LibriVox clips: the
+CTranslate2 engine (the presets' default) and the transformers engine it is checked against."""
 
 import json
 
@@ -10,6 +11,7 @@ from jobs.samples import default_dest, fetch_librivox
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
 from nota_model.errors import ConfigError
+from nota_model.whisper_ct2 import WhisperCT2
 
 pytestmark = pytest.mark.real_weights
 
@@ -21,13 +23,17 @@ def whisper_base():
 
 
 @pytest.fixture(scope="module")
+def clips(whisper_base, librivox):
+    return [load_audio(item["audio"], whisper_base.model.config.audio) for item in librivox]
+
+
+@pytest.fixture(scope="module")
 def librivox():
     return [json.loads(line) for line in fetch_librivox(default_dest()).read_text().splitlines()]
 
 
-def test_whisper_base_transcribes_librivox_under_10_percent_wer_batched_and_alone(whisper_base, librivox):
+def test_whisper_base_transcribes_librivox_under_10_percent_wer_batched_and_alone(whisper_base, librivox, clips):
     model = whisper_base.model
-    clips = [load_audio(item["audio"], model.config.audio) for item in librivox]
     batch = model.generate(clips)
     alone = [model.generate([clip]).texts[0] for clip in clips]
     assert batch.texts == alone
@@ -44,8 +50,27 @@ def test_whisper_reference_model_does_asr_only(whisper_base):
         model.prompt_for("aac")
 
 
-def test_whisper_beam_search_runs_batched(whisper_base, librivox):
+def test_whisper_beam_search_runs_batched(whisper_base, clips):
     model = whisper_base.model
-    clips = [load_audio(item["audio"], model.config.audio) for item in librivox[:2]]
     beam = DecodingConfig(num_beams=3, max_new_tokens=40)
-    assert model.generate(clips, decoding=beam).texts == [model.generate([c], decoding=beam).texts[0] for c in clips]
+    assert model.generate(clips[:2], decoding=beam).texts == [model.generate([c], decoding=beam).texts[0] for c in clips[:2]]
+
+
+def test_the_presets_run_ctranslate2_and_say_so(whisper_base):
+    assert isinstance(whisper_base.model, WhisperCT2) and whisper_base.model.compute_type.startswith("int8")  # int8 weights, float32 activations
+    assert whisper_base.identity.endswith("+ctranslate2:auto")
+
+
+def test_ctranslate2_in_float32_gives_the_transformers_engines_tokens(clips):
+    engines = [load_model(load_config("whisper-base", {"engine": engine, "compute_type": "float32"}), device="cpu").model
+               for engine in ("transformers", "ctranslate2")]
+    reference, ct2 = (model.generate(clips) for model in engines)
+    assert ct2.token_ids == reference.token_ids and ct2.texts == reference.texts
+    assert ct2.output_tokens == reference.output_tokens and ct2.decode_steps == reference.decode_steps
+
+
+def test_ctranslate2_stops_at_max_new_tokens_and_reports_its_steps(whisper_base, clips):
+    out = whisper_base.model.generate(clips[:2], decoding=DecodingConfig(num_beams=1, max_new_tokens=3))
+    assert out.output_tokens == [3, 3] and out.decode_steps == 3 and out.ttft_s > out.tpot_s > 0
+    with pytest.raises(ConfigError, match="min_new_tokens"):
+        whisper_base.model.generate(clips[:1], decoding=DecodingConfig(num_beams=1, min_new_tokens=2))
