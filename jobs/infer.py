@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -40,8 +41,14 @@ from nota_model.transcribe import parse_overrides
 DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).append(
     pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
 )
-DECODE_BATCH = 16
 BLOCKS_PER_ACTOR = 4
+# A decode block holds up to this many model batches: its clips are sorted by duration, so that each batch
+# holds clips of similar length, and every batch cut from it is full.
+BATCHES_PER_BLOCK = 4
+# A decoded clip is float32 at 16 kHz, at most 30 s.
+MAX_CLIP_BYTES = 30 * 16000 * 4
+# On a node without GPUs decoding gets this share of a CPU, the model actors the rest.
+CPU_NODE_DECODE_CPUS = 0.25
 ACTOR_START_TIMEOUT_S = 900
 
 
@@ -70,6 +77,12 @@ def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dic
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
+def actor_threads() -> int:
+    """The model's CPU threads: as many as the CPUs Ray reserved for this actor (Ray itself sets
+    OMP_NUM_THREADS to their whole part, which leaves 1.75 CPUs one thread)."""
+    return max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
+
+
 def worker_name(device: object) -> str:
     """host:pid:node=first 8 hex of the Ray node id:gpu=ids:device of the calling actor."""
     gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
@@ -81,7 +94,7 @@ class Predictor:
     """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor."""
 
     def __init__(self, config: ModelConfig, checkpoint: str | None, settings: JobSettings):
-        self.loaded = load_model(config, checkpoint=checkpoint)
+        self.loaded = load_model(config, checkpoint=checkpoint, threads=actor_threads())
         self.model = self.loaded.model
         self.settings = settings
         self.worker = worker_name(self.model.device)
@@ -202,17 +215,21 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
     gpus = int(ray.cluster_resources().get("GPU", 0))
     on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
     pool = args.pool_size or max(gpus, 1)
+    sizing = resource_sizing(on_gpu, pool, args.cpus_per_actor, args.decode_cpus)
+    block_rows = decode_block_rows(pending.num_rows, args.batch_size, pool)
+    context = ray.data.DataContext.get_current()
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
     # all. Set before the first dataset is made: a dataset keeps a copy of the context it was made in.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    # Several decoded blocks per starting actor, so that a small corpus still reaches every GPU.
-    per_block = max(1, min(DECODE_BATCH, -(-pending.num_rows // (BLOCKS_PER_ACTOR * pool))))
-    decoded = ray.data.from_arrow(pending).repartition(-(-pending.num_rows // per_block)).map_batches(
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # A decoded block must stay one block, so that the model's batches cut from it are all full.
+    context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
+    blocks = [pending.slice(start, block_rows) for start in range(0, pending.num_rows, block_rows)]
+    decoded = ray.data.from_arrow(blocks).map_batches(
         decode_audio_batch,
-        batch_size=per_block,
+        batch_size=block_rows,
         batch_format="pyarrow",
         fn_kwargs={"audio": config.audio, "storage_options": manifest.storage_options},
-        num_cpus=1,
+        num_cpus=sizing.decode_cpus,
     )
     return decoded.map_batches(
         predictor,
@@ -221,10 +238,37 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
         fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings, **(predictor_kwargs or {})},
         compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
         num_gpus=1 if on_gpu else 0,
-        num_cpus=args.cpus_per_actor,
+        num_cpus=sizing.actor_cpus,
         max_restarts=-1,
         max_task_retries=-1,
     )
+
+
+@dataclass(frozen=True)
+class ResourceSizing:
+    actor_cpus: float
+    decode_cpus: float
+
+
+def resource_sizing(on_gpu: bool, pool: int, actor_cpus: float | None, decode_cpus: float | None) -> ResourceSizing:
+    """CPUs for each model actor and each decode task. A GPU actor needs one CPU to feed its GPU and decoding
+    takes whole CPUs beside it. Without GPUs the model is the work: decoding gets a small share of a node and
+    the actors on it split the rest, so that the model's threads have the cores and decoding never starves it."""
+    if on_gpu:
+        return ResourceSizing(actor_cpus or 1.0, decode_cpus or 1.0)
+    decode_cpus = decode_cpus or CPU_NODE_DECODE_CPUS
+    if actor_cpus is None:
+        node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+        actors_per_node = -(-pool // max(1, sum(1 for cpus in node_cpus if cpus >= 1)))
+        actor_cpus = max(1.0, (max(node_cpus, default=1.0) - decode_cpus) / actors_per_node)
+    return ResourceSizing(actor_cpus, decode_cpus)
+
+
+def decode_block_rows(items: int, batch_size: int, pool: int) -> int:
+    """Rows of a decode block: a whole number of model batches, up to BATCHES_PER_BLOCK, and few enough
+    that a small corpus still gives several blocks to each starting actor."""
+    batches = -(-items // (BLOCKS_PER_ACTOR * pool * batch_size))
+    return batch_size * max(1, min(BATCHES_PER_BLOCK, batches))
 
 
 def submission_id() -> str | None:
@@ -297,7 +341,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="items per model batch")
     parser.add_argument("--pool-size", type=int, help="model actors to start with (default: one per GPU, else 1)")
     parser.add_argument("--max-pool-size", type=int, help="let the pool grow to this many as GPU nodes join")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument(
+        "--cpus-per-actor", type=float,
+        help="CPUs reserved per model actor; its model runs as many threads (default: 1 with GPUs; without GPUs, "
+        "a node's CPUs less the decode share, split between the actors on it)",
+    )
+    parser.add_argument(
+        "--decode-cpus", type=float,
+        help=f"CPUs reserved per audio decoding task (default: 1 with GPUs, {CPU_NODE_DECODE_CPUS} without)",
+    )
     parser.add_argument(
         "--accelerator", choices=("auto", "gpu", "cpu"), default="auto",
         help="auto: one GPU per model actor if the cluster has GPUs when the job starts; gpu: always (on an "

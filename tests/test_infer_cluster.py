@@ -7,12 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 
-from jobs.infer import parse_args, run
+from jobs.infer import ResourceSizing, actor_threads, decode_block_rows, parse_args, resource_sizing, run
 from tests.test_infer import TINY_DECODING, tone, wav_bytes
 
 
@@ -124,3 +126,28 @@ def _cmdline(process: Path) -> bytes:
         return (process / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_model_batches_are_full_but_the_corpus_last(local_ray, tmp_path):
+    manifest = write_corpus(tmp_path, 20)
+    run(parse_args(job_argv(manifest, tmp_path / "out", "--batch-size", "3", "--accelerator", "cpu", "--no-score")))
+    rows = rows_by_id(tmp_path / "out").values()
+    batches = Counter((row["worker"], row["created_at"]) for row in rows)  # one timestamp a batch
+    assert sorted(batches.values(), reverse=True) == [3] * 6 + [2]
+    assert all(row["batch_size"] == batches[(row["worker"], row["created_at"])] for row in rows)
+
+
+def test_decode_blocks_hold_whole_batches():
+    assert decode_block_rows(items=1000, batch_size=8, pool=2) == 32  # up to 4 batches a block
+    assert decode_block_rows(items=20, batch_size=3, pool=1) == 6  # a small corpus: several blocks per actor
+    assert decode_block_rows(items=5, batch_size=8, pool=2) == 8
+
+
+def test_cpu_actors_take_the_node_but_a_decode_share_and_run_that_many_threads(local_ray):
+    # local_ray: one node of 4 CPUs (and 2 fake GPUs)
+    assert resource_sizing(on_gpu=False, pool=1, actor_cpus=None, decode_cpus=None) == ResourceSizing(3.75, 0.25)
+    assert resource_sizing(on_gpu=False, pool=2, actor_cpus=None, decode_cpus=None) == ResourceSizing(1.875, 0.25)
+    assert resource_sizing(on_gpu=True, pool=2, actor_cpus=None, decode_cpus=None) == ResourceSizing(1.0, 1.0)
+    assert resource_sizing(on_gpu=False, pool=1, actor_cpus=2.0, decode_cpus=1.0) == ResourceSizing(2.0, 1.0)
+    threads = ray.remote(num_cpus=1.75)(actor_threads)
+    assert ray.get(threads.remote()) == 2
