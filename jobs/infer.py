@@ -222,9 +222,7 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
         compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
         num_gpus=1 if on_gpu else 0,
         num_cpus=args.cpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
+    )  # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1, max_task_retries=-1)
 
 
 def submission_id() -> str | None:
