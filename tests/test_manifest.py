@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -252,6 +253,44 @@ def test_tar_keys_without_one_audio_member_are_invalid_items(tmp_path):
     ]
     assert got[1]["reference"] == ["r1", "r2"] and got[1]["task"] == "aac" and got[1]["member"] == "dir/k2.wav"
     assert "k1.wav, k1.flac" in got[0]["error_message"]
+
+
+def test_build_writes_hard_linked_files_as_regular_members(tmp_path):
+    folder = tmp_path / "audio"
+    write_audio(folder / "a.wav")
+    for copy in ("b.wav", "sub/c.wav"):
+        (folder / copy).parent.mkdir(parents=True, exist_ok=True)
+        os.link(folder / "a.wav", folder / copy)
+
+    manifest = load_manifest(build_shards(folder, None, "linked", "asr", str(tmp_path / "linked")))
+
+    with tarfile.open(tmp_path / "linked-00000.tar") as tar:
+        assert all(member.isfile() for member in tar.getmembers())
+    got = rows(manifest.work_items())
+    assert [(row["id"], row["error"]) for row in got] == [("a", None), ("b", None), ("sub/c", None)]
+    assert all(read_item_bytes(row, {}) == (folder / "a.wav").read_bytes() for row in got)
+
+
+def test_a_link_member_reads_as_the_audio_member_it_points_at_or_is_an_invalid_item(tmp_path):
+    audio = write_audio(tmp_path / "x.wav").read_bytes()
+    shard = tmp_path / "s-0.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("dir/k1.wav")
+        info.size = len(audio)
+        tar.addfile(info, io.BytesIO(audio))
+        for name, kind, target in [("k2.wav", tarfile.LNKTYPE, "dir/k1.wav"), ("dir/k3.wav", tarfile.SYMTYPE, "k1.wav"),
+                                   ("k4.wav", tarfile.LNKTYPE, "gone.wav")]:
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            tar.addfile(link)
+
+    got = rows(Manifest(name="s", task="asr", shards=str(tmp_path / "s-*.tar")).work_items())
+
+    assert [(row["id"], row["error"]) for row in got] == [
+        ("dir/k1", None), ("k2", None), ("dir/k3", None), ("k4", "invalid_item")
+    ]
+    assert all(read_item_bytes(row, {}) == audio for row in got[:3])
+    assert "k4.wav is a link to gone.wav" in got[3]["error_message"]
 
 
 def test_shard_listing_retries_transient_errors_and_keeps_an_unreadable_shard_as_one_item(tmp_path, monkeypatch):
