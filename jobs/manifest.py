@@ -482,13 +482,15 @@ def _group_item(url: str, key: str, members: dict[str, Any]) -> dict[str, Any]:
 
 def read_item_bytes(row: Mapping[str, Any], storage_options: Mapping[str, Any]) -> bytes:
     """The audio bytes of a work item: the whole file, or its byte range in a tar. Transient errors are retried
-    (after 0.5, 1 and 2 s); failures raise AudioError `missing_audio`, `forbidden_audio`, `truncated_audio`
-    (a tar shorter than its listing) or `read_failed` (retries exhausted, or another storage error)."""
+    (after 0.5, 1 and 2 s); failures raise AudioError `missing_audio`, `not_audio` (a directory), `forbidden_audio`,
+    `truncated_audio` (a tar shorter than its listing) or `read_failed` (retries exhausted, or another storage error)."""
     url, offset, size = row["audio"], row.get("offset"), row.get("size")
     where = url if row.get("member") is None else f"{url} member {row['member']}"
     try:
         data = _retrying(lambda: _read(url, offset, size, storage_options), where)
     except _MISSING_ERRORS as err:
+        if _is_directory(url, storage_options):
+            raise AudioError("not_audio", f"{where} is a directory, not an audio file") from err
         raise AudioError("missing_audio", f"{where} does not exist") from err
     except PermissionError as err:
         raise AudioError("forbidden_audio", f"{where}: access denied; check the credentials and permissions") from err
@@ -497,6 +499,14 @@ def read_item_bytes(row: Mapping[str, Any], storage_options: Mapping[str, Any]) 
     if size is not None and len(data) != size:
         raise AudioError("truncated_audio", f"{where}: got {len(data)} of {size} bytes: the shard has changed")
     return data
+
+
+def _is_directory(url: str, storage_options: Mapping[str, Any]) -> bool:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    try:
+        return fs.isdir(path)
+    except _IO_ERRORS:
+        return False
 
 
 def _read(url: str, offset: int | None, size: int | None, storage_options: Mapping[str, Any]) -> bytes:

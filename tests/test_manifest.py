@@ -425,6 +425,16 @@ def test_reading_a_missing_file_is_missing_audio(tmp_path):
     assert caught.value.code == "missing_audio" and "gone.wav" in caught.value.message
 
 
+def test_reading_a_directory_says_it_is_one(tmp_path, s3):
+    (tmp_path / "clips").mkdir()
+    s3_filesystem(s3).mkdir("folders")
+    s3_filesystem(s3).pipe("folders/clips/a.wav", write_audio(tmp_path / "a.wav").read_bytes())
+    for url, options in [(str(tmp_path / "clips"), {}), ("s3://folders/clips", s3)]:
+        with pytest.raises(AudioError) as caught:
+            read_item_bytes({"audio": url}, options)
+        assert caught.value.code == "not_audio" and caught.value.message == f"{url} is a directory, not an audio file"
+
+
 def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not(tmp_path, monkeypatch):
     clip = write_audio(tmp_path / "a.wav")
     waits: list[float] = []
