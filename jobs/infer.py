@@ -248,6 +248,8 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     pending = items.filter(pa.compute.invert(pa.compute.is_in(items["shard"], pa.array(sorted(done), pa.int32()))))
     log.info("job_start", corpus=manifest.name, model=identity, items=items.num_rows, pending=pending.num_rows,
              shards_done=len(done), ray=ray.cluster_resources())
+    logs.headline(f"nota-batch job {job_id}: {manifest.name}, {pending.num_rows} of {items.num_rows} items to run, "
+                  f"model {identity}", sys.stderr)
     untrained = random_parts(config, args.checkpoint)
     if untrained:
         log.warning("random_weights", parts=untrained, meaning="the text of this run is MEANINGLESS")
@@ -310,9 +312,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logs.ray_data_warnings_to_file()
     ray.init(address=os.environ.get("RAY_ADDRESS"))
     summary = run(args)
     groups = summary.pop("groups", None)
+    logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "
+                  f"{summary['errors']} errors, output {summary['output']}", sys.stdout)
     print(json.dumps(summary), flush=True)
     if groups is not None:
         print(report.summary(groups), flush=True)

@@ -1,18 +1,23 @@
 """The job on a local Ray with fake GPUs, and under faults: a killed actor, a killed driver."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from ray._private.log import PlainRayHandler
+from ray.data._internal.logging import get_log_directory
 
+from jobs import logs
 from jobs.infer import JobSettings, build_dataset, parse_args, run
 from jobs.manifest import load_manifest
 from nota_model.config import load_config
@@ -107,6 +112,9 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(undisturbed, t
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = next(json.loads(line) for line in rerun.stdout.splitlines() if line.startswith('{"corpus"'))  # then the metrics table
+    pending = 96 - 4 * written_before  # 4 items a shard
+    assert f"==== nota-batch job {summary['job_id']}: faults, {pending} of 96 items to run" in rerun.stderr
+    assert rerun.stdout.startswith(f"\n==== nota-batch job {summary['job_id']} done: {pending} items in ")
     assert summary["shards_skipped"] == written_before and summary["items"] == 96 and summary["errors"] == 0
     rows = rows_by_id(output)
     assert sorted(rows) == sorted(f"clip{index}" for index in range(96))
@@ -142,3 +150,15 @@ def test_building_the_dataset_makes_no_deprecated_call(local_ray, tmp_path):
     # Ray's own DataContext deprecations name Ray's files; a deprecated call of ours names jobs/ (its stacklevel)
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if Path(w.filename).is_relative_to(JOBS)]
     assert ours == []
+
+
+def test_ray_data_keeps_its_progress_on_the_terminal_and_its_warnings_in_its_log_file(local_ray):
+    logs.ray_data_warnings_to_file()
+    marker = uuid.uuid4().hex
+    logging.getLogger("ray.data.nota_test").warning("warning %s", marker)
+    assert f"warning {marker}" in (Path(get_log_directory()) / "ray-data.log").read_text()
+    # pytest does not capture what Ray's terminal handler writes here: ask its filters what it lets through
+    terminal = [handler for handler in logging.getLogger("ray.data").handlers if isinstance(handler, PlainRayHandler)]
+    info, warning = (logging.LogRecord("ray.data.nota_test", level, __file__, 1, marker, None, None)
+                     for level in (logging.INFO, logging.WARNING))
+    assert terminal and all(handler.filter(info) and not handler.filter(warning) for handler in terminal)
