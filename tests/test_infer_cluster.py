@@ -125,12 +125,16 @@ def _wait_for_predictor_pid(timeout: float = 120) -> int:
     """A model actor's process: Ray names its worker processes after the actor (`ray::...Predictor...`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"Predictor" in _cmdline(p)]
+        pids = predictor_pids()
         if pids:
             time.sleep(3.0)  # let it load the model and take a batch
             return pids[0]
         time.sleep(0.2)
     raise AssertionError("no Predictor actor came up")
+
+
+def predictor_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"Predictor" in _cmdline(p)]
 
 
 def _cmdline(process: Path) -> bytes:
