@@ -239,9 +239,7 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
         compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
         num_gpus=1 if on_gpu else 0,
         num_cpus=sizing.actor_cpus,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
+    )  # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1, max_task_retries=-1)
 
 
 @dataclass(frozen=True)
@@ -294,6 +292,8 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     pending = items.filter(pa.compute.invert(pa.compute.is_in(items["shard"], pa.array(sorted(done), pa.int32()))))
     log.info("job_start", corpus=manifest.name, model=identity, items=items.num_rows, pending=pending.num_rows,
              shards_done=len(done), ray=ray.cluster_resources())
+    logs.headline(f"nota-batch job {job_id}: {manifest.name}, {pending.num_rows} of {items.num_rows} items to run, "
+                  f"model {identity}", sys.stderr)
     untrained = random_parts(config, args.checkpoint)
     if untrained:
         log.warning("random_weights", parts=untrained, meaning="the text of this run is MEANINGLESS")
@@ -364,9 +364,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logs.ray_data_warnings_to_file()
     ray.init(address=os.environ.get("RAY_ADDRESS"))
     summary = run(args)
     groups = summary.pop("groups", None)
+    logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "
+                  f"{summary['errors']} errors, output {summary['output']}", sys.stdout)
     print(json.dumps(summary), flush=True)
     if groups is not None:
         print(report.summary(groups), flush=True)

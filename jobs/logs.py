@@ -1,9 +1,10 @@
-"""structlog JSON logs, one object per line, bound to the job id."""
+"""structlog JSON logs, one object per line, bound to the job id; and the job's place among Ray's own output."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -20,3 +21,23 @@ def configure(job_id: str) -> structlog.stdlib.BoundLogger:
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger("nota").bind(job_id=job_id)
+
+
+def headline(text: str, stream: TextIO) -> None:
+    """A line that stands out among Ray's: set apart by a blank line and rules, bold on a terminal."""
+    bold, plain = ("\033[1m", "\033[0m") if stream.isatty() else ("", "")
+    print(f"\n{bold}==== {text} ===={plain}", file=stream, flush=True)
+
+
+def ray_data_warnings_to_file() -> None:
+    """Ray Data logs every record to ray-data.log in the Ray session's logs (it names the folder as each dataset
+    starts) and INFO and up to the terminal too; keep its progress and errors there, its warnings in the file."""
+    import ray.data  # noqa: F401 - importing it sets up the "ray.data" handlers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the terminal; the file handler is no StreamHandler
+            handler.addFilter(_not_a_warning)
+
+
+def _not_a_warning(record: logging.LogRecord) -> bool:
+    return record.levelno != logging.WARNING

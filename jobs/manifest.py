@@ -408,22 +408,43 @@ def _list_shard(url: str, size: int, storage_options: Mapping[str, Any]) -> list
 def _read_members(tar: tarfile.TarFile, file: IO[bytes], size: int, groups: dict[str, dict[str, Any]]) -> str | None:
     """Group the members by key into `groups`: audio members as TarInfo, .json/.txt as bytes. Returns what is
     damaged, if anything (tarfile itself stops silently at a cut or garbled header)."""
+    files: dict[str, tarfile.TarInfo] = {}
     for member in tar:
-        if not member.isfile():
+        link = member.islnk() or member.issym()
+        if not (member.isfile() or link):
             continue
         if member.offset_data + member.size > size:
             return f"member {member.name} is cut: the shard ends at byte {size}"
         match = _MEMBER_NAME.match(member.name)
         key, ext = (match["key"], match["ext"].lower()) if match else (member.name, "")
+        if link and ext not in AUDIO_EXTENSIONS:
+            continue
         group = groups.setdefault(key, {})
         if ext in AUDIO_EXTENSIONS:
             group[ext] = member
         else:
             group[ext] = tar.extractfile(member).read() if ext in ("json", "txt") else None
+        if not link:
+            files[member.name] = member
+    for group in groups.values():
+        for ext, member in group.items():
+            if isinstance(member, tarfile.TarInfo) and (member.islnk() or member.issym()):
+                group[ext] = _link_target(member, files)
     file.seek(tar.offset)
     if file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
         return f"no end-of-archive marker at byte {tar.offset}: the shard is cut or garbled there"
     return None
+
+
+def _link_target(link: tarfile.TarInfo, files: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo | str:
+    """The audio member a link member points at (a hard link names it from the archive root, a symbolic link
+    from its own folder), or why it cannot be read."""
+    beside = posixpath.join(posixpath.dirname(link.name), link.linkname)
+    name = link.linkname if link.islnk() else posixpath.normpath(beside)
+    target = files.get(name)
+    if target is None or posixpath.splitext(name)[1][1:].lower() not in AUDIO_EXTENSIONS:
+        return f"member {link.name} is a link to {link.linkname}, which is no audio member of this shard"
+    return target
 
 
 def _group_item(url: str, key: str, members: dict[str, Any]) -> dict[str, Any]:
@@ -442,6 +463,8 @@ def _group_item(url: str, key: str, members: dict[str, Any]) -> dict[str, Any]:
     if reference is None and "txt" in members:
         reference = members["txt"].decode("utf-8", errors="replace").strip()
     member = members[audio[0]]
+    if isinstance(member, str):
+        return _invalid(key, f"{url}: {member}", audio=url)
     return {
         "id": key if fields.id is None or fields.id == "" else str(fields.id),
         "audio": url,
@@ -459,13 +482,15 @@ def _group_item(url: str, key: str, members: dict[str, Any]) -> dict[str, Any]:
 
 def read_item_bytes(row: Mapping[str, Any], storage_options: Mapping[str, Any]) -> bytes:
     """The audio bytes of a work item: the whole file, or its byte range in a tar. Transient errors are retried
-    (after 0.5, 1 and 2 s); failures raise AudioError `missing_audio`, `forbidden_audio`, `truncated_audio`
-    (a tar shorter than its listing) or `read_failed` (retries exhausted, or another storage error)."""
+    (after 0.5, 1 and 2 s); failures raise AudioError `missing_audio`, `not_audio` (a directory), `forbidden_audio`,
+    `truncated_audio` (a tar shorter than its listing) or `read_failed` (retries exhausted, or another storage error)."""
     url, offset, size = row["audio"], row.get("offset"), row.get("size")
     where = url if row.get("member") is None else f"{url} member {row['member']}"
     try:
         data = _retrying(lambda: _read(url, offset, size, storage_options), where)
     except _MISSING_ERRORS as err:
+        if _is_directory(url, storage_options):
+            raise AudioError("not_audio", f"{where} is a directory, not an audio file") from err
         raise AudioError("missing_audio", f"{where} does not exist") from err
     except PermissionError as err:
         raise AudioError("forbidden_audio", f"{where}: access denied; check the credentials and permissions") from err
@@ -474,6 +499,14 @@ def read_item_bytes(row: Mapping[str, Any], storage_options: Mapping[str, Any]) 
     if size is not None and len(data) != size:
         raise AudioError("truncated_audio", f"{where}: got {len(data)} of {size} bytes: the shard has changed")
     return data
+
+
+def _is_directory(url: str, storage_options: Mapping[str, Any]) -> bool:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    try:
+        return fs.isdir(path)
+    except _IO_ERRORS:
+        return False
 
 
 def _read(url: str, offset: int | None, size: int | None, storage_options: Mapping[str, Any]) -> bytes:
@@ -627,14 +660,19 @@ def _write_tar(file: IO[bytes], entries: list[tuple[str, Path, list[str] | None]
         for number, (item_id, path, references) in enumerate(entries):
             key = f"{number:06d}"
             with open(path, "rb") as audio:
-                tar.addfile(tar.gettarinfo(arcname=f"{key}{path.suffix.lower()}", fileobj=audio), audio)
+                stat = os.fstat(audio.fileno())  # not gettarinfo: it writes a hard-linked file's later copies as links
+                tar.addfile(_regular_member(f"{key}{path.suffix.lower()}", stat.st_size, stat.st_mtime), audio)
             meta: dict[str, Any] = {"id": item_id}
             if references:
                 meta["reference"] = _one_or_list(references)
             data = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-            info = tarfile.TarInfo(f"{key}.json")
-            info.size, info.mtime = len(data), int(time.time())
-            tar.addfile(info, io.BytesIO(data))
+            tar.addfile(_regular_member(f"{key}.json", len(data), time.time()), io.BytesIO(data))
+
+
+def _regular_member(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = size, int(mtime)
+    return info
 
 
 # import-seed

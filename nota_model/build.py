@@ -4,6 +4,7 @@ the seed's tokenizer set-up, LoRA, and an optional trained checkpoint."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,17 +187,19 @@ def build_llm(config: NotaConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerB
     llm.resize_token_embeddings(len(tokenizer))
     if config.lora.enabled:
         lora = config.lora
-        llm = get_peft_model(
-            llm,
-            LoraConfig(
-                task_type="CAUSAL_LM",
-                inference_mode=True,
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-            ),
-        )
+        with warnings.catch_warnings():  # peft 0.21 still reads transformers' deprecated alias
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            llm = get_peft_model(
+                llm,
+                LoraConfig(
+                    task_type="CAUSAL_LM",
+                    inference_mode=True,
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                ),
+            )
     return llm, tokenizer
 
 

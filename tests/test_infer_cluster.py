@@ -1,21 +1,32 @@
 """The job on a local Ray with fake GPUs, and under faults: a killed actor, a killed driver."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray._private.log import PlainRayHandler
+from ray.data._internal.logging import get_log_directory
 
-from jobs.infer import ResourceSizing, actor_threads, decode_block_rows, parse_args, resource_sizing, run
+from jobs import logs
+from jobs.infer import JobSettings, ResourceSizing, actor_threads, build_dataset, decode_block_rows, parse_args, resource_sizing, run
+from jobs.manifest import load_manifest
+from nota_model.config import load_config
 from tests.test_infer import TINY_DECODING, tone, wav_bytes
+
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
 def write_corpus(root: Path, items: int) -> Path:
@@ -103,6 +114,9 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(undisturbed, t
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = next(json.loads(line) for line in rerun.stdout.splitlines() if line.startswith('{"corpus"'))  # then the metrics table
+    pending = 96 - 4 * written_before  # 4 items a shard
+    assert f"==== nota-batch job {summary['job_id']}: faults, {pending} of 96 items to run" in rerun.stderr
+    assert rerun.stdout.startswith(f"\n==== nota-batch job {summary['job_id']} done: {pending} items in ")
     assert summary["shards_skipped"] == written_before and summary["items"] == 96 and summary["errors"] == 0
     rows = rows_by_id(output)
     assert sorted(rows) == sorted(f"clip{index}" for index in range(96))
@@ -113,12 +127,16 @@ def _wait_for_predictor_pid(timeout: float = 120) -> int:
     """A model actor's process: Ray names its worker processes after the actor (`ray::...Predictor...`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"Predictor" in _cmdline(p)]
+        pids = predictor_pids()
         if pids:
             time.sleep(3.0)  # let it load the model and take a batch
             return pids[0]
         time.sleep(0.2)
     raise AssertionError("no Predictor actor came up")
+
+
+def predictor_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"Predictor" in _cmdline(p)]
 
 
 def _cmdline(process: Path) -> bytes:
@@ -151,3 +169,27 @@ def test_cpu_actors_take_the_node_but_a_decode_share_and_run_that_many_threads(l
     assert resource_sizing(on_gpu=False, pool=1, actor_cpus=2.0, decode_cpus=1.0) == ResourceSizing(2.0, 1.0)
     threads = ray.remote(num_cpus=1.75)(actor_threads)
     assert ray.get(threads.remote()) == 2
+
+
+def test_building_the_dataset_makes_no_deprecated_call(local_ray, tmp_path):
+    manifest = load_manifest(str(write_corpus(tmp_path, 4)))
+    args = parse_args(job_argv(tmp_path / "corpus.yaml", tmp_path / "out"))
+    settings = JobSettings(manifest.name, "job-warnings", "tiny", "{}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_dataset(manifest.work_items(), manifest, load_config("tiny"), args, settings)
+    # Ray's own DataContext deprecations name Ray's files; a deprecated call of ours names jobs/ (its stacklevel)
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if Path(w.filename).is_relative_to(JOBS)]
+    assert ours == []
+
+
+def test_ray_data_keeps_its_progress_on_the_terminal_and_its_warnings_in_its_log_file(local_ray):
+    logs.ray_data_warnings_to_file()
+    marker = uuid.uuid4().hex
+    logging.getLogger("ray.data.nota_test").warning("warning %s", marker)
+    assert f"warning {marker}" in (Path(get_log_directory()) / "ray-data.log").read_text()
+    # pytest does not capture what Ray's terminal handler writes here: ask its filters what it lets through
+    terminal = [handler for handler in logging.getLogger("ray.data").handlers if isinstance(handler, PlainRayHandler)]
+    info, warning = (logging.LogRecord("ray.data.nota_test", level, __file__, 1, marker, None, None)
+                     for level in (logging.INFO, logging.WARNING))
+    assert terminal and all(handler.filter(info) and not handler.filter(warning) for handler in terminal)

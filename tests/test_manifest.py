@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -254,6 +255,44 @@ def test_tar_keys_without_one_audio_member_are_invalid_items(tmp_path):
     assert "k1.wav, k1.flac" in got[0]["error_message"]
 
 
+def test_build_writes_hard_linked_files_as_regular_members(tmp_path):
+    folder = tmp_path / "audio"
+    write_audio(folder / "a.wav")
+    for copy in ("b.wav", "sub/c.wav"):
+        (folder / copy).parent.mkdir(parents=True, exist_ok=True)
+        os.link(folder / "a.wav", folder / copy)
+
+    manifest = load_manifest(build_shards(folder, None, "linked", "asr", str(tmp_path / "linked")))
+
+    with tarfile.open(tmp_path / "linked-00000.tar") as tar:
+        assert all(member.isfile() for member in tar.getmembers())
+    got = rows(manifest.work_items())
+    assert [(row["id"], row["error"]) for row in got] == [("a", None), ("b", None), ("sub/c", None)]
+    assert all(read_item_bytes(row, {}) == (folder / "a.wav").read_bytes() for row in got)
+
+
+def test_a_link_member_reads_as_the_audio_member_it_points_at_or_is_an_invalid_item(tmp_path):
+    audio = write_audio(tmp_path / "x.wav").read_bytes()
+    shard = tmp_path / "s-0.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("dir/k1.wav")
+        info.size = len(audio)
+        tar.addfile(info, io.BytesIO(audio))
+        for name, kind, target in [("k2.wav", tarfile.LNKTYPE, "dir/k1.wav"), ("dir/k3.wav", tarfile.SYMTYPE, "k1.wav"),
+                                   ("k4.wav", tarfile.LNKTYPE, "gone.wav")]:
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            tar.addfile(link)
+
+    got = rows(Manifest(name="s", task="asr", shards=str(tmp_path / "s-*.tar")).work_items())
+
+    assert [(row["id"], row["error"]) for row in got] == [
+        ("dir/k1", None), ("k2", None), ("dir/k3", None), ("k4", "invalid_item")
+    ]
+    assert all(read_item_bytes(row, {}) == audio for row in got[:3])
+    assert "k4.wav is a link to gone.wav" in got[3]["error_message"]
+
+
 def test_shard_listing_retries_transient_errors_and_keeps_an_unreadable_shard_as_one_item(tmp_path, monkeypatch):
     build_shards(audio_folder(tmp_path), None, "mine", "asr", str(tmp_path / "mine"), items_per_shard=2)
     manifest = load_manifest(str(tmp_path / "mine.yaml"))
@@ -384,6 +423,16 @@ def test_reading_a_missing_file_is_missing_audio(tmp_path):
     with pytest.raises(AudioError) as caught:
         read_item_bytes({"audio": str(tmp_path / "gone.wav"), "offset": None, "size": None}, {})
     assert caught.value.code == "missing_audio" and "gone.wav" in caught.value.message
+
+
+def test_reading_a_directory_says_it_is_one(tmp_path, s3):
+    (tmp_path / "clips").mkdir()
+    s3_filesystem(s3).mkdir("folders")
+    s3_filesystem(s3).pipe("folders/clips/a.wav", write_audio(tmp_path / "a.wav").read_bytes())
+    for url, options in [(str(tmp_path / "clips"), {}), ("s3://folders/clips", s3)]:
+        with pytest.raises(AudioError) as caught:
+            read_item_bytes({"audio": url}, options)
+        assert caught.value.code == "not_audio" and caught.value.message == f"{url} is a directory, not an audio file"
 
 
 def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not(tmp_path, monkeypatch):

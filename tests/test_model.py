@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -127,3 +129,9 @@ def test_half_precision_keeps_encoders_in_float32_as_the_seed(tiny_config):
     tokens = model.audio_tokens([make_clip(1.5)])
     assert tokens[0].dtype == torch.bfloat16
     assert model.generate([make_clip(1.5)], prompts_for(model, [ASR]), DecodingConfig(num_beams=2, max_new_tokens=3)).decode_steps >= 1
+
+
+def test_loading_the_model_warns_of_nothing(tiny_config):  # an actor's warnings reach the job's log
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(tiny_config, device="cpu")
