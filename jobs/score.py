@@ -3,7 +3,9 @@
     python -m jobs.score --predictions URL [--references MANIFEST_OR_URL] --output URL
                          [--spice-lib DIR] [--submission URL] [--storage-options JSON]
 
-Reads only the job's Parquet. Items with an `error` are counted and left out of quality metrics.
+Reads only the job's Parquet, with Ray Data on the cluster (`RAY_ADDRESS`, else a local Ray) where
+the input is large, in this process where it is small (jobs.scoring: the same stages either way).
+Items with an `error` are counted and left out of quality metrics.
 - speech recognition (`asr`): corpus WER after the Whisper English normalizer, S/D/I, CER (jiwer);
 - captioning (`aac`): CIDEr-D, SPICE, SPIDEr, METEOR (pycocoevalcap, PTB tokenizer);
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from jobs.captions import CaptionScores, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
 from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.merged import merge_by_key
 from jobs.scoring.totals import split
 
 Frequencies = dict[tuple[str, ...], tuple[dict, int]]  # group -> CIDEr-D document frequencies, scored items
@@ -53,8 +54,7 @@ class CaptionsByGroup(dict):
                     for key, rows in split(items, list(GROUP_KEYS)).items() if key in frequencies})
 
     def merge(self, other: CaptionsByGroup) -> CaptionsByGroup:
-        return CaptionsByGroup({key: self[key].merge(other[key]) if key in self and key in other else self.get(key) or other[key]
-                                for key in self | other})
+        return CaptionsByGroup(merge_by_key(self, other))
 
     def quality(self) -> dict[tuple[str, ...], tuple[dict[str, Any], dict[str, str]]]:
         """Per group, the metrics that ran and why the others did not."""

@@ -1,5 +1,5 @@
-"""A Ray Data aggregate over accumulators that merge (kept apart from modules that import torch,
-since Ray workers import the module an aggregate comes from)."""
+"""Accumulators that merge: a Ray Data aggregate over them, and dicts of them. Kept apart from modules
+that import torch, since Ray workers import the module an aggregate comes from."""
 
 from __future__ import annotations
 
@@ -30,3 +30,9 @@ class Merged(AggregateFnV2):
 
     def finalize(self, accumulator: bytes) -> bytes:
         return pickle.dumps(self._finish(pickle.loads(accumulator)))
+
+
+def merge_by_key(mine: dict, theirs: dict) -> dict:
+    """Two dicts of accumulators, those under the same key merged."""
+    return {key: mine[key].merge(theirs[key]) if key in mine and key in theirs else mine.get(key) or theirs[key]
+            for key in mine | theirs}

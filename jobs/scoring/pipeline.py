@@ -17,12 +17,14 @@ import ray
 
 from jobs.outputs import prediction_files, read_predictions
 from jobs.scoring.captions import CaptionsByGroup
-from jobs.scoring.merged import Merged
 from jobs.scoring.items import READ_COLUMNS, item_table
+from jobs.scoring.merged import Merged
 from jobs.scoring.totals import Summary, Totals
 from nota_model.errors import NotaError
 
-IN_PROCESS_BYTES = 8 * 2**20  # Parquet below this scores faster here than through Ray Data's start-up
+# Parquet up to this size is scored in this process: 20 000 ASR rows (1.5 MB) took 7 s here and 28 s
+# through Ray Data on a 2-core machine, most of it start-up; its memory here stays small.
+IN_PROCESS_BYTES = 8 * 2**20
 
 
 def score_predictions(

@@ -19,6 +19,7 @@ from matplotlib import cbook
 from jobs.captions import document_frequency
 from jobs.metrics import EDIT_COLUMNS, word_errors
 from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.merged import merge_by_key
 from jobs.throughput import speed
 
 LATENCIES = ("ttft_s", "tpot_s")
@@ -108,7 +109,7 @@ class GroupTotals:
         return GroupTotals(
             self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
             self.scored + other.scored, self.audio_seconds + other.audio_seconds, self.edits + other.edits, frequencies,
-            self.caption_failure or other.caption_failure, _merged(self.workers, other.workers),
+            self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
             {job: _span(self.spans.get(job), other.spans.get(job)) for job in self.spans | other.spans},
         )
 
@@ -165,8 +166,7 @@ class Totals(dict):
         return cls({key: GroupTotals.of(rows) for key, rows in split(items, list(GROUP_KEYS)).items()})
 
     def merge(self, other: Totals) -> Totals:
-        return Totals({key: self[key].merge(other[key]) if key in self and key in other else self.get(key) or other[key]
-                       for key in self | other})
+        return Totals(merge_by_key(self, other))
 
     def summary(self) -> Summary:
         keys = sorted(self)
@@ -198,11 +198,6 @@ def split(table: pa.Table, keys: list[str]) -> dict[tuple[str, ...] | str, pa.Ta
             mask = equal if mask is None else pc.and_(mask, equal)
         parts[tuple(values.values()) if len(keys) > 1 else values[keys[0]]] = table.filter(mask)
     return parts
-
-
-def _merged(mine: dict[str, WorkerTotals], theirs: dict[str, WorkerTotals]) -> dict[str, WorkerTotals]:
-    return {name: mine[name].merge(theirs[name]) if name in mine and name in theirs else mine.get(name) or theirs[name]
-            for name in mine | theirs}
 
 
 def _merged_latency(workers: list[WorkerTotals], name: str) -> Distribution:
