@@ -20,7 +20,7 @@ from jobs.captions import document_frequency
 from jobs.metrics import EDIT_COLUMNS, word_errors
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
-from jobs.throughput import speed
+from jobs.throughput import Speed, speed
 
 LATENCIES = ("ttft_s", "tpot_s")
 NO_REFERENCE = "no item has a reference: pass --references with the corpus manifest"
@@ -150,7 +150,7 @@ class GroupTotals:
         return boxes
 
     @staticmethod
-    def _speed(workers: list[WorkerTotals], wall_s: float):
+    def _speed(workers: list[WorkerTotals], wall_s: float) -> Speed | None:
         if not workers:
             return None
         return speed(sum(w.items for w in workers), wall_s, sum(w.audio_seconds for w in workers),
