@@ -22,14 +22,16 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pycocoevalcap.spice
-from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -42,6 +44,7 @@ SPICE_HEAP = "-Xmx4G"
 NO_JAVA = "caption metrics need Java, starting with the PTB tokenizer behind CIDEr-D: install Java 17"
 
 Captions = dict[int, list[str]]  # item index -> its captions
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,27 +60,33 @@ class CaptionScores:
 def caption_scores(
     references: Sequence[Sequence[str]], hypotheses: Sequence[str], spice_lib: str | None = None
 ) -> CaptionScores:
-    """Corpus-level caption metrics of `hypotheses[i]` against all of `references[i]`."""
+    """Corpus-level caption metrics of `hypotheses[i]` against all of `references[i]`, in one process,
+    through the same steps the distributed scorer runs block by block."""
     _check(references, hypotheses)
-    if shutil.which("java") is None:
-        raise RuntimeError(NO_JAVA)
-    gts = _tokenize({i: list(refs) for i, refs in enumerate(references)})
-    res = _tokenize({i: [hypothesis] for i, hypothesis in enumerate(hypotheses)})
-    cider_d = float(Cider().compute_score(gts, res)[0])
+    gts, res = tokenize(references, hypotheses)
+    cider_d = float(np.mean(cider_d_items(gts, res, document_frequency(gts), len(gts))))
+    statistics, meteor_reason = meteor_statistics(gts, res)
+    meteor, meteor_reason = meteor_from_statistics(statistics) if statistics is not None else (None, meteor_reason)
+    f_scores, spice_reason = spice_f_scores(gts, res, spice_lib)
+    return combine(len(hypotheses), cider_d, (meteor, meteor_reason),
+                   (None if f_scores is None else float(np.mean(f_scores)), spice_reason))
+
+
+def combine(items: int, cider_d: float, meteor: tuple[float | None, str | None],
+            spice: tuple[float | None, str | None]) -> CaptionScores:
+    """CaptionScores from CIDEr-D and the (value, or None and why) of METEOR and SPICE."""
     unavailable = {}
-    meteor, reason = _meteor(gts, res)
-    if reason:
-        unavailable["meteor"] = reason
-    spice, reason = _spice(gts, res, spice_lib)
-    if reason:
-        unavailable["spice"] = reason
-        unavailable["spider"] = f"needs SPICE: {reason}"
+    if meteor[1]:
+        unavailable["meteor"] = meteor[1]
+    if spice[1]:
+        unavailable["spice"] = spice[1]
+        unavailable["spider"] = f"needs SPICE: {spice[1]}"
     return CaptionScores(
-        items=len(hypotheses),
+        items=items,
         cider_d=cider_d,
-        meteor=meteor,
-        spice=spice,
-        spider=None if spice is None else (cider_d + spice) / 2,
+        meteor=meteor[0],
+        spice=spice[0],
+        spider=None if spice[0] is None else (cider_d + spice[0]) / 2,
         unavailable=unavailable,
     )
 
@@ -94,24 +103,79 @@ def _check(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> No
             raise ValueError(f"item {i} has no reference")
 
 
-def _tokenize(captions: Captions) -> Captions:
-    """PTB-tokenized captions. The tokenizer answers one line per caption, so a line break inside a
-    caption would shift every caption after it: each whitespace run becomes one space first."""
+def tokenize(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> tuple[Captions, Captions]:
+    """PTB-tokenized references and hypotheses (item index -> captions), in one run of the tokenizer.
+    It answers one line per caption, so a line break inside a caption would shift every caption after
+    it: each whitespace run becomes one space first."""
+    if shutil.which("java") is None:
+        raise RuntimeError(NO_JAVA)
+    count = len(hypotheses)
+    captions = {i: list(refs) for i, refs in enumerate(references)} | {count + i: [h] for i, h in enumerate(hypotheses)}
     flat = {k: [{"caption": " ".join(c.split())} for c in v] for k, v in captions.items()}
     tokens = PTBTokenizer().tokenize(flat)
     if {k: len(v) for k, v in tokens.items()} != {k: len(v) for k, v in captions.items()}:
         raise RuntimeError("the PTB tokenizer (Java) did not return every caption; its error is above")
-    return tokens
+    return {i: tokens[i] for i in range(count)}, {i: tokens[count + i] for i in range(count)}
 
 
-def _meteor(gts: Captions, res: Captions) -> tuple[float | None, str | None]:
-    """Corpus METEOR 1.5 from pycocoevalcap's bundled jar, or None and why its JVM failed."""
+def document_frequency(gts: Captions) -> dict[tuple[str, ...], float]:
+    """CIDEr-D's document frequencies: in how many items' references each n-gram occurs (pycocoevalcap).
+    Those of disjoint sets of items add up."""
+    scorer = CiderScorer()
+    scorer.crefs = [cook_refs(refs) for refs in gts.values()]
+    scorer.compute_doc_freq()
+    return scorer.document_frequency
+
+
+def cider_d_items(gts: Captions, res: Captions, frequencies: dict[tuple[str, ...], float], corpus_items: int) -> list[float]:
+    """Each item's CIDEr-D, by pycocoevalcap's scorer, for items of a corpus of `corpus_items` items
+    whose document frequencies are `frequencies`; the corpus CIDEr-D is their mean."""
+    scorer = CiderScorer()
+    scorer.document_frequency = defaultdict(float, frequencies)
+    scorer.crefs = _CorpusSized(corpus_items)  # compute_cider takes log(len(crefs)) as the IDF's numerator
+    for i in res:
+        scorer += (res[i][0], gts[i])
+    return [float(score) for score in scorer.compute_cider()]
+
+
+class _CorpusSized(list):
+    """A block's cooked references whose len() is the size of the whole corpus."""
+
+    def __init__(self, corpus_items: int):
+        super().__init__()
+        self.corpus_items = corpus_items
+
+    def __len__(self) -> int:
+        return self.corpus_items
+
+
+def meteor_statistics(gts: Captions, res: Captions) -> tuple[list[str] | None, str | None]:
+    """METEOR 1.5's alignment statistics of each item (pycocoevalcap's bundled jar), the costly part;
+    or None and why its JVM failed."""
+    return _with_meteor(lambda meteor: [meteor._stat(res[i][0], gts[i]) for i in res])
+
+
+def meteor_from_statistics(statistics: Sequence[str]) -> tuple[float | None, str | None]:
+    """Corpus METEOR from every item's statistics, as pycocoevalcap's compute_score asks the jar for it
+    (the jar's aggregate is not a function of summed statistics), or None and why its JVM failed."""
+
+    def evaluate(meteor: Meteor) -> float:
+        meteor.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(statistics) + "\n").encode())
+        meteor.meteor_p.stdin.flush()
+        for _ in statistics:
+            meteor.meteor_p.stdout.readline()
+        return float(meteor.meteor_p.stdout.readline().strip())
+
+    return _with_meteor(evaluate)
+
+
+def _with_meteor(ask: Callable[[Meteor], T]) -> tuple[T | None, str | None]:
     meteor = _meteor_scorer()
     try:
-        return float(meteor.compute_score(gts, res)[0]), None
+        with meteor.lock:
+            return ask(meteor), None
     except (OSError, ValueError) as error:  # the JVM is gone: a broken pipe, or no number to read
         _meteor_scorer.cache_clear()
-        meteor.lock.release()  # compute_score keeps its lock when it fails, and Meteor.__del__ takes it
         meteor.meteor_p.kill()
         _, stderr = meteor.meteor_p.communicate()
         return None, f"METEOR failed ({error!r}): {_tail(stderr.decode(errors='replace'))}"
@@ -123,8 +187,9 @@ def _meteor_scorer() -> Meteor:
     return Meteor()
 
 
-def _spice(gts: Captions, res: Captions, spice_lib: str | None) -> tuple[float | None, str | None]:
-    """Mean SPICE F-score over the items, as pycocoevalcap computes it, or None and why not."""
+def spice_f_scores(gts: Captions, res: Captions, spice_lib: str | None) -> tuple[list[float] | None, str | None]:
+    """Each item's SPICE F-score (NaN where it has none, as pycocoevalcap reads them; SPICE is their
+    mean), or None and why not."""
     corenlp, reason = _find_corenlp(spice_lib)
     if corenlp is None:
         return None, reason
@@ -144,7 +209,7 @@ def _spice(gts: Captions, res: Captions, spice_lib: str | None) -> tuple[float |
         if done.returncode != 0:
             return None, f"spice-1.0.jar exited with {done.returncode}: {_tail(done.stderr)}"
         results = json.loads(outputs.read_text())
-    return float(np.mean([_f_score(item["scores"]["All"]["f"]) for item in results])), None
+    return [_f_score(item["scores"]["All"]["f"]) for item in results], None
 
 
 def _find_corenlp(spice_lib: str | None) -> tuple[Path | None, str]:

@@ -1,7 +1,8 @@
 """Quality metrics of predictions against references.
 
 Speech recognition: corpus WER (total edits over total reference words) after the Whisper English
-text normalizer, with substitutions, deletions and insertions, and CER; jiwer aligns.
+text normalizer, with substitutions, deletions and insertions, and CER; jiwer aligns. Each item's
+edit counts come from its own alignment, so counts of any split of the items add up to the corpus's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import jiwer
+import numpy as np
 from whisper_normalizer.english import EnglishTextNormalizer
+
+EDITS = ("substitutions", "deletions", "insertions", "hits")
+EDIT_COLUMNS = tuple(f"{unit}_{edit}" for unit in ("word", "char") for edit in EDITS)
+_CHUNK_EDIT = {"replace": "substitutions", "substitute": "substitutions", "delete": "deletions", "insert": "insertions",
+               "equal": "hits"}
 
 
 @dataclass(frozen=True)
@@ -35,34 +42,47 @@ def normalize(text: str) -> str:
     return _normalizer()(text.lower())
 
 
-def corpus_wer(references: Sequence[str], hypotheses: Sequence[str]) -> WordErrors:
-    """Corpus-level error rates over normalized texts. An item whose reference normalizes to nothing
-    still counts its hypothesis words as insertions."""
+def edit_counts(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per item, the word and character edits of the normalized texts (EDIT_COLUMNS -> int64 arrays)."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     refs, hyps = [normalize(r) for r in references], [normalize(h) for h in hypotheses]
-    words = jiwer.process_words(refs, hyps)
-    chars = jiwer.process_characters(refs, hyps)
-    reference_words = words.hits + words.substitutions + words.deletions
+    counts = {}
+    for unit, process in (("word", jiwer.process_words), ("char", jiwer.process_characters)):
+        alignments = process(refs, hyps).alignments if refs else []
+        for edit in EDITS:
+            counts[f"{unit}_{edit}"] = np.zeros(len(refs), dtype=np.int64)
+        for item, chunks in enumerate(alignments):
+            for chunk in chunks:
+                span = chunk.hyp_end_idx - chunk.hyp_start_idx if chunk.type == "insert" else chunk.ref_end_idx - chunk.ref_start_idx
+                counts[f"{unit}_{_CHUNK_EDIT[chunk.type]}"][item] += span
+    return counts
+
+
+def word_errors(totals: dict[str, int], items: int) -> WordErrors:
+    """Corpus error rates from summed edit counts (EDIT_COLUMNS). An item whose reference normalizes
+    to nothing still counts its hypothesis words as insertions; with no reference character at all,
+    CER is the insertion count, as jiwer gives it."""
+    reference_words = totals["word_hits"] + totals["word_substitutions"] + totals["word_deletions"]
+    reference_chars = totals["char_hits"] + totals["char_substitutions"] + totals["char_deletions"]
+    char_edits = totals["char_substitutions"] + totals["char_deletions"] + totals["char_insertions"]
     return WordErrors(
-        wer=(words.substitutions + words.deletions + words.insertions) / max(reference_words, 1),
-        cer=chars.cer,
-        substitutions=words.substitutions,
-        deletions=words.deletions,
-        insertions=words.insertions,
-        reference_words=reference_words,
-        items=len(refs),
+        wer=(totals["word_substitutions"] + totals["word_deletions"] + totals["word_insertions"]) / max(reference_words, 1),
+        cer=float(char_edits) / float(reference_chars) if reference_chars else totals["char_insertions"],
+        substitutions=int(totals["word_substitutions"]),
+        deletions=int(totals["word_deletions"]),
+        insertions=int(totals["word_insertions"]),
+        reference_words=int(reference_words),
+        items=items,
     )
 
 
-def asr_rows_wer(rows: Sequence[dict]) -> WordErrors | None:
-    """WER over the rows that are speech recognition, succeeded and carry a reference."""
-    scored = [r for r in rows if r.get("task") == "asr" and r.get("error") is None and r.get("reference")]
-    if not scored:
-        return None
-    return corpus_wer([_transcript(r["reference"]) for r in scored], [r["text"] for r in scored])
+def corpus_wer(references: Sequence[str], hypotheses: Sequence[str]) -> WordErrors:
+    """Corpus-level error rates over normalized texts."""
+    counts = edit_counts(references, hypotheses)
+    return word_errors({name: int(values.sum()) for name, values in counts.items()}, len(references))
 
 
-def _transcript(reference: str | list[str]) -> str:
+def transcript(reference: str | list[str]) -> str:
     """An ASR item's transcript: its reference, or the first of a list (the job stores lists)."""
     return reference if isinstance(reference, str) else reference[0]

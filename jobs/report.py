@@ -73,15 +73,16 @@ def _workers(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def charts(groups: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
-    """PNG charts by file name (under charts/): quality, speed, and the latency distribution."""
+def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, dict[str, Any]]]) -> dict[str, bytes]:
+    """PNG charts by file name (under charts/): quality, speed, and the latency distribution
+    (`latency`: matplotlib box-plot statistics by group key and latency, from the scorer)."""
     labels = {_key(group): f"{group['corpus']}\n{group['task']}" for group in groups}
     made = {
         "charts/quality.png": _bars(groups, labels, [("WER %", "wer", 100), ("SPIDEr", "spider", 1), ("CIDEr-D", "cider_d", 1)],
                                     lambda group, name: group["quality"].get(name)),
         "charts/speed.png": _bars(groups, labels, [("items/s", "items_per_s", 1), ("x real time", "x_real_time", 1)],
                                   lambda group, name: (group["speed"] or {}).get(name)),
-        "charts/latency.png": _latency(groups, labels, rows),
+        "charts/latency.png": _latency(groups, labels, latency),
     }
     return {name: png for name, png in made.items() if png is not None}
 
@@ -103,18 +104,17 @@ def _bars(groups, labels, panels, value: Callable[[dict, str], float | None]) ->
     return _png(figure)
 
 
-def _latency(groups, labels, rows) -> bytes | None:
+def _latency(groups, labels, latency) -> bytes | None:
     panels = []
     for metric in ("ttft_s", "tpot_s"):
-        series = [(labels[_key(g)], [r[metric] for r in rows if _key(r) == _key(g) and r.get(metric) is not None]) for g in groups]
-        series = [(label, values) for label, values in series if values]
-        if series:
-            panels.append((metric.replace("_s", " (s)"), series))
+        boxes = [box | {"label": labels[_key(g)]} for g in groups if (box := latency.get(_key(g), {}).get(metric))]
+        if boxes:
+            panels.append((metric.replace("_s", " (s)"), boxes))
     if not panels:
         return None
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for axis, (title, series) in zip(axes[0], panels):
-        axis.boxplot([values for _, values in series], tick_labels=[label for label, _ in series])
+    for axis, (title, boxes) in zip(axes[0], panels):
+        axis.bxp(boxes)  # what Axes.boxplot draws, from statistics gathered where the data is
         axis.tick_params(axis="x", labelsize=8)
         axis.set_title(f"{title} per item")
     return _png(figure)

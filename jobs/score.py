@@ -3,7 +3,9 @@
     python -m jobs.score --predictions URL [--references MANIFEST_OR_URL] --output URL
                          [--spice-lib DIR] [--submission URL] [--storage-options JSON]
 
-Reads only the job's Parquet. Items with an `error` are counted and left out of quality metrics.
+Reads only the job's Parquet, with Ray Data on the cluster (`RAY_ADDRESS`, else a local Ray) where
+the input is large, in this process where it is small (jobs.scoring: the same stages either way).
+Items with an `error` are counted and left out of quality metrics.
 - speech recognition (`asr`): corpus WER after the Whisper English normalizer, S/D/I, CER (jiwer);
 - captioning (`aac`): CIDEr-D, SPICE, SPIDEr, METEOR (pycocoevalcap, PTB tokenizer);
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
@@ -22,7 +24,6 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import fsspec
@@ -30,15 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import report
-from jobs.captions import caption_scores
 from jobs.manifest import load_manifest
-from jobs.metrics import asr_rows_wer
-from jobs.outputs import parquet_bytes, read_predictions
-from jobs.throughput import run_speed, worker_speeds
+from jobs.outputs import OUTPUT_SCHEMA, parquet_bytes, read_predictions
+from jobs.scoring.items import GROUP_KEYS, lookup
+from jobs.scoring.pipeline import score_predictions, score_table
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 
-GROUP_KEYS = ("corpus", "task", "model")
+SUBMISSION_COLUMNS = ["id", "corpus", "shard", "index", "text", "error"]
 METRICS_SCHEMA = pa.schema(
     [
         pa.field("corpus", pa.string(), nullable=False),
@@ -53,48 +53,8 @@ METRICS_SCHEMA = pa.schema(
 
 
 def score_rows(rows: Sequence[dict[str, Any]], spice_lib: str | None = None) -> list[dict[str, Any]]:
-    """One result per (corpus, task, model), sorted; plain JSON-able dicts."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[tuple(row[key] or "" for key in GROUP_KEYS)].append(row)
-    return [_score_group(dict(zip(GROUP_KEYS, key)), groups[key], spice_lib) for key in sorted(groups)]
-
-
-def _score_group(key: dict[str, str], rows: list[dict[str, Any]], spice_lib: str | None) -> dict[str, Any]:
-    errors = [row["error"] for row in rows if row["error"] is not None]
-    succeeded = [row for row in rows if row["error"] is None]
-    referenced = [row for row in succeeded if row.get("reference")]
-    quality, unavailable = _quality(key["task"], referenced, spice_lib)
-    if succeeded and not referenced and key["task"] in ("asr", "aac"):
-        unavailable["quality"] = "no item has a reference: pass --references with the corpus manifest"
-    speed = run_speed(rows)
-    return {
-        **key,
-        "items": len(rows),
-        "errors": len(errors),
-        "error_codes": {code: errors.count(code) for code in sorted(set(errors))},
-        "scored_items": len(referenced) if quality else 0,
-        "audio_seconds": sum(row.get("audio_seconds") or 0.0 for row in succeeded),
-        "quality": quality,
-        "unavailable": unavailable,
-        "speed": asdict(speed) if speed else None,
-        "workers": {worker: asdict(s) for worker, s in worker_speeds(rows).items()},
-    }
-
-
-def _quality(task: str, rows: list[dict[str, Any]], spice_lib: str | None) -> tuple[dict[str, float], dict[str, str]]:
-    if not rows:
-        return {}, {}
-    if task == "asr":
-        return asdict(asr_rows_wer(rows)), {}
-    if task == "aac":
-        try:
-            scores = caption_scores([row["reference"] for row in rows], [row["text"] for row in rows], spice_lib)
-        except (NotaError, OSError, RuntimeError) as err:
-            return {}, {"captioning": f"caption metrics could not run: {err}"}
-        values = {k: v for k, v in asdict(scores).items() if k != "unavailable" and v is not None}
-        return values, dict(scores.unavailable)
-    return {}, {}
+    """One result per (corpus, task, model), sorted; plain JSON-able dicts. Rows of OUTPUT_SCHEMA, in this process."""
+    return score_table(pa.Table.from_pylist(list(rows), schema=OUTPUT_SCHEMA), spice_lib=spice_lib).groups
 
 
 def long_rows(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,18 +94,13 @@ def _flat_speed(speed: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def apply_references(rows: list[dict[str, Any]], url: str, storage_options: dict[str, Any]) -> None:
-    """Replace the rows' references with those of a manifest, or of a JSONL/Parquet of `id`, `reference`."""
+def load_references(url: str, storage_options: dict[str, Any]) -> dict[tuple[str | None, str], list[str]]:
+    """References by (corpus, id) from a manifest, or from a JSONL/Parquet of `id`, `reference` (and
+    maybe `corpus`; without it, by (None, id))."""
     if url.endswith((".yaml", ".yml")):
         manifest = load_manifest(url, storage_options)
-        items = manifest.work_items().select(["id", "reference"]).to_pylist()
-        references = {(manifest.name, item["id"]): item["reference"] for item in items}
-    else:
-        references = {(row.get("corpus"), row["id"]): row["reference"] for row in _read_table(url, storage_options)}
-    for row in rows:
-        found = references.get((row["corpus"], row["id"]), references.get((None, row["id"])))
-        if found is not None:
-            row["reference"] = [found] if isinstance(found, str) else list(found)
+        return lookup(manifest.work_items().select(["id", "reference"]).to_pylist(), manifest.name)
+    return lookup(_read_table(url, storage_options))
 
 
 def _read_table(url: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -173,24 +128,25 @@ def score(
     spice_lib: str | None = None,
     submission: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    distributed: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Score, write metrics, JSON, report (and submission CSVs); return the groups."""
+    """Score, write metrics, JSON, report (and submission CSVs); return the groups. `distributed`: on
+    Ray Data (True), in this process (False), or by the input's size (None)."""
     options = storage_options or {}
-    rows = read_predictions(predictions, options).to_pylist()
-    if references:
-        apply_references(rows, references, options)
-    groups = score_rows(rows, spice_lib)
+    found = load_references(references, options) if references else None
+    summary = score_predictions(predictions, options, found, spice_lib, distributed)
+    groups = summary.groups
     fs, root = fsspec.core.url_to_fs(output, **options)
     fs.makedirs(root, exist_ok=True)
     table = pa.Table.from_pylist(long_rows(groups), schema=METRICS_SCHEMA)
     write_bytes_atomically(fs, f"{root}/metrics.parquet", parquet_bytes(table))
     write_bytes_atomically(fs, f"{root}/metrics.json", json.dumps({"predictions": predictions, "groups": groups}, indent=2).encode())
-    charts = report.charts(groups, rows)
+    charts = report.charts(groups, summary.latency)
     for name, png in charts.items():
         write_bytes_atomically(fs, f"{root}/{name}", png)
     write_bytes_atomically(fs, f"{root}/report.md", report.markdown(groups, predictions, list(charts)).encode())
     if submission:
-        _write_submissions(rows, submission, options)
+        _write_submissions(read_predictions(predictions, options, SUBMISSION_COLUMNS).to_pylist(), submission, options)
     return groups
 
 

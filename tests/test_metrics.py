@@ -1,6 +1,6 @@
 import pytest
 
-from jobs.metrics import asr_rows_wer, corpus_wer, normalize
+from jobs.metrics import corpus_wer, edit_counts, normalize
 
 
 def test_corpus_wer_counts_edits_over_all_reference_words():
@@ -22,12 +22,18 @@ def test_the_whisper_english_normalizer_applies_before_scoring():
     assert corpus_wer(["Hello, World!"], ["hello world"]).wer == 0.0
 
 
-def test_rows_with_errors_or_other_tasks_are_left_out():
-    rows = [
-        {"task": "asr", "text": "he was not ill", "reference": ["he was not ill"], "error": None},
-        {"task": "asr", "text": None, "reference": "lost clip", "error": "not_audio"},
-        {"task": "aac", "text": "a dog barks", "reference": "a cat meows", "error": None},
-    ]
-    result = asr_rows_wer(rows)
-    assert result.items == 1 and result.wer == 0.0
-    assert asr_rows_wer(rows[1:]) is None
+def test_each_items_edits_add_up_to_the_corpus_counts():
+    # Item 1: "sat" -> "sit" (1 S), "the" dropped (1 D); item 2: nothing to match, 2 words inserted (2 I).
+    # Characters: "a" -> "i" (1 S), "the " dropped (4 D); item 2 inserts the 7 characters of "big dog".
+    counts = edit_counts(["the cat sat", ""], ["cat sit", "big dog"])
+    assert counts["word_substitutions"].tolist() == [1, 0] and counts["word_deletions"].tolist() == [1, 0]
+    assert counts["word_insertions"].tolist() == [0, 2] and counts["word_hits"].tolist() == [1, 0]
+    assert counts["char_substitutions"].tolist() == [1, 0] and counts["char_deletions"].tolist() == [4, 0]
+    assert counts["char_insertions"].tolist() == [0, 7]
+    result = corpus_wer(["the cat sat", ""], ["cat sit", "big dog"])
+    assert (result.substitutions, result.deletions, result.insertions, result.reference_words) == (1, 1, 2, 3)
+    assert result.wer == pytest.approx(4 / 3) and result.cer == pytest.approx(12 / 11)
+
+
+def test_with_no_reference_character_cer_is_the_insertion_count_as_jiwer_gives_it():
+    assert corpus_wer([""], ["ab"]).cer == 2

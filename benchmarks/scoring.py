@@ -1,0 +1,201 @@
+"""The scorer at scale: generated prediction rows (speech recognition and captioning), scored by today's
+scorer and by the distributed one, in one run on the same machine.
+
+    python -m benchmarks.scoring [--sizes 200000,2000000] [--tasks asr,aac] [--baseline-sizes 200000]
+                                 [--baseline-ref 3185eef] [--data DIR] [--output bench.json]
+
+Rows are written as the job writes them (OUTPUT_SCHEMA, 10 000 rows a part file, batches of 8 that
+share their timing, two workers, 12-word transcripts or five captions an item). Each measurement runs
+in a fresh Python process that scores one prediction set and reports its wall time and its own peak
+RSS: the driver's, since the distributed scorer's Ray workers are other processes. It starts its own
+local Ray (RAY_ADDRESS=local) unless RAY_ADDRESS names one. Today's scorer is
+the in-process one of `--baseline-ref` (the last commit before the distributed scorer), exported with
+`git archive` and run from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.outputs import OUTPUT_SCHEMA, parquet_bytes
+
+ROWS_PER_FILE = 10_000
+BATCH = 8
+BASELINE_REF = "3185eef"  # main before issue 16: jobs.score reads every row into Python dicts
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "so", "vi", "de", "pa", "gu", "be", "fo", "ri", "zu", "an"]
+SPECIALS = ["twenty", "three", "mr", "colour", "o'clock", "2", "10%", "it's", "hmm"]
+T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+
+
+def vocabulary(rng: np.random.Generator, size: int = 3000) -> np.ndarray:
+    words = {"".join(rng.choice(SYLLABLES, rng.integers(1, 4))) for _ in range(size * 2)}
+    return np.array(sorted(words)[:size] + SPECIALS)
+
+
+def sentences(rng: np.random.Generator, words: np.ndarray, count: int, length: int) -> list[str]:
+    return [" ".join(row) for row in words[rng.integers(0, len(words), (count, length))]]
+
+
+def hypotheses(rng: np.random.Generator, words: np.ndarray, references: list[str]) -> list[str]:
+    """Each reference with about one word in ten substituted, dropped or doubled, capitalised and ended
+    with a full stop, as a model writes it."""
+    out = []
+    for reference, edits in zip(references, rng.random((len(references), 12))):
+        tokens = reference.split()
+        kept = [words[rng.integers(len(words))] if e < 0.04 else "" if e < 0.07 else f"{t} {t}" if e < 0.1 else t
+                for t, e in zip(tokens, edits)]
+        out.append(" ".join(t for t in kept if t).capitalize() + ".")
+    return out
+
+
+def part_table(rng: np.random.Generator, words: np.ndarray, task: str, first: int, count: int) -> pa.Table:
+    """`count` rows of one part file; every 50th item failed to decode."""
+    if task == "asr":
+        references = sentences(rng, words, count, 12)
+        texts, reference_lists = hypotheses(rng, words, references), [[r] for r in references]
+    else:
+        captions = sentences(rng, words[:400], count * 6, 8)
+        reference_lists, texts = [captions[i * 6:i * 6 + 5] for i in range(count)], captions[5::6]
+    index = np.arange(first, first + count)
+    failed = index % 50 == 0
+    batch = index // BATCH
+    model_s = 0.2 + 0.01 * (batch % 17)
+    created = [T0 + np.timedelta64(int(b * 100_000), "us").item() for b in batch]
+    timing = lambda values: pa.array(np.where(failed, np.nan, values), mask=failed)  # noqa: E731
+    columns = {
+        "id": [f"item-{i}" for i in index], "corpus": [f"bench-{task}"] * count, "shard": first // ROWS_PER_FILE,
+        "index": index - first, "task": [task] * count, "reference": reference_lists,
+        "text": pa.array(texts, mask=failed), "error": pa.array(["not_audio"] * count, mask=~failed),
+        "audio_seconds": np.where(failed, 0.0, 5.0 + index % 20), "output_tokens": pa.array(12 + index % 7, pa.int32(), mask=failed),
+        "ttft_s": timing(0.05 + 0.001 * (batch % 31)), "tpot_s": timing(0.02 + 0.0005 * (batch % 13)),
+        "model_s": timing(model_s), "model": ["bench-model"] * count, "worker": [f"w{b % 2}" for b in batch],
+        "job_id": ["bench-job"] * count, "created_at": pa.array(created, OUTPUT_SCHEMA.field("created_at").type, mask=failed),
+    }
+    arrays = {name: pa.array(value, OUTPUT_SCHEMA.field(name).type) if not isinstance(value, (pa.Array, int)) else value
+              for name, value in columns.items()}
+    arrays["shard"] = pa.array(np.full(count, columns["shard"]), pa.int32())
+    return pa.table({f.name: arrays.get(f.name, pa.nulls(count, f.type)) for f in OUTPUT_SCHEMA}, schema=OUTPUT_SCHEMA)
+
+
+def generate(root: Path, task: str, rows: int, seed: int = 16) -> Path:
+    """`rows` prediction rows of `task` under root/TASK-ROWS/bench-TASK/ (kept: a second run reuses them)."""
+    folder = root / f"{task}-{rows}"
+    corpus = folder / f"bench-{task}"
+    if (folder / "_DONE").exists():
+        return folder
+    corpus.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = vocabulary(rng)
+    for shard, first in enumerate(range(0, rows, ROWS_PER_FILE)):
+        table = part_table(rng, words, task, first, min(ROWS_PER_FILE, rows - first))
+        (corpus / f"part-{shard:05d}.parquet").write_bytes(parquet_bytes(table))
+    (folder / "_DONE").touch()
+    return folder
+
+
+def measure(predictions: str, output: str) -> None:
+    """Score once in this process and print wall time and this process's peak RSS (JSON)."""
+    import jobs.score
+    from jobs.score import score
+
+    started = time.perf_counter()
+    groups = score(predictions, output)
+    print(json.dumps({
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "quality": groups[0]["quality"],
+        "scorer_code": jobs.score.__file__,
+    }))
+
+
+def export_baseline(ref: str, into: Path) -> Path:
+    """Today's scorer: `jobs` and `nota_model` at `ref`, exported from this repository's git."""
+    archive = subprocess.run(["git", "archive", ref, "jobs", "nota_model"], check=True, capture_output=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def run_measure(predictions: Path, output: Path, code: Path | None) -> dict:
+    """One measurement in a fresh process, run from `code` (another tree's `jobs` first on the path)
+    or from here."""
+    here = Path(__file__).resolve().parents[1]
+    call = f"import runpy; runpy.run_path({__file__!r})['measure']({str(predictions)!r}, {str(output)!r})"
+    done = subprocess.run([sys.executable, "-c", call], cwd=code or here, capture_output=True, text=True,
+                          env={"RAY_ADDRESS": "local", **os.environ, "PYTHONPATH": str(code or here)})
+    if done.returncode != 0:
+        raise RuntimeError(f"scoring {predictions} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="200000,2000000")
+    parser.add_argument("--baseline-sizes", default="200000", help="sizes today's scorer also runs (empty: none)")
+    parser.add_argument("--tasks", default="asr,aac")
+    parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument("--data", help="where generated rows are kept (default: a temporary folder)")
+    parser.add_argument("--output", help="also write the results here (JSON)")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    baseline_sizes = {int(s) for s in args.baseline_sizes.split(",") if s}
+    with tempfile.TemporaryDirectory(prefix="nota-bench-scoring-") as tmp:
+        data = Path(args.data or tmp).resolve()
+        baseline = export_baseline(args.baseline_ref, Path(tmp, "baseline").resolve()) if baseline_sizes else None
+        results = []
+        for task in args.tasks.split(","):
+            for rows in sizes:
+                predictions = generate(data, task, rows)
+                scorers = [("distributed", None)] + ([("today", baseline)] if rows in baseline_sizes else [])
+                for name, code in scorers:
+                    result = run_measure(predictions, Path(tmp, f"scores-{task}-{rows}-{name}"), code)
+                    result |= {"task": task, "rows": rows, "scorer": name, "rows_per_s": rows / result["wall_s"],
+                               "load_avg_1m": os.getloadavg()[0]}
+                    if name == "today":
+                        result["same_as_distributed"] = same_outputs(Path(tmp, f"scores-{task}-{rows}-distributed"),
+                                                                     Path(tmp, f"scores-{task}-{rows}-today"))
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
+    print(table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+
+
+def same_outputs(new: Path, old: Path) -> dict:
+    """Whether two scorers wrote the same report and charts, and the largest relative difference
+    between their metrics.parquet values."""
+    import pyarrow.parquet as pq
+
+    values = [{(r["worker"], r["metric"]): r["value"] for r in pq.read_table(d / "metrics.parquet").to_pylist()} for d in (new, old)]
+    shared = [k for k in values[1] if values[1][k] is not None and values[0].get(k) is not None]
+    return {
+        "same_metrics": values[0].keys() == values[1].keys(),
+        "max_relative_difference": max((abs(values[0][k] - values[1][k]) / max(abs(values[1][k]), 1e-300) for k in shared), default=0.0),
+        "same_report": (new / "report.md").read_text() == (old / "report.md").read_text(),
+        "same_charts": all((new / c).read_bytes() == (old / c).read_bytes() for c in ("charts/quality.png", "charts/speed.png", "charts/latency.png")
+                           if (old / c).exists()),
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| task | rows | scorer | wall s | rows/s | driver peak RSS MB | load (1 min) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['task']} | {r['rows']:,} | {r['scorer']} | {r['wall_s']:.1f} | {r['rows_per_s']:,.0f} "
+                     f"| {r['peak_rss_mb']:,.0f} | {r['load_avg_1m']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Stage 3: captioning quality per block: each item's CIDEr-D with the whole group's document
+frequencies, METEOR's per-item statistics and SPICE's per-item F-scores; summed, then the corpus METEOR."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from jobs.captions import CaptionScores, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
+from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.merged import merge_by_key
+from jobs.scoring.totals import split
+
+Frequencies = dict[tuple[str, ...], tuple[dict, int]]  # group -> CIDEr-D document frequencies, scored items
+
+
+@dataclass
+class CaptionTotals:
+    items: int = 0
+    cider_d: float = 0.0  # sum over the items
+    meteor_statistics: list[str] = field(default_factory=list)
+    meteor_failure: str | None = None
+    spice: float = 0.0  # sum of F-scores (NaN where one has none, as the mean would be)
+    spice_failure: str | None = None
+
+    @classmethod
+    def of(cls, items: pa.Table, frequencies: dict, corpus_items: int, spice_lib: str | None) -> CaptionTotals:
+        gts = dict(enumerate(items["caption_refs"].to_pylist()))
+        res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
+        statistics, meteor_failure = meteor_statistics(gts, res)
+        f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
+        return cls(len(res), sum(cider_d_items(gts, res, frequencies, corpus_items)), statistics or [], meteor_failure,
+                   sum(f_scores or []), spice_failure)
+
+    def merge(self, other: CaptionTotals) -> CaptionTotals:
+        return CaptionTotals(self.items + other.items, self.cider_d + other.cider_d,
+                             self.meteor_statistics + other.meteor_statistics, self.meteor_failure or other.meteor_failure,
+                             self.spice + other.spice, self.spice_failure or other.spice_failure)
+
+    def scores(self) -> CaptionScores:
+        meteor = (None, self.meteor_failure) if self.meteor_failure else meteor_from_statistics(self.meteor_statistics)
+        spice = (None, self.spice_failure) if self.spice_failure else (self.spice / self.items, None)
+        return combine(self.items, self.cider_d / self.items, meteor, spice)
+
+
+class CaptionsByGroup(dict):
+    """CaptionTotals by (corpus, task, model)."""
+
+    @classmethod
+    def of(cls, items: pa.Table, frequencies: Frequencies, spice_lib: str | None) -> CaptionsByGroup:
+        return cls({key: CaptionTotals.of(rows, *frequencies[key], spice_lib)
+                    for key, rows in split(items, list(GROUP_KEYS)).items() if key in frequencies})
+
+    def merge(self, other: CaptionsByGroup) -> CaptionsByGroup:
+        return CaptionsByGroup(merge_by_key(self, other))
+
+    def quality(self) -> dict[tuple[str, ...], tuple[dict[str, Any], dict[str, str]]]:
+        """Per group, the metrics that ran and why the others did not."""
+        qualities = {}
+        for key, totals in self.items():
+            scores = asdict(totals.scores())
+            unavailable = scores.pop("unavailable")
+            qualities[key] = {k: v for k, v in scores.items() if v is not None}, unavailable
+        return qualities

@@ -1,0 +1,94 @@
+"""Stage 1: each item's scoring fields, from a block of prediction rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.captions import tokenize
+from jobs.metrics import EDIT_COLUMNS, edit_counts, transcript
+
+GROUP_KEYS = ("corpus", "task", "model")
+READ_COLUMNS = ["id", *GROUP_KEYS, "error", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
+                "model_s", "created_at", "worker", "job_id"]
+CAPTION_FAILURES = (OSError, RuntimeError)
+
+
+def item_table(block: pa.Table, references: dict[tuple[str | None, str], list[str]] | None = None) -> pa.Table:
+    """One row per item: group keys ('' for null), error, whether it is scored, edit counts (ASR),
+    tokenized captions (captioning), and the speed fields of items the model answered."""
+    if references:
+        block = block.set_column(block.schema.get_field_index("reference"), "reference", _referenced(block, references))
+    keys = {key: pc.fill_null(block[key], "") for key in GROUP_KEYS}
+    succeeded = pc.is_null(block["error"])
+    scored = pc.and_(succeeded, pc.fill_null(pc.greater(pc.list_value_length(block["reference"]), 0), False))
+    modelled = pc.and_(pc.is_valid(block["model_s"]), pc.is_valid(block["created_at"]))
+    end_s = pc.divide(pc.cast(pc.cast(block["created_at"], pa.timestamp("us", tz="UTC")), pa.int64()), 1e6)
+    columns = {
+        **keys,
+        "error": block["error"],
+        "scored": scored,
+        "audio_seconds": pc.fill_null(pc.if_else(succeeded, block["audio_seconds"], 0.0), 0.0),
+        "modelled": modelled,
+        "worker": pc.fill_null(block["worker"], "unknown"),
+        "job_id": pc.fill_null(block["job_id"], ""),
+        "modelled_audio_seconds": pc.fill_null(block["audio_seconds"], 0.0),
+        "output_tokens": pc.fill_null(pc.cast(block["output_tokens"], pa.int64()), 0),
+        "ttft_s": block["ttft_s"],
+        "tpot_s": block["tpot_s"],
+        "model_s": block["model_s"],
+        "end_s": end_s,
+        "start_s": pc.subtract(end_s, block["model_s"]),
+        **_asr_edits(block, pc.and_(scored, pc.equal(keys["task"], "asr"))),
+        **_captions(block, pc.and_(scored, pc.equal(keys["task"], "aac"))),
+    }
+    return pa.table(columns)
+
+
+def _asr_edits(block: pa.Table, chosen: pa.Array) -> dict[str, np.ndarray]:
+    where = np.flatnonzero(chosen.to_numpy(zero_copy_only=False))
+    rows = block.take(where)
+    counts = edit_counts([transcript(r) for r in rows["reference"].to_pylist()], rows["text"].to_pylist())
+    return {name: _scatter(len(block), where, counts[name]) for name in EDIT_COLUMNS}
+
+
+def _scatter(length: int, where: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = np.zeros(length, dtype=values.dtype)
+    out[where] = values
+    return out
+
+
+def _captions(block: pa.Table, chosen: pa.Array) -> dict[str, pa.Array]:
+    """The PTB-tokenized references and hypothesis of each scored captioning item (one tokenizer run a
+    block), or why the tokenizer could not run."""
+    where = np.flatnonzero(chosen.to_numpy(zero_copy_only=False))
+    refs, hyps, failure = [None] * len(block), [None] * len(block), [None] * len(block)
+    if len(where):
+        rows = block.take(where)
+        try:
+            gts, res = tokenize(rows["reference"].to_pylist(), rows["text"].to_pylist())
+        except CAPTION_FAILURES as err:
+            gts, res, reason = {}, {}, f"caption metrics could not run: {err}"
+            for i in where:
+                failure[i] = reason
+        for k, i in enumerate(where):
+            refs[i], hyps[i] = gts.get(k), res.get(k, [None])[0]
+    return {"caption_refs": pa.array(refs, pa.list_(pa.string())), "caption_hyp": pa.array(hyps, pa.string()),
+            "caption_failure": pa.array(failure, pa.string())}
+
+
+def _referenced(block: pa.Table, references: dict[tuple[str | None, str], list[str]]) -> pa.Array:
+    """The rows' references, replaced by those found by (corpus, id), else by id alone."""
+    current = block["reference"].to_pylist()
+    found = [references.get((corpus, item), references.get((None, item)))
+             for corpus, item in zip(block["corpus"].to_pylist(), block["id"].to_pylist())]
+    return pa.array([new if new is not None else old for new, old in zip(found, current)], pa.list_(pa.string()))
+
+
+def lookup(rows: list[dict[str, Any]], corpus: str | None = None) -> dict[tuple[str | None, str], list[str]]:
+    """A reference lookup from rows of `id`, `reference` and maybe `corpus` (or the given corpus)."""
+    return {(row.get("corpus", corpus), row["id"]): [row["reference"]] if isinstance(row["reference"], str) else list(row["reference"])
+            for row in rows}

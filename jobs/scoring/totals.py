@@ -1,0 +1,217 @@
+"""Stage 2: a mergeable accumulator of everything the groups' figures need, and their summary.
+
+Only sums, counts, exact value distributions (distinct values and their counts: each item carries its
+batch's latency, so there are at most as many values as batches), distinct batches per worker, job
+spans and CIDEr-D document frequencies. Percentiles are exact: numpy's over the expanded distribution.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib import cbook
+
+from jobs.captions import document_frequency
+from jobs.metrics import EDIT_COLUMNS, word_errors
+from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.merged import merge_by_key
+from jobs.throughput import Speed, speed
+
+LATENCIES = ("ttft_s", "tpot_s")
+NO_REFERENCE = "no item has a reference: pass --references with the corpus manifest"
+
+
+@dataclass
+class Distribution:
+    """Distinct values and how often each occurs."""
+
+    values: np.ndarray = field(default_factory=lambda: np.empty(0))
+    counts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Distribution:
+        distinct, counts = np.unique(values, return_counts=True)
+        return cls(distinct, counts)
+
+    def merge(self, other: Distribution) -> Distribution:
+        distinct, where = np.unique(np.concatenate([self.values, other.values]), return_inverse=True)
+        counts = np.bincount(where, weights=np.concatenate([self.counts, other.counts]), minlength=len(distinct))
+        return Distribution(distinct, counts.astype(np.int64))
+
+    def expand(self) -> np.ndarray:
+        return np.repeat(self.values, self.counts)
+
+
+@dataclass
+class WorkerTotals:
+    items: int = 0
+    audio_seconds: float = 0.0
+    output_tokens: int = 0
+    latency: dict[str, Distribution] = field(default_factory=lambda: {name: Distribution() for name in LATENCIES})
+    batches: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))  # distinct (end_s, model_s)
+
+    @classmethod
+    def of(cls, items: pa.Table) -> WorkerTotals:
+        latency = {name: Distribution.of(items[name].drop_null().to_numpy()) for name in LATENCIES}
+        batches = np.unique(np.column_stack([items["end_s"].to_numpy(), items["model_s"].to_numpy()]), axis=0)
+        return cls(items.num_rows, pc.sum(items["modelled_audio_seconds"]).as_py(), pc.sum(items["output_tokens"]).as_py(),
+                   latency, batches)
+
+    def merge(self, other: WorkerTotals) -> WorkerTotals:
+        return WorkerTotals(self.items + other.items, self.audio_seconds + other.audio_seconds,
+                            self.output_tokens + other.output_tokens,
+                            {name: self.latency[name].merge(other.latency[name]) for name in LATENCIES},
+                            np.unique(np.concatenate([self.batches, other.batches]), axis=0))
+
+
+@dataclass
+class GroupTotals:
+    items: int = 0
+    error_codes: Counter = field(default_factory=Counter)
+    succeeded: int = 0
+    scored: int = 0
+    audio_seconds: float = 0.0
+    edits: Counter = field(default_factory=Counter)
+    document_frequency: defaultdict = field(default_factory=lambda: defaultdict(float))
+    caption_failure: str | None = None
+    workers: dict[str, WorkerTotals] = field(default_factory=dict)
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # job -> first start, last end
+
+    @classmethod
+    def of(cls, items: pa.Table) -> GroupTotals:
+        errors = items["error"].drop_null().to_pylist()
+        captioned = items.filter(pc.is_valid(items["caption_hyp"]))
+        failures = items["caption_failure"].drop_null()
+        modelled = items.filter(items["modelled"])
+        return cls(
+            items=items.num_rows,
+            error_codes=Counter(errors),
+            succeeded=items.num_rows - len(errors),
+            scored=pc.sum(items["scored"]).as_py() or 0,
+            audio_seconds=pc.sum(items["audio_seconds"]).as_py() or 0.0,
+            edits=Counter({name: pc.sum(items[name]).as_py() or 0 for name in EDIT_COLUMNS}),
+            document_frequency=document_frequency(dict(enumerate(captioned["caption_refs"].to_pylist()))),
+            caption_failure=failures[0].as_py() if len(failures) else None,
+            workers={worker: WorkerTotals.of(rows) for worker, rows in split(modelled, ["worker"]).items()},
+            spans={job: (pc.min(rows["start_s"]).as_py(), pc.max(rows["end_s"]).as_py())
+                   for job, rows in split(modelled, ["job_id"]).items()},
+        )
+
+    def merge(self, other: GroupTotals) -> GroupTotals:
+        frequencies = self.document_frequency
+        for ngram, count in other.document_frequency.items():
+            frequencies[ngram] += count
+        return GroupTotals(
+            self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
+            self.scored + other.scored, self.audio_seconds + other.audio_seconds, self.edits + other.edits, frequencies,
+            self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
+            {job: _span(self.spans.get(job), other.spans.get(job)) for job in self.spans | other.spans},
+        )
+
+    def summary(self, key: tuple[str, ...]) -> dict[str, Any]:
+        """The group as jobs.score reports it; captioning quality is added by stage 3."""
+        task = key[1]
+        quality, unavailable = {}, {}
+        if task == "asr" and self.scored:
+            quality = asdict(word_errors(self.edits, self.scored))
+        if task == "aac" and self.scored and self.caption_failure:
+            unavailable["captioning"] = self.caption_failure
+        if self.succeeded and not self.scored and task in ("asr", "aac"):
+            unavailable["quality"] = NO_REFERENCE
+        workers = dict(sorted(self.workers.items()))
+        group_speed = self._speed(list(workers.values()), sum(end - start for start, end in self.spans.values()))
+        return {
+            **dict(zip(GROUP_KEYS, key)),
+            "items": self.items,
+            "errors": self.items - self.succeeded,
+            "error_codes": dict(sorted(self.error_codes.items())),
+            "scored_items": self.scored if quality else 0,
+            "audio_seconds": self.audio_seconds,
+            "quality": quality,
+            "unavailable": unavailable,
+            "speed": asdict(group_speed) if group_speed else None,
+            "workers": {name: asdict(self._speed([w], _busy(w.batches))) for name, w in workers.items()},
+        }
+
+    def latency_boxes(self) -> dict[str, dict[str, Any]]:
+        """matplotlib's box-plot statistics of each latency over the group's items (for the chart);
+        repeated outliers once, since a marker drawn twice looks the same."""
+        boxes = {}
+        for name in LATENCIES:
+            values = _merged_latency(list(self.workers.values()), name).expand()
+            if len(values):
+                (stats,) = cbook.boxplot_stats(values)
+                boxes[name] = stats | {"fliers": np.unique(stats["fliers"])}
+        return boxes
+
+    @staticmethod
+    def _speed(workers: list[WorkerTotals], wall_s: float) -> Speed | None:
+        if not workers:
+            return None
+        return speed(sum(w.items for w in workers), wall_s, sum(w.audio_seconds for w in workers),
+                     sum(w.output_tokens for w in workers),
+                     *(_merged_latency(workers, name).expand() for name in LATENCIES))
+
+
+class Totals(dict):
+    """GroupTotals by (corpus, task, model)."""
+
+    @classmethod
+    def of(cls, items: pa.Table) -> Totals:
+        return cls({key: GroupTotals.of(rows) for key, rows in split(items, list(GROUP_KEYS)).items()})
+
+    def merge(self, other: Totals) -> Totals:
+        return Totals(merge_by_key(self, other))
+
+    def summary(self) -> Summary:
+        keys = sorted(self)
+        return Summary(
+            groups=[self[key].summary(key) for key in keys],
+            latency={key: self[key].latency_boxes() for key in keys},
+            captions={key: (dict(self[key].document_frequency), self[key].scored) for key in keys
+                      if key[1] == "aac" and self[key].scored and not self[key].caption_failure},
+        )
+
+
+@dataclass
+class Summary:
+    groups: list[dict[str, Any]]  # as jobs.score reports them
+    latency: dict[tuple[str, ...], dict[str, dict[str, Any]]]  # box-plot statistics by group and latency
+    captions: dict[tuple[str, ...], tuple[dict, int]]  # captioning groups: document frequencies, items
+
+
+def split(table: pa.Table, keys: list[str]) -> dict[tuple[str, ...] | str, pa.Table]:
+    """The table's rows by the values of `keys` (a single key's value itself)."""
+    if not table.num_rows:
+        return {}
+    grouped = table.group_by(keys).aggregate([([], "count_all")])
+    parts = {}
+    for values in grouped.select(keys).to_pylist():
+        mask = None
+        for key, value in values.items():
+            equal = pc.equal(table[key], value)
+            mask = equal if mask is None else pc.and_(mask, equal)
+        parts[tuple(values.values()) if len(keys) > 1 else values[keys[0]]] = table.filter(mask)
+    return parts
+
+
+def _merged_latency(workers: list[WorkerTotals], name: str) -> Distribution:
+    merged = Distribution()
+    for worker in workers:
+        merged = merged.merge(worker.latency[name])
+    return merged
+
+
+def _span(mine: tuple[float, float] | None, theirs: tuple[float, float] | None) -> tuple[float, float]:
+    if mine is None or theirs is None:
+        return mine or theirs
+    return min(mine[0], theirs[0]), max(mine[1], theirs[1])
+
+
+def _busy(batches: np.ndarray) -> float:
+    return float(batches[:, 1].sum())

@@ -1,0 +1,107 @@
+"""The distributed scorer (Ray Data) against the in-process one and against pycocoevalcap itself: the
+same groups from the same rows, however they are split into blocks."""
+
+import shutil
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from matplotlib import cbook
+from pycocoevalcap.cider.cider import Cider
+
+from jobs import captions
+from jobs.captions import cider_d_items, document_frequency, meteor_from_statistics, meteor_statistics
+from jobs.outputs import OutputStore
+from jobs.score import long_rows, score, score_rows
+from jobs.scoring.pipeline import score_table
+from tests.test_score import SPEECH, T0, row, speech_rows
+
+java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
+GTS = {0: ["a dog barks loudly outside", "the dog is barking"], 1: ["rain falls on the roof"],
+       2: ["birds are singing in the trees", "a bird sings"], 3: ["a man speaks while cars pass by"]}
+RES = {0: ["a dog is howling"], 1: ["rain falls on roofs"], 2: ["a bird sings"], 3: ["people talking and a car passing"]}
+
+
+def blocks(captions_by_item: dict, *parts: range) -> list[dict]:
+    return [{i: captions_by_item[i] for i in part} for part in parts]
+
+
+@java
+def test_cider_d_in_blocks_with_corpus_frequencies_is_pycocoevalcaps_per_item():
+    expected_mean, expected = Cider().compute_score(GTS, RES)
+    frequencies = document_frequency(blocks(GTS, range(2))[0])
+    for ngram, count in document_frequency(blocks(GTS, range(2, 4))[0]).items():
+        frequencies[ngram] += count
+    scores = [s for gts, res in zip(blocks(GTS, range(2), range(2, 4)), blocks(RES, range(2), range(2, 4)))
+              for s in cider_d_items(gts, res, frequencies, corpus_items=4)]
+    assert scores == pytest.approx(list(expected), abs=1e-12) and np.mean(scores) == pytest.approx(expected_mean, abs=1e-12)
+
+
+@java
+def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score():
+    expected, _ = captions._meteor_scorer().compute_score(GTS, RES)  # pycocoevalcap's own, on the same JVM
+    statistics = [line for gts, res in zip(blocks(GTS, range(1), range(1, 4)), blocks(RES, range(1), range(1, 4)))
+                  for line in meteor_statistics(gts, res)[0]]
+    assert meteor_from_statistics(statistics) == (expected, None)
+
+
+def write_shards(root, rows_by_shard: list[list[dict]]) -> str:
+    store = OutputStore(str(root), "speech")
+    for shard, rows in enumerate(rows_by_shard):
+        store.write_shard(shard, [r | {"shard": shard} for r in rows])
+    return str(root)
+
+
+def three_shards() -> list[list[dict]]:
+    """The speech rows of test_score twice over three part files; one model batch (w1, T0+100 s) has items
+    in two files, and the second job's rows run an hour later on worker w3."""
+    first = speech_rows([hyp for _, hyp in SPEECH])
+    later = [r | {"id": f"{r['id']}-b", "job_id": "job-2", "worker": "w3", "text": r["reference"][0] if r["text"] else None,
+                  "ttft_s": r["ttft_s"] and r["ttft_s"] * 3, "created_at": r["created_at"] and r["created_at"] + timedelta(hours=1)}
+             for r in speech_rows(["a", "b", "c"])]
+    return [first[:1], first[1:] + later[:2], later[2:]]
+
+
+def test_distributed_scoring_gives_the_in_process_groups_and_latency_statistics(local_ray, tmp_path):
+    shards = three_shards()
+    predictions = write_shards(tmp_path / "predictions", shards)
+    (distributed,) = score(predictions, str(tmp_path / "scores"), distributed=True)
+    (in_process,) = score_rows([r for shard in shards for r in shard])
+    assert distributed["quality"] == in_process["quality"]  # WER and CER exactly
+    assert (in_process["quality"]["reference_words"], in_process["errors"], in_process["items"]) == (18, 2, 8)
+    assert distributed["workers"].keys() == {"w1", "w2", "w3"}
+    assert metrics(distributed) == pytest.approx(metrics(in_process), rel=1e-12)
+    assert in_process["workers"]["w1"]["wall_s"] == 4.0  # its batch is counted once, though split over two files
+    ttft = [r["ttft_s"] for shard in shards for r in shard if r["ttft_s"] is not None]
+    (expected,) = cbook.boxplot_stats(np.array(ttft))
+    box = score_table(pa_table(shards)).latency[("speech", "asr", "m1")]["ttft_s"]
+    assert {k: v for k, v in box.items() if k != "fliers"} == pytest.approx({k: v for k, v in expected.items() if k != "fliers"})
+    assert (tmp_path / "scores/charts/latency.png").read_bytes().startswith(b"\x89PNG")
+
+
+def metrics(group: dict) -> dict:
+    """Every figure of a group, as jobs.score writes them to metrics.parquet."""
+    return {(r["worker"], r["metric"]): r["value"] for r in long_rows([group])}
+
+
+def pa_table(shards):
+    import pyarrow as pa
+
+    from jobs.outputs import OUTPUT_SCHEMA
+
+    return pa.Table.from_pylist([r for shard in shards for r in shard], schema=OUTPUT_SCHEMA)
+
+
+@java
+def test_distributed_captioning_gives_the_in_process_cider_d_and_meteor(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr(captions, "_download_corenlp", lambda: "no network in tests")
+    monkeypatch.setenv("NOTA_SPICE_LIB", str(tmp_path))
+    monkeypatch.setattr(captions, "PACKAGE_SPICE_LIB", tmp_path / "none")
+    rows = [row(f"c{i}", i, corpus="sounds", task="aac", reference=GTS[i], text=RES[i][0], created_at=None) for i in GTS]
+    OutputStore(str(tmp_path / "predictions"), "sounds").write_shard(0, rows)  # blocks are split in the tests above
+    (distributed,) = score(str(tmp_path / "predictions"), str(tmp_path / "scores"), distributed=True)
+    (in_process,) = score_rows(rows)
+    assert in_process["quality"]["cider_d"] == pytest.approx(Cider().compute_score(GTS, RES)[0], abs=1e-9)
+    assert in_process["quality"]["meteor"] == pytest.approx(captions._meteor_scorer().compute_score(GTS, RES)[0], abs=1e-9)
+    assert distributed["quality"] == pytest.approx(in_process["quality"], abs=1e-9)
+    assert distributed["unavailable"].keys() == {"spice", "spider"}
