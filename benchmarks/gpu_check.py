@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,18 +138,18 @@ def efficiency(ctx: Context) -> None:
     results["batch1_comparison"] = comparison(results["batches"][0], seed)
     ctx.save(results)
     probe = replace(settings, repeats=1)
+    results |= {"largest_batch": settings.batch_sizes[-1], "largest_candidate": larger[-1]}
     for size in larger:  # the largest batch that fits: one timed run each, until memory runs out
         try:
             results["batches"].append(bench_batch_size(model, size, probe) | {"repeats": 1})
         except torch.OutOfMemoryError:
             results["out_of_memory_at"] = size
+            ctx.save(results)
             break
         finally:
             empty_cache(ctx.device)
+        results["largest_batch"] = size
         ctx.save(results)
-    results["largest_batch"] = results["batches"][-1]["batch_size"]
-    results["largest_tried"] = larger[-1]
-    ctx.save(results)
 
 
 # Step 3: the job on the device
@@ -177,17 +178,23 @@ def job(ctx: Context) -> None:
     for corpus, model, engine in runs:
         output = ctx.out / "job" / f"{model}-{engine or 'torch'}"
         argv = ["--manifest", str(ROOT / "manifests" / f"{corpus}.yaml"), "--model", model, "--output", str(output), "--no-score"]
-        with UtilisationSampler(enabled=ctx.device == "cuda") as sampler:
-            summary = infer.run(infer.parse_args(argv + (["--set", f"engine={engine}"] if engine else [])))
-        start, end = model_phase(f"{output}/{summary['corpus']}")
-        results["runs"].append({
-            "corpus": corpus, "model": model, "engine": engine or "torch", "items": summary["items"],
-            "errors": summary["errors"], "audio_seconds": summary["audio_seconds_this_run"], "wall_s": summary["wall_s"],
-            "x_real_time": summary["x_real_time"], "model_phase_s": round(end - start, 3),
-            "gpu_utilisation": sampler.summary(start, end),
-        })
+        run = {"corpus": corpus, "model": model, "engine": engine or "torch"}
+        try:  # one failing engine must not hide the others
+            with UtilisationSampler(enabled=ctx.device == "cuda") as sampler:
+                summary = infer.run(infer.parse_args(argv + (["--set", f"engine={engine}"] if engine else [])))
+            start, end = model_phase(f"{output}/{summary['corpus']}")
+            run |= {"items": summary["items"], "errors": summary["errors"], "audio_seconds": summary["audio_seconds_this_run"],
+                    "wall_s": summary["wall_s"], "x_real_time": summary["x_real_time"], "model_phase_s": round(end - start, 3),
+                    "gpu_utilisation": sampler.summary(start, end)}
+        except Exception as err:  # noqa: BLE001 - reported in its row
+            traceback.print_exc()
+            run["failed"] = f"{type(err).__name__}: {err}"
+        results["runs"].append(run)
         ctx.save(results)
     ray.shutdown()
+    failed = [f"{run['model']} ({run['engine']})" for run in results["runs"] if "failed" in run]
+    if failed:
+        raise RuntimeError(f"job runs failed: {', '.join(failed)} (their rows say why)")
 
 
 def model_phase(url: str) -> tuple[float, float]:
@@ -352,7 +359,7 @@ class StepRun:
         self.started = time.monotonic()
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command + (["--quick"] if ctx.quick else []), cwd=ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True, env=step_environment(ctx))
 
     def finish(self) -> dict[str, Any]:
         """Wait for the step until its budget is spent; its report entry."""
@@ -367,6 +374,11 @@ class StepRun:
             reason = results.pop("error", None) or log_tail(self.log_path)
         return {"name": self.step.name, "title": self.step.title, "status": status, "reason": reason,
                 "seconds": round(time.monotonic() - self.started, 1), "budget_s": round(self.timeout_s), "results": results}
+
+
+def step_environment(ctx: Context) -> dict[str, str]:
+    """Quick mode's steps run side by side: one torch thread each, so that they do not oversubscribe the CPUs."""
+    return os.environ | ({"OMP_NUM_THREADS": "1"} if ctx.quick else {})
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -395,8 +407,10 @@ def check(ctx: Context) -> dict[str, Any]:
                               "device": ctx.device, "started_at": datetime.now(UTC).isoformat(), "steps": []}
     if ctx.quick:  # CI: numbers at quick sizes mean nothing, so the steps run side by side to keep the test short
         report["concurrent"] = True
-        for run in [StepRun(step, ctx, QUICK_STEP_S) for step in STEPS]:
-            record(ctx.out, report, run.finish())
+        runs = [StepRun(step, ctx, QUICK_STEP_S) for step in STEPS]
+        with ThreadPoolExecutor(len(runs)) as pool:  # a thread waits for each, so that each step's time is its own
+            for entry in pool.map(StepRun.finish, runs):
+                record(ctx.out, report, entry)
     else:
         deadline = time.monotonic() + TOTAL_BUDGET_S
         for step in STEPS:
@@ -475,7 +489,7 @@ def efficiency_md(results: dict[str, Any]) -> str:
     if "largest_batch" in results:
         oom = results.get("out_of_memory_at")
         parts += ["", f"Largest batch that fits: {results['largest_batch']}"
-                  + (f" (out of memory at {oom})." if oom else f" (tried up to {results['largest_tried']}).")]
+                  + (f" (out of memory at {oom})." if oom else f" (candidates up to {results['largest_candidate']}).")]
     if "batch1_comparison" in results:
         comparison = results["batch1_comparison"]
         parts += ["", table(["batch 1", "measured right", "seed's method here", "seed published (V100)"],
@@ -484,9 +498,14 @@ def efficiency_md(results: dict[str, Any]) -> str:
 
 
 def job_md(results: dict[str, Any]) -> str:
-    rows = [[r["corpus"], r["model"], r["engine"], r["items"], r["errors"], r["x_real_time"], r["model_phase_s"],
-             r["gpu_utilisation"].get("mean_pct"), r["gpu_utilisation"].get("max_pct"),
-             r["gpu_utilisation"].get("reason", r["gpu_utilisation"]["samples"])] for r in results["runs"]]
+    rows = []
+    for r in results["runs"]:
+        if "failed" in r:
+            rows.append([r["corpus"], r["model"], r["engine"], f"FAILED: {r['failed'][:200]}", *[None] * 6])
+            continue
+        util = r["gpu_utilisation"]
+        rows.append([r["corpus"], r["model"], r["engine"], r["items"], r["errors"], r["x_real_time"], r["model_phase_s"],
+                     util.get("mean_pct"), util.get("max_pct"), util.get("reason", util["samples"])])
     return table(["corpus", "model", "engine", "items", "errors", "x real time", "model phase s", "GPU util mean %",
                   "GPU util max %", "NVML samples"], rows)
 

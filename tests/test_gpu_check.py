@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.gpu_check import STEPS, Context, StepRun
+from benchmarks.gpu_check import STEPS, Context, StepRun, UtilisationSampler
 from nota_model.storage import cache_dir
 
 pytestmark = [
@@ -92,3 +92,10 @@ def test_without_a_gpu_it_says_so_and_exits_non_zero(tmp_path):
                           timeout=120)
     assert done.returncode == 2 and "NO GPU" in done.stderr and "--allow-cpu --quick" in done.stderr
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_utilisation_counts_only_the_samples_inside_the_model_phase():
+    sampler = UtilisationSampler(enabled=False)
+    sampler.samples = [(1.0, 90, 2_000_000_000), (2.0, 40, 3_000_000_000), (3.0, 60, 1_000_000_000), (9.0, 100, 5_000_000_000)]
+    assert sampler.summary(2.0, 3.0) == {"samples": 2, "mean_pct": 50.0, "max_pct": 60, "max_memory_used_gb": 3.0}
+    assert sampler.summary(4.0, 5.0) == {"samples": 0, "reason": "no GPU"}
