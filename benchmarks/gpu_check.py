@@ -515,8 +515,8 @@ def training_md(results: dict[str, Any]) -> str:
     return table(["", "value"], [[key, results.get(key)] for key in keys])
 
 
-SECTIONS = (("correctness", correctness_md), ("efficiency", efficiency_md), ("job", job_md), ("training", training_md),
-            ("machine", machine_md))
+SECTIONS = (("machine", machine_md), ("correctness", correctness_md), ("efficiency", efficiency_md), ("job", job_md),
+            ("training", training_md))  # in the steps' order
 
 
 def main(argv: list[str] | None = None) -> int:
