@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import socket
 import sys
 import time
 import uuid
-from collections import defaultdict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,245 +24,16 @@ import pyarrow as pa
 import ray
 
 from jobs import logs, report
-from jobs.manifest import WORK_ITEM_SCHEMA, Manifest, load_manifest, read_item_bytes
-from jobs.outputs import OUTPUT_SCHEMA, OutputStore
+from jobs.manifest import load_manifest
+from jobs.outputs import OutputStore
+from jobs.pipeline.collect import ShardCollector
+from jobs.pipeline.dataset import CPU_NODE_DECODE_CPUS, build_dataset
+from jobs.pipeline.predict import Predictor
+from jobs.pipeline.settings import JobSettings
 from jobs.score import add_scoring_arguments, score
-from nota_model.audio import AudioClip, load_audio
-from nota_model.build import load_model, model_identity, random_parts
-from nota_model.config import AudioConfig, ModelConfig, load_config
-from nota_model.decoding import GenerationOutput
-from nota_model.errors import AudioError, ConfigError
+from nota_model.build import model_identity, random_parts
+from nota_model.config import load_config
 from nota_model.transcribe import parse_overrides
-
-DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).append(
-    pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
-)
-BLOCKS_PER_ACTOR = 4
-# A decode block holds up to this many model batches: its clips are sorted by duration, so that each batch
-# holds clips of similar length, and every batch cut from it is full.
-BATCHES_PER_BLOCK = 4
-# A decoded clip is float32 at 16 kHz, at most 30 s.
-MAX_CLIP_BYTES = 30 * 16000 * 4
-# On a node without GPUs decoding gets this share of a CPU, the model actors the rest.
-CPU_NODE_DECODE_CPUS = 0.25
-ACTOR_START_TIMEOUT_S = 900
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    corpus: str
-    job_id: str
-    model_identity: str
-    decoding: str
-
-
-def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dict[str, Any]) -> pa.Table:
-    """Read and decode each work item's audio; a failure becomes the item's error. Rows leave sorted by
-    duration, so that the model's batches hold clips of similar length."""
-    rows = []
-    for item in batch.to_pylist():
-        item.update(waveform=None, clip=None)
-        if item["error"] is None:
-            try:
-                clip = load_audio(read_item_bytes(item, storage_options), audio, name=item.get("member") or item["audio"])
-                item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()))
-            except AudioError as err:
-                item.update(error=err.code, error_message=err.message)
-        rows.append(item)
-    rows.sort(key=lambda row: json.loads(row["clip"])["seconds"] if row["clip"] else 0.0)
-    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
-
-
-def actor_threads() -> int:
-    """The model's CPU threads: as many as the CPUs Ray reserved for this actor (Ray itself sets
-    OMP_NUM_THREADS to their whole part, which leaves 1.75 CPUs one thread)."""
-    return max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
-
-
-def worker_name(device: object) -> str:
-    """host:pid:node=first 8 hex of the Ray node id:gpu=ids:device of the calling actor."""
-    gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
-    node = ray.get_runtime_context().get_node_id()[:8]
-    return f"{socket.gethostname()}:{os.getpid()}:node={node}:gpu={gpus}:{device}"
-
-
-class Predictor:
-    """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor."""
-
-    def __init__(self, config: ModelConfig, checkpoint: str | None, settings: JobSettings):
-        self.loaded = load_model(config, checkpoint=checkpoint, threads=actor_threads())
-        self.model = self.loaded.model
-        self.settings = settings
-        self.worker = worker_name(self.model.device)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self._output_row(item) for item in batch.to_pylist()]
-        runnable = [row for row in rows if row["error"] is None]
-        for row in runnable:
-            try:
-                row["prompt"] = self.model.prompt_for(row["task"], row["prompt"])
-            except ConfigError as err:
-                row.update(error="invalid_prompt", error_message=str(err))
-        self._generate([row for row in runnable if row["error"] is None])
-        return pa.Table.from_pylist([{k: row[k] for k in OUTPUT_SCHEMA.names} for row in rows], schema=OUTPUT_SCHEMA)
-
-    def _generate(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        started = time.perf_counter()
-        try:
-            output = self.model.generate([row["_clip"] for row in rows], [row["prompt"] for row in rows])
-        except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
-            if len(rows) == 1:
-                rows[0].update(error="model_error", error_message=f"{type(err).__name__}: {err}")
-                return
-            for row in rows:  # one at a time, so that one bad item cannot fail its batch-mates
-                self._generate([row])
-            return
-        self._fill(rows, output, time.perf_counter() - started)
-
-    def _fill(self, rows: list[dict[str, Any]], output: GenerationOutput, model_s: float) -> None:
-        finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
-        for index, row in enumerate(rows):
-            row.update(
-                text=output.texts[index],
-                output_tokens=output.output_tokens[index],
-                ttft_s=output.ttft_s,
-                tpot_s=output.tpot_s,
-                batch_size=len(rows),
-                model_s=model_s,
-                created_at=finished,
-            )
-
-    def _output_row(self, item: dict[str, Any]) -> dict[str, Any]:
-        clip = json.loads(item["clip"]) if item["clip"] else {}
-        row = {
-            **item,
-            "corpus": self.settings.corpus,
-            "text": None,
-            "audio_seconds": clip.get("original_seconds"),
-            "truncated": clip.get("truncated"),
-            "sample_rate": clip.get("original_sample_rate"),
-            "channels": clip.get("original_channels"),
-            "model": self.loaded.identity,
-            "decoding": self.settings.decoding,
-            "output_tokens": None,
-            "ttft_s": None,
-            "tpot_s": None,
-            "batch_size": None,
-            "model_s": None,
-            "worker": self.worker,
-            "job_id": self.settings.job_id,
-            "created_at": datetime.now(UTC),
-        }
-        if item["waveform"] is not None:
-            waveform = np.frombuffer(item["waveform"], dtype=np.float32)
-            fields = {k: v for k, v in clip.items() if k != "waveform"}
-            row["_clip"] = AudioClip(waveform=waveform, **fields)
-        return row
-
-
-class ShardCollector:
-    """Gathers result rows per shard; writes a shard's file once all its items are in."""
-
-    def __init__(self, store: OutputStore, expected: dict[int, int]):
-        self.store = store
-        self.expected = expected
-        self.rows: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
-        self.written: set[int] = set()
-
-    def add(self, row: dict[str, Any]) -> None:
-        shard = row["shard"]
-        if shard in self.written:  # a late copy from a redone batch: the shard is complete already
-            return
-        self.rows[shard][row["index"]] = row  # a redone batch replaces, never duplicates
-        if len(self.rows[shard]) == self.expected[shard]:
-            self._write(shard)
-
-    def finish(self, pending: pa.Table, settings: JobSettings) -> None:
-        """Items the pipeline never returned (it should not happen) still get a row: an error."""
-        for item in pending.to_pylist():
-            if item["shard"] not in self.written and item["index"] not in self.rows[item["shard"]]:
-                self.rows[item["shard"]][item["index"]] = lost_row(item, settings)
-        for shard in sorted(set(self.rows) - set(self.written)):
-            self._write(shard)
-
-    def _write(self, shard: int) -> None:
-        self.store.write_shard(shard, list(self.rows.pop(shard).values()))
-        self.written.add(shard)
-
-
-def lost_row(item: dict[str, Any], settings: JobSettings) -> dict[str, Any]:
-    return {
-        **{name: None for name in OUTPUT_SCHEMA.names},
-        **{k: item[k] for k in ("id", "shard", "index", "source", "audio", "task", "prompt", "reference")},
-        "corpus": settings.corpus,
-        "error": "lost",
-        "error_message": "the pipeline returned no result for this item",
-        "model": settings.model_identity,
-        "decoding": settings.decoding,
-        "job_id": settings.job_id,
-        "created_at": datetime.now(UTC),
-    }
-
-
-def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings,
-                  predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
-    pool = args.pool_size or max(gpus, 1)
-    sizing = resource_sizing(on_gpu, pool, args.cpus_per_actor, args.decode_cpus)
-    block_rows = decode_block_rows(pending.num_rows, args.batch_size, pool)
-    context = ray.data.DataContext.get_current()
-    # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
-    # all. Set before the first dataset is made: a dataset keeps a copy of the context it was made in.
-    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    # A decoded block must stay one block, so that the model's batches cut from it are all full.
-    context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
-    blocks = [pending.slice(start, block_rows) for start in range(0, pending.num_rows, block_rows)]
-    decoded = ray.data.from_arrow(blocks).map_batches(
-        decode_audio_batch,
-        batch_size=block_rows,
-        batch_format="pyarrow",
-        fn_kwargs={"audio": config.audio, "storage_options": manifest.storage_options},
-        num_cpus=sizing.decode_cpus,
-    )
-    return decoded.map_batches(
-        predictor,
-        batch_size=args.batch_size,
-        batch_format="pyarrow",
-        fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings, **(predictor_kwargs or {})},
-        compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
-        num_gpus=1 if on_gpu else 0,
-        num_cpus=sizing.actor_cpus,
-    )  # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1, max_task_retries=-1)
-
-
-@dataclass(frozen=True)
-class ResourceSizing:
-    actor_cpus: float
-    decode_cpus: float
-
-
-def resource_sizing(on_gpu: bool, pool: int, actor_cpus: float | None, decode_cpus: float | None) -> ResourceSizing:
-    """CPUs for each model actor and each decode task. A GPU actor needs one CPU to feed its GPU and decoding
-    takes whole CPUs beside it. Without GPUs the model is the work: decoding gets a small share of a node and
-    the actors on it split the rest, so that the model's threads have the cores and decoding never starves it."""
-    if on_gpu:
-        return ResourceSizing(actor_cpus or 1.0, decode_cpus or 1.0)
-    decode_cpus = decode_cpus or CPU_NODE_DECODE_CPUS
-    if actor_cpus is None:
-        node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-        actors_per_node = -(-pool // max(1, sum(1 for cpus in node_cpus if cpus >= 1)))
-        actor_cpus = max(1.0, (max(node_cpus, default=1.0) - decode_cpus) / actors_per_node)
-    return ResourceSizing(actor_cpus, decode_cpus)
-
-
-def decode_block_rows(items: int, batch_size: int, pool: int) -> int:
-    """Rows of a decode block: a whole number of model batches, up to BATCHES_PER_BLOCK, and few enough
-    that a small corpus still gives several blocks to each starting actor."""
-    batches = -(-items // (BLOCKS_PER_ACTOR * pool * batch_size))
-    return batch_size * max(1, min(BATCHES_PER_BLOCK, batches))
 
 
 def submission_id() -> str | None:

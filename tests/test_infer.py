@@ -159,7 +159,8 @@ def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, co
 
 
 def test_a_late_copy_of_a_written_shards_row_never_rewrites_it(tmp_path):
-    from jobs.infer import JobSettings, ShardCollector
+    from jobs.pipeline.collect import ShardCollector
+    from jobs.pipeline.settings import JobSettings
     from jobs.outputs import OutputStore
 
     store = OutputStore(str(tmp_path), "late")

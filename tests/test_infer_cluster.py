@@ -20,7 +20,10 @@ from ray._private.log import PlainRayHandler
 from ray.data._internal.logging import get_log_directory
 
 from jobs import logs
-from jobs.infer import JobSettings, ResourceSizing, actor_threads, build_dataset, decode_block_rows, parse_args, resource_sizing, run
+from jobs.infer import parse_args, run
+from jobs.pipeline.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
+from jobs.pipeline.predict import actor_threads
+from jobs.pipeline.settings import JobSettings
 from jobs.manifest import load_manifest
 from nota_model.config import load_config
 from tests.test_infer import TINY_DECODING, tone, wav_bytes

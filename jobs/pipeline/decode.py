@@ -1,0 +1,36 @@
+"""The decode stage: read each work item's audio and decode it to the model's waveform, on CPU tasks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from jobs.manifest import WORK_ITEM_SCHEMA, read_item_bytes
+from nota_model.audio import load_audio
+from nota_model.config import AudioConfig
+from nota_model.errors import AudioError
+
+DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).append(
+    pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
+)
+# A decoded clip is float32 at 16 kHz, at most 30 s.
+MAX_CLIP_BYTES = 30 * 16000 * 4
+
+
+def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dict[str, Any]) -> pa.Table:
+    """Read and decode each work item's audio; a failure becomes the item's error. Rows leave sorted by
+    duration, so that the model's batches hold clips of similar length."""
+    rows = []
+    for item in batch.to_pylist():
+        item.update(waveform=None, clip=None)
+        if item["error"] is None:
+            try:
+                clip = load_audio(read_item_bytes(item, storage_options), audio, name=item.get("member") or item["audio"])
+                item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()))
+            except AudioError as err:
+                item.update(error=err.code, error_message=err.message)
+        rows.append(item)
+    rows.sort(key=lambda row: json.loads(row["clip"])["seconds"] if row["clip"] else 0.0)
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
