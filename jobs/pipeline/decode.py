@@ -20,17 +20,28 @@ MAX_CLIP_BYTES = 30 * 16000 * 4
 
 
 def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dict[str, Any]) -> pa.Table:
-    """Read and decode each work item's audio; a failure becomes the item's error. Rows leave sorted by
-    duration, so that the model's batches hold clips of similar length."""
+    """Read and decode each work item's audio. Rows leave sorted by duration, so that the model's batches hold
+    clips of similar length."""
     rows = []
     for item in batch.to_pylist():
-        item.update(waveform=None, clip=None)
-        if item["error"] is None:
-            try:
-                clip = load_audio(read_item_bytes(item, storage_options), audio, name=item.get("member") or item["audio"])
-                item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()))
-            except AudioError as err:
-                item.update(error=err.code, error_message=err.message)
-        rows.append(item)
+        try:
+            data = read_item_bytes(item, storage_options) if item["error"] is None else None
+        except AudioError as err:
+            item.update(error=err.code, error_message=err.message)
+            data = None
+        rows.append(decode_item(item, data, audio))
     rows.sort(key=lambda row: json.loads(row["clip"])["seconds"] if row["clip"] else 0.0)
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig) -> dict[str, Any]:
+    """A work item with its decoded audio (`waveform`, `clip`), or with the decoding error; `data` is the item's
+    bytes, None when it already has an error."""
+    item.update(waveform=None, clip=None)
+    if data is not None:
+        try:
+            clip = load_audio(data, audio, name=item.get("member") or item["audio"])
+            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()))
+        except AudioError as err:
+            item.update(error=err.code, error_message=err.message)
+    return item
