@@ -1,6 +1,22 @@
+import jiwer
+import numpy as np
 import pytest
+from whisper_normalizer.english import EnglishTextNormalizer
 
-from jobs.metrics import corpus_wer, edit_counts, normalize
+from jobs.metrics import EDITS, corpus_wer, edit_counts, normalize
+from jobs.normalizer import EnglishNormalizer
+
+# Texts the normalizer treats specially: numbers, currencies, contractions, titles, British spellings,
+# fillers, brackets, symbols, non-ASCII letters and digits, odd whitespace.
+TRICKY_TOKENS = [
+    "twenty", "three", "one", "oh", "zero", "ones", "first", "twelfth", "sixties", "hundred", "thousand", "millions",
+    "point", "five", "and", "a", "half", "double", "triple", "seven", "minus", "plus", "dollars", "pounds", "cents",
+    "euro", "per", "cent", "percent", "$20", "£3.50", "€7", "¢5", "10%", "3.5", "1,000", "2nd", "1960s", "1", "1s",
+    "0.07", "I'm", "won't", "can't", "isn't", "it's", "they're", "we'd", "you'll", "y'all", "gonna", "ma'am",
+    "'s been", "'d done", "Mr.", "MRS", "Dr", "st.", "St", "Jr.", "colour", "organise", "theatre", "behaviour", "hmm",
+    "mm", "Uh,", "um...", "[noise]", "<unk>", "(laughs)", "(", ")", "[", "]", "don ' t", "hello,", "world!", "¿qué?",
+    "café", "naïve", "Œuvre", "straße", "½", "٣", "x²", "—", "--", "...", ".", "\u00a0", "\t", "  ", "\n", "😀",
+]
 
 
 def test_corpus_wer_counts_edits_over_all_reference_words():
@@ -20,6 +36,30 @@ def test_corpus_wer_is_not_the_mean_of_item_wers():
 def test_the_whisper_english_normalizer_applies_before_scoring():
     assert normalize("Mr. Dashwood's COLOUR, isn't it?") == normalize("mister dashwood's color is not it")
     assert corpus_wer(["Hello, World!"], ["hello world"]).wer == 0.0
+
+
+def test_the_fast_normalizer_gives_the_librarys_output():
+    library, fast = EnglishTextNormalizer(), EnglishNormalizer()
+    rng = np.random.default_rng(16)
+    plain_words = ["the", "cat", "sat", "kalo", "mine", "sand", "human", "stand", "hands", "number", "onetime"]
+    texts = [" ".join(rng.choice(TRICKY_TOKENS + plain_words, rng.integers(0, 14))) for _ in range(6000)]
+    texts += ["", " ", "Kalo mi ne.", "It is a quarter past two and a half.", "one oh one", "$20 million"]
+    for text in texts:
+        assert fast(text) == library(text), text
+
+
+def test_edit_counts_are_jiwers_on_each_item():
+    rng = np.random.default_rng(17)
+    words = ["the", "cat", "sat", "on", "a", "mat", "twenty", "three", "isn't", "colour", "Mr.", "hmm", "café", "10%", ""]
+    pairs = [(" ".join(rng.choice(words, rng.integers(0, 9))), " ".join(rng.choice(words, rng.integers(0, 9))))
+             for _ in range(800)]
+    counts = edit_counts(*zip(*pairs))
+    for item, (reference, hypothesis) in enumerate(pairs):
+        ref, hyp = normalize(reference), normalize(hypothesis)
+        for unit, process in (("word", jiwer.process_words), ("char", jiwer.process_characters)):
+            output = process([ref], [hyp])
+            expected = (output.substitutions, output.deletions, output.insertions, output.hits)
+            assert tuple(counts[f"{unit}_{edit}"][item] for edit in EDITS) == expected, (unit, reference, hypothesis)
 
 
 def test_each_items_edits_add_up_to_the_corpus_counts():
