@@ -3,10 +3,14 @@ frequencies, METEOR's per-item statistics and SPICE's per-item F-scores; summed,
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass, field
+from functools import reduce
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 
 from jobs.captions import CaptionScores, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
 from jobs.scoring.items import GROUP_KEYS
@@ -64,3 +68,27 @@ class CaptionsByGroup(dict):
             unavailable = scores.pop("unavailable")
             qualities[key] = {k: v for k, v in scores.items() if v is not None}, unavailable
         return qualities
+
+
+class CaptionScorer:
+    """A Ray Data actor that scores blocks of captioned items (`CaptionsByGroup`, pickled, one row a
+    block). It lives for the whole stage, so the corpus's document frequencies are fetched once and
+    its METEOR JVM, slow to start, serves every block it gets."""
+
+    def __init__(self, frequencies: list[ray.ObjectRef], spice_lib: str | None):
+        (self.frequencies,) = ray.get(frequencies)
+        self.spice_lib = spice_lib
+
+    def __call__(self, items: pa.Table) -> pa.Table:
+        totals = CaptionsByGroup.of(items, self.frequencies, self.spice_lib)
+        return pa.table({"captions": pa.array([pickle.dumps(totals)], pa.binary())})
+
+
+def merged_captions(block: pa.Table) -> CaptionsByGroup:
+    """The CaptionsByGroup of a block of CaptionScorer rows, merged."""
+    return reduce(CaptionsByGroup.merge, map(pickle.loads, block["captions"].to_pylist()), CaptionsByGroup())
+
+
+def captioned(items: pa.Table) -> pa.Table:
+    """The items with a tokenized hypothesis: those the caption metrics score."""
+    return items.filter(pc.is_valid(items["caption_hyp"]))

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs
 import ray
 
 from jobs.outputs import prediction_files, read_predictions
-from jobs.scoring.captions import CaptionsByGroup
+from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, captioned, merged_captions
 from jobs.scoring.items import READ_COLUMNS, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.totals import Summary, Totals
@@ -55,20 +53,21 @@ def score_predictions(
     summary = _aggregate(items, Totals.of, Totals.summary)
     if not summary.captions:
         return summary
-    captioned = items.map_batches(_captioned, batch_format="pyarrow", batch_size=None)
-    start = partial(CaptionsByGroup.of, frequencies=summary.captions, spice_lib=spice_lib)
-    return _with_captions(summary, _aggregate(captioned, start, CaptionsByGroup.quality))
+    scored = items.map_batches(captioned, batch_format="pyarrow", batch_size=None).map_batches(
+        CaptionScorer, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH, concurrency=(1, _cluster_cpus()),
+        fn_constructor_kwargs={"frequencies": [ray.put(summary.captions)], "spice_lib": spice_lib})
+    return _with_captions(summary, _aggregate(scored, merged_captions, CaptionsByGroup.quality))
 
 
 def score_table(table: pa.Table, references: dict | None = None, spice_lib: str | None = None) -> Summary:
     """The stages over one table in this process."""
     items = item_table(table, references)
     summary = Totals.of(items).summary()
-    return _with_captions(summary, CaptionsByGroup.of(_captioned(items), summary.captions, spice_lib).quality())
+    return _with_captions(summary, CaptionsByGroup.of(captioned(items), summary.captions, spice_lib).quality())
 
 
-def _captioned(items: pa.Table) -> pa.Table:
-    return items.filter(pc.is_valid(items["caption_hyp"]))
+def _cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _with_captions(summary: Summary, qualities: dict[tuple[str, ...], tuple[dict, dict]]) -> Summary:
