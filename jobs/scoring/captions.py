@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from jobs.captions import CaptionScores, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
 from jobs.scoring.items import GROUP_KEYS
@@ -72,12 +71,11 @@ class CaptionsByGroup(dict):
 
 class CaptionScorer:
     """A Ray Data actor that scores blocks of captioned items (`CaptionsByGroup`, pickled, one row a
-    block). It lives for the whole stage, so the corpus's document frequencies are fetched once and
+    block). It lives for the whole stage, so the corpus's document frequencies are unpickled once and
     its METEOR JVM, slow to start, serves every block it gets."""
 
-    def __init__(self, frequencies: list[ray.ObjectRef], spice_lib: str | None):
-        (self.frequencies,) = ray.get(frequencies)
-        self.spice_lib = spice_lib
+    def __init__(self, frequencies: Frequencies, spice_lib: str | None):
+        self.frequencies, self.spice_lib = frequencies, spice_lib
 
     def __call__(self, items: pa.Table) -> pa.Table:
         totals = CaptionsByGroup.of(items, self.frequencies, self.spice_lib)

@@ -55,7 +55,7 @@ def score_predictions(
         return summary
     scored = items.map_batches(captioned, batch_format="pyarrow", batch_size=None).map_batches(
         CaptionScorer, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH, concurrency=(1, _cluster_cpus()),
-        fn_constructor_kwargs={"frequencies": [ray.put(summary.captions)], "spice_lib": spice_lib})
+        fn_constructor_kwargs={"frequencies": summary.captions, "spice_lib": spice_lib})
     return _with_captions(summary, _aggregate(scored, merged_captions, CaptionsByGroup.quality))
 
 
