@@ -2,12 +2,14 @@
 scorer and by the distributed one, in one run on the same machine.
 
     python -m benchmarks.scoring [--sizes 200000,2000000] [--tasks asr,aac] [--baseline-sizes 200000]
-                                 [--baseline-ref 3185eef] [--data DIR] [--output bench.json]
+                                 [--in-process-sizes 200000] [--baseline-ref 3185eef] [--data DIR] [--output bench.json]
 
 Rows are written as the job writes them (OUTPUT_SCHEMA, 10 000 rows a part file, batches of 8 that
 share their timing, two workers, 12-word transcripts or five captions an item). Each measurement runs
 in a fresh Python process that scores one prediction set and reports its wall time and its own peak
-RSS: the driver's, since the distributed scorer's Ray workers are other processes. It starts its own
+RSS: the driver's, since the distributed scorer's Ray workers are other processes. "distributed" is
+jobs.score as it runs by default (Ray Data above its in-process threshold); "in-process" forces the
+same code into one process. It starts its own
 local Ray (RAY_ADDRESS=local) unless RAY_ADDRESS names one. Today's scorer is
 the in-process one of `--baseline-ref` (the last commit before the distributed scorer), exported with
 `git archive` and run from there.
@@ -105,13 +107,14 @@ def generate(root: Path, task: str, rows: int, seed: int = 16) -> Path:
     return folder
 
 
-def measure(predictions: str, output: str) -> None:
-    """Score once in this process and print wall time and this process's peak RSS (JSON)."""
+def measure(predictions: str, output: str, distributed: bool | None = None) -> None:
+    """Score once in this process and print wall time and this process's peak RSS (JSON);
+    `distributed` as jobs.score takes it (today's scorer has no such choice: None)."""
     import jobs.score
     from jobs.score import score
 
     started = time.perf_counter()
-    groups = score(predictions, output)
+    groups = score(predictions, output) if distributed is None else score(predictions, output, distributed=distributed)
     print(json.dumps({
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -128,11 +131,11 @@ def export_baseline(ref: str, into: Path) -> Path:
     return into
 
 
-def run_measure(predictions: Path, output: Path, code: Path | None) -> dict:
+def run_measure(predictions: Path, output: Path, code: Path | None, distributed: bool | None = None) -> dict:
     """One measurement in a fresh process, run from `code` (another tree's `jobs` first on the path)
     or from here."""
     here = Path(__file__).resolve().parents[1]
-    call = f"import runpy; runpy.run_path({__file__!r})['measure']({str(predictions)!r}, {str(output)!r})"
+    call = f"import runpy; runpy.run_path({__file__!r})['measure']({str(predictions)!r}, {str(output)!r}, {distributed!r})"
     done = subprocess.run([sys.executable, "-c", call], cwd=code or here, capture_output=True, text=True,
                           env={"RAY_ADDRESS": "local", **os.environ, "PYTHONPATH": str(code or here)})
     if done.returncode != 0:
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="200000,2000000")
     parser.add_argument("--baseline-sizes", default="200000", help="sizes today's scorer also runs (empty: none)")
+    parser.add_argument("--in-process-sizes", default="", help="sizes the new scorer also runs in one process (forced)")
     parser.add_argument("--tasks", default="asr,aac")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument("--data", help="where generated rows are kept (default: a temporary folder)")
@@ -151,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     baseline_sizes = {int(s) for s in args.baseline_sizes.split(",") if s}
+    in_process_sizes = {int(s) for s in args.in_process_sizes.split(",") if s}
     with tempfile.TemporaryDirectory(prefix="nota-bench-scoring-") as tmp:
         data = Path(args.data or tmp).resolve()
         baseline = export_baseline(args.baseline_ref, Path(tmp, "baseline").resolve()) if baseline_sizes else None
@@ -158,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
         for task in args.tasks.split(","):
             for rows in sizes:
                 predictions = generate(data, task, rows)
-                scorers = [("distributed", None)] + ([("today", baseline)] if rows in baseline_sizes else [])
-                for name, code in scorers:
-                    result = run_measure(predictions, Path(tmp, f"scores-{task}-{rows}-{name}"), code)
+                scorers = [("distributed", None, None)] + ([("in-process", None, False)] if rows in in_process_sizes else [])
+                scorers += [("today", baseline, None)] if rows in baseline_sizes else []
+                for name, code, distributed in scorers:
+                    result = run_measure(predictions, Path(tmp, f"scores-{task}-{rows}-{name}"), code, distributed)
                     result |= {"task": task, "rows": rows, "scorer": name, "rows_per_s": rows / result["wall_s"],
                                "load_avg_1m": os.getloadavg()[0]}
                     if name == "today":
