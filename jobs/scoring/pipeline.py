@@ -20,10 +20,11 @@ from jobs.scoring.merged import Merged
 from jobs.scoring.totals import Summary, Totals
 from nota_model.errors import NotaError
 
-# Parquet up to this size is scored in this process: 20 000 ASR rows (1.5 MB) took 7 s here and 28 s
-# through Ray Data on a 2-core machine, most of it start-up; its memory here stays small.
+# Parquet up to this size (about 110 000 ASR rows) is scored in this process: Ray Data costs a fixed
+# start-up (on a loaded 2-core machine, 11 s of ray.init and 16 s for 10 000 ASR rows that take 0.7 s
+# here), and ASR work is about 55 CPU-microseconds a row, so in-process wins below some 10^5 rows.
 IN_PROCESS_BYTES = 8 * 2**20
-ITEMS_PER_BATCH = 10_000  # a map task's share: about 3 s of ASR work on one core here, results streamed as they come
+ITEMS_PER_BATCH = 10_000  # a map task's share: about 0.6 s of ASR work on one core, results streamed as they come
 
 
 def score_predictions(
