@@ -24,19 +24,21 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from functools import partial
+from typing import IO, Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import report
 from jobs.manifest import load_manifest
-from jobs.outputs import OUTPUT_SCHEMA, parquet_bytes, read_predictions
+from jobs.outputs import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions
 from jobs.scoring.items import GROUP_KEYS, lookup
 from jobs.scoring.pipeline import score_predictions, score_table
 from nota_model.errors import NotaError
-from nota_model.storage import write_bytes_atomically
+from nota_model.storage import write_atomically, write_bytes_atomically
 
 SUBMISSION_COLUMNS = ["id", "corpus", "shard", "index", "text", "error"]
 METRICS_SCHEMA = pa.schema(
@@ -114,11 +116,15 @@ def _read_table(url: str, storage_options: dict[str, Any]) -> list[dict[str, Any
 def submission_csv(rows: Sequence[dict[str, Any]]) -> str:
     """The seed's submission format: `testset_id,text`, in corpus order; an item with an error has empty text."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["testset_id", "text"])
-    for row in sorted(rows, key=lambda row: (row["shard"], row["index"])):
-        writer.writerow([row["id"], row["text"] if row["error"] is None else ""])
+    _write_submission_rows(buffer, sorted(rows, key=lambda row: (row["shard"], row["index"])), header=True)
     return buffer.getvalue()
+
+
+def _write_submission_rows(file: io.TextIOBase, rows: Sequence[dict[str, Any]], header: bool = False) -> None:
+    writer = csv.writer(file, lineterminator="\n")
+    if header:
+        writer.writerow(["testset_id", "text"])
+    writer.writerows([row["id"], row["text"] if row["error"] is None else ""] for row in rows)
 
 
 def score(
@@ -146,18 +152,41 @@ def score(
         write_bytes_atomically(fs, f"{root}/{name}", png)
     write_bytes_atomically(fs, f"{root}/report.md", report.markdown(groups, predictions, list(charts)).encode())
     if submission:
-        _write_submissions(read_predictions(predictions, options, SUBMISSION_COLUMNS).to_pylist(), submission, options)
+        _write_submissions(predictions, submission, options)
     return groups
 
 
-def _write_submissions(rows: Sequence[dict[str, Any]], url: str, options: dict[str, Any]) -> None:
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    fs.makedirs(root, exist_ok=True)
-    by_corpus: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_corpus[row["corpus"]].append(row)
-    for corpus, corpus_rows in by_corpus.items():
-        write_bytes_atomically(fs, f"{root}/{corpus}.csv", submission_csv(corpus_rows).encode())
+def _write_submissions(predictions: str, url: str, options: dict[str, Any]) -> None:
+    """Each corpus's submission CSV, streamed one part file at a time: a part file is one shard, so
+    part files in shard order, each in index order, are the corpus order."""
+    fs, root = fsspec.core.url_to_fs(predictions, **options)
+    by_corpus: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(prediction_files(fs, root), key=_shard_order):
+        for corpus in pc.unique(_read_part(fs, path, ["corpus"])["corpus"]).to_pylist():
+            by_corpus[corpus].append(path)
+    out_fs, out_root = fsspec.core.url_to_fs(url, **options)
+    out_fs.makedirs(out_root, exist_ok=True)
+    for corpus, paths in by_corpus.items():
+        write_atomically(out_fs, f"{out_root}/{corpus}.csv", partial(_write_corpus_submission, fs, paths, corpus))
+
+
+def _write_corpus_submission(fs: fsspec.AbstractFileSystem, paths: list[str], corpus: str, file: IO[bytes]) -> None:
+    text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+    _write_submission_rows(text, [], header=True)
+    for path in paths:
+        rows = _read_part(fs, path, SUBMISSION_COLUMNS)
+        rows = rows.filter(pc.equal(rows["corpus"], corpus)).sort_by([("shard", "ascending"), ("index", "ascending")])
+        _write_submission_rows(text, rows.to_pylist())
+    text.detach()  # the caller closes the file
+
+
+def _read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+    return read_predictions(fs.unstrip_protocol(path), fs.storage_options, columns)
+
+
+def _shard_order(path: str) -> tuple[str, int]:
+    folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    return folder, int(PART_NAME.search(name)[1])
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:

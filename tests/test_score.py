@@ -99,6 +99,18 @@ def test_submission_csv_is_the_seeds_format_in_corpus_order():
     assert submission_csv(rows) == 'testset_id,text\nutt-0,"one, two"\nutt-1,three\nutt-2,four\nutt-3,\n'
 
 
+def test_submission_files_are_streamed_in_shard_and_index_order(tmp_path):
+    rows = speech_rows(["one, two", "three", "four"])
+    shards = {shard: [r | {"id": f"s{shard}-{r['id']}", "shard": shard} for r in rows] for shard in (0, 2, 99999, 100000)}
+    store = OutputStore(str(tmp_path / "predictions"), "speech")
+    for shard in (100000, 99999, 0, 2):  # written out of order; by name, part-100000 sorts before part-99999
+        store.write_shard(shard, shards[shard][::-1])
+    score(str(tmp_path / "predictions"), str(tmp_path / "scores"), submission=str(tmp_path / "csv"), distributed=False)
+    expected = submission_csv([r for shard in shards.values() for r in shard])
+    assert (tmp_path / "csv/speech.csv").read_text() == expected
+    assert expected.splitlines()[1:3] == ["s0-utt-0,\"one, two\"", "s0-utt-1,three"]
+
+
 def test_rescore_compares_runs_and_is_idempotent(tmp_path):
     run_a = write_run(tmp_path / "a", speech_rows([hyp for _, hyp in SPEECH]))
     run_b = write_run(tmp_path / "b", speech_rows([ref for ref, _ in SPEECH], model="m2"))  # perfect transcripts
