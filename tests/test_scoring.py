@@ -13,6 +13,7 @@ from jobs import captions
 from jobs.captions import cider_d_items, document_frequency, meteor_from_statistics, meteor_statistics
 from jobs.outputs import OutputStore
 from jobs.score import long_rows, score, score_rows
+from jobs.scoring.ngrams import NgramCounts
 from jobs.scoring.pipeline import score_table
 from tests.test_score import SPEECH, T0, row, speech_rows
 
@@ -105,3 +106,11 @@ def test_distributed_captioning_gives_the_in_process_cider_d_and_meteor(local_ra
     assert in_process["quality"]["meteor"] == pytest.approx(captions._meteor_scorer().compute_score(GTS, RES)[0], abs=1e-9)
     assert distributed["quality"] == pytest.approx(in_process["quality"], abs=1e-9)
     assert distributed["unavailable"].keys() == {"spice", "spider"}
+
+
+def test_ngram_counts_merge_and_look_up_as_the_frequency_dicts_add_up():
+    first, second = document_frequency(blocks(GTS, range(2))[0]), document_frequency(blocks(GTS, range(2, 4))[0])
+    merged = NgramCounts.of(first).merge(NgramCounts.of(second))
+    expected = {ngram: first.get(ngram, 0.0) + second.get(ngram, 0.0) for ngram in first | second}
+    assert len(merged) == len(expected)
+    assert merged.lookup([*expected, ("no", "such", "ngram")]) == expected

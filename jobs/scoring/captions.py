@@ -10,13 +10,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pycocoevalcap.cider.cider_scorer import precook
 
 from jobs.captions import CaptionScores, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
+from jobs.scoring.ngrams import NgramCounts
 from jobs.scoring.totals import split
 
-Frequencies = dict[tuple[str, ...], tuple[dict, int]]  # group -> CIDEr-D document frequencies, scored items
+Frequencies = dict[tuple[str, ...], tuple[NgramCounts, int]]  # group -> CIDEr-D document frequencies, scored items
 
 
 @dataclass
@@ -29,13 +31,14 @@ class CaptionTotals:
     spice_failure: str | None = None
 
     @classmethod
-    def of(cls, items: pa.Table, frequencies: dict, corpus_items: int, spice_lib: str | None) -> CaptionTotals:
+    def of(cls, items: pa.Table, frequencies: NgramCounts, corpus_items: int, spice_lib: str | None) -> CaptionTotals:
         gts = dict(enumerate(items["caption_refs"].to_pylist()))
         res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
         statistics, meteor_failure = meteor_statistics(gts, res)
         f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
-        return cls(len(res), sum(cider_d_items(gts, res, frequencies, corpus_items)), statistics or [], meteor_failure,
-                   sum(f_scores or []), spice_failure)
+        ngrams = {ngram for captions in (*gts.values(), *res.values()) for caption in captions for ngram in precook(caption)}
+        cider_d = sum(cider_d_items(gts, res, frequencies.lookup(ngrams), corpus_items))
+        return cls(len(res), cider_d, statistics or [], meteor_failure, sum(f_scores or []), spice_failure)
 
     def merge(self, other: CaptionTotals) -> CaptionTotals:
         return CaptionTotals(self.items + other.items, self.cider_d + other.cider_d,

@@ -7,7 +7,7 @@ spans and CIDEr-D document frequencies. Percentiles are exact: numpy's over the 
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from jobs.captions import document_frequency
 from jobs.metrics import EDIT_COLUMNS, word_errors
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
+from jobs.scoring.ngrams import NgramCounts
 from jobs.throughput import Speed, speed
 
 LATENCIES = ("ttft_s", "tpot_s")
@@ -77,7 +78,7 @@ class GroupTotals:
     scored: int = 0
     audio_seconds: float = 0.0
     edits: Counter = field(default_factory=Counter)
-    document_frequency: defaultdict = field(default_factory=lambda: defaultdict(float))
+    document_frequency: NgramCounts = field(default_factory=NgramCounts)
     caption_failure: str | None = None
     workers: dict[str, WorkerTotals] = field(default_factory=dict)
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # job -> first start, last end
@@ -95,7 +96,7 @@ class GroupTotals:
             scored=pc.sum(items["scored"]).as_py() or 0,
             audio_seconds=pc.sum(items["audio_seconds"]).as_py() or 0.0,
             edits=Counter({name: pc.sum(items[name]).as_py() or 0 for name in EDIT_COLUMNS}),
-            document_frequency=document_frequency(dict(enumerate(captioned["caption_refs"].to_pylist()))),
+            document_frequency=NgramCounts.of(document_frequency(dict(enumerate(captioned["caption_refs"].to_pylist())))),
             caption_failure=failures[0].as_py() if len(failures) else None,
             workers={worker: WorkerTotals.of(rows) for worker, rows in split(modelled, ["worker"]).items()},
             spans={job: (pc.min(rows["start_s"]).as_py(), pc.max(rows["end_s"]).as_py())
@@ -103,12 +104,10 @@ class GroupTotals:
         )
 
     def merge(self, other: GroupTotals) -> GroupTotals:
-        frequencies = self.document_frequency
-        for ngram, count in other.document_frequency.items():
-            frequencies[ngram] += count
         return GroupTotals(
             self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
-            self.scored + other.scored, self.audio_seconds + other.audio_seconds, self.edits + other.edits, frequencies,
+            self.scored + other.scored, self.audio_seconds + other.audio_seconds, self.edits + other.edits,
+            self.document_frequency.merge(other.document_frequency),
             self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
             {job: _span(self.spans.get(job), other.spans.get(job)) for job in self.spans | other.spans},
         )
@@ -173,7 +172,7 @@ class Totals(dict):
         return Summary(
             groups=[self[key].summary(key) for key in keys],
             latency={key: self[key].latency_boxes() for key in keys},
-            captions={key: (dict(self[key].document_frequency), self[key].scored) for key in keys
+            captions={key: (self[key].document_frequency, self[key].scored) for key in keys
                       if key[1] == "aac" and self[key].scored and not self[key].caption_failure},
         )
 
@@ -182,7 +181,7 @@ class Totals(dict):
 class Summary:
     groups: list[dict[str, Any]]  # as jobs.score reports them
     latency: dict[tuple[str, ...], dict[str, dict[str, Any]]]  # box-plot statistics by group and latency
-    captions: dict[tuple[str, ...], tuple[dict, int]]  # captioning groups: document frequencies, items
+    captions: dict[tuple[str, ...], tuple[NgramCounts, int]]  # captioning groups: document frequencies, items
 
 
 def split(table: pa.Table, keys: list[str]) -> dict[tuple[str, ...] | str, pa.Table]:
