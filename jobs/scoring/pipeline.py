@@ -47,8 +47,10 @@ def score_predictions(
         return score_table(read_predictions(url, options, READ_COLUMNS), references, spice_lib)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+    # a read task per part file: by default Ray Data reads small inputs (200 000 rows here) as one block,
+    # so one task would score them all
     dataset = ray.data.read_parquet(sorted(files), filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
-                                    columns=READ_COLUMNS)
+                                    columns=READ_COLUMNS, override_num_blocks=len(files))
     items = dataset.map_batches(item_table, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH,
                                 fn_kwargs={"references": references}).materialize()
     summary = _aggregate(items, Totals.of, Totals.summary)
