@@ -129,33 +129,44 @@ def decoding_part(new_tokens: dict[str, int], batch: int = 2) -> list[dict[str, 
 
 
 def trimming_part(items: list[tuple[AudioClip, str]]) -> list[dict[str, Any]]:
-    clips, references = [clip for clip, _ in items], [reference for _, reference in items]
+    """WER and encoder time per clip, full against trimmed, over the clips of 2-10.5 s (the target) and,
+    apart, those under 2 s."""
+    subsets = {"2-10.5 s": lambda s: 2.0 <= s <= 10.5, "under 2 s": lambda s: s < 2.0}
     results = []
     for engine in ("transformers", "ctranslate2"):
         for mode, margin in (("full", 0.0), ("clip", 1.0)):
             config = load_config("whisper-base", {"engine": engine, "audio_context": {"mode": mode, "margin_seconds": margin}})
             model = load_model(config, device="cpu", threads=1).model
+            clips = [clip for clip, _ in items]
             texts = [model.generate([clip]).texts[0] for clip in clips]
-            results.append({"engine": engine, "audio_context": mode if mode == "full" else f"clip + {margin} s",
-                            "wer": round(100 * corpus_wer(references, texts).wer, 2), "encoder_ms_per_clip": round(encoder_ms(model, config, clips), 1)})
+            encoder = encoder_ms(model, config, clips)
+            for subset, wanted in subsets.items():
+                chosen = [i for i, clip in enumerate(clips) if wanted(clip.seconds)]
+                wer = corpus_wer([items[i][1] for i in chosen], [texts[i] for i in chosen]).wer
+                results.append({"engine": engine, "audio_context": mode if mode == "full" else f"clip + {margin} s", "clips": subset,
+                                "items": len(chosen), "wer": round(100 * wer, 2),
+                                "encoder_ms_per_clip": round(sum(encoder[i] for i in chosen) / len(chosen), 1)})
     return results
 
 
-def encoder_ms(model: Any, config: Any, clips: list[AudioClip]) -> float:
-    """The Whisper encoder's mean time per clip (features excluded), each clip alone: CPU time for torch,
-    wall time for CTranslate2 (its own thread pool)."""
+def encoder_ms(model: Any, config: Any, clips: list[AudioClip]) -> list[float]:
+    """The Whisper encoder's time on each clip alone (features excluded): CPU time for torch, wall time
+    for CTranslate2 (its own thread pool)."""
     features = compute_features(clips, config)
     inputs = [stacked_log_mel([f], config.audio_context.mel_frames(c.seconds)) for f, c in zip(features, clips)]
     if config.engine == "transformers":
         encoder = model.whisper.get_encoder()
         with torch.inference_mode():
-            return cpu_ms(lambda: [whisper_encoder_states(encoder, x) for x in inputs], repeats=1) / len(clips)
+            return [cpu_ms(lambda x=x: whisper_encoder_states(encoder, x), repeats=1) for x in inputs]
     import ctranslate2
 
-    views = [ctranslate2.StorageView.from_array(x.numpy()) for x in inputs]
-    started = time.perf_counter()  # CTranslate2 runs on its own threads: wall time
-    [model.whisper.encode(view) for view in views]
-    return (time.perf_counter() - started) * 1000 / len(clips)
+    def wall_ms(view: ctranslate2.StorageView) -> float:
+        model.whisper.encode(view)
+        started = time.perf_counter()
+        model.whisper.encode(view)
+        return (time.perf_counter() - started) * 1000
+
+    return [wall_ms(ctranslate2.StorageView.from_array(x.numpy())) for x in inputs]
 
 
 def one_thread(run: Callable[[], Any]) -> Any:

@@ -49,7 +49,8 @@ class AudioContextConfig(_Strict):
 
 
 class SpeechEncoderConfig(_Strict):
-    """The Whisper encoder (frozen). `hf_config` holds transformers `WhisperConfig` fields."""
+    """The Whisper encoder (frozen). `hf_config` holds transformers `WhisperConfig` fields; `audio_context`: how
+    much input it sees (`AudioContextConfig`: 30 s, or trimmed to the clip)."""
 
     kind: Literal["whisper"] = "whisper"
     path: str | None = None
