@@ -7,7 +7,8 @@ compute type. Each runner is a fresh process timed from its start to its exit: s
 
 The clips are the real sample speech (LibriVox and spoken playing cards, with transcripts), repeated to
 `--items`. Decoding is greedy. Prints a Markdown table: items/s, x real time, WER (Whisper English
-normalizer; meaningless for random-weight models), the ratios, and the job's model batch sizes.
+normalizer; meaningless for random-weight models), the ratios, the job's model batch sizes and its model
+actor's CPU time per item outside `model.generate` (the rows' `actor_cpu_s`).
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ def run_job(manifest: Path, model: str, batch_size: int, overrides: list[str], f
     output = folder / f"job-{Path(model).stem}"
     wall, _ = timed([sys.executable, "-m", "jobs.infer", "--manifest", str(manifest), "--model", model,
                      "--output", str(output), "--batch-size", str(batch_size), "--no-score", *set_arguments(overrides)])
-    rows = pq.read_table(output / CORPUS).select(["id", "text", "worker", "created_at", "batch_size"]).to_pylist()
+    rows = pq.read_table(output / CORPUS).select(["id", "text", "worker", "created_at", "batch_size", "actor_cpu_s"]).to_pylist()
     batches = Counter((row["worker"], row["created_at"]) for row in rows)  # one timestamp per model batch
-    return {"wall_s": wall, "texts": {row["id"]: row["text"] for row in rows}, "batch_sizes": sorted(batches.values(), reverse=True)}
+    actor_cpu = [row["actor_cpu_s"] for row in rows if row["actor_cpu_s"] is not None]
+    return {"wall_s": wall, "texts": {row["id"]: row["text"] for row in rows}, "batch_sizes": sorted(batches.values(), reverse=True),
+            "actor_cpu_ms": round(1000 * sum(actor_cpu) / len(actor_cpu), 3) if actor_cpu else None}
 
 
 def run_single_process(items: Path, model: str, batch_size: int, overrides: list[str]) -> dict[str, Any]:
@@ -116,14 +119,16 @@ def measure(model: str, overrides: list[str], manifest: Path, references: dict[s
         wer = corpus_wer([references[i] for i in ids], [run["texts"].get(i) or "" for i in ids]).wer if meaningful else None
         results.append({"model": model, "runner": runner, "items": len(ids), "answered": answered, "wall_s": round(run["wall_s"], 2),
                         "items_per_s": round(len(ids) / run["wall_s"], 3), "x_real_time": round(audio_s / run["wall_s"], 2),
-                        "wer": None if wer is None else round(100 * wer, 2), "batch_sizes": run.get("batch_sizes")})
+                        "wer": None if wer is None else round(100 * wer, 2), "batch_sizes": run.get("batch_sizes"),
+                        "actor_cpu_ms": run.get("actor_cpu_ms")})
     for result in results:
         result["job_over_this"] = round(results[0]["items_per_s"] / result["items_per_s"], 3)
     return results
 
 
 def table(results: list[dict[str, Any]], batch_size: int) -> str:
-    lines = ["| model | runner | items | wall s | items/s | x real time | WER % | job / this | model batches |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | runner | items | wall s | items/s | x real time | WER % | job / this | model batches | actor CPU ms/item outside generate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(result["model"] for result in results):
         group = [result for result in results if result["model"] == model]
         for result in group:
@@ -131,7 +136,7 @@ def table(results: list[dict[str, Any]], batch_size: int) -> str:
             batches = f"{len(sizes)} ({sum(1 for s in sizes if s < batch_size)} not full)" if sizes else ""
             wer = "–" if result["wer"] is None else f"{result['wer']:.2f}"
             lines.append(f"| {model} | {result['runner']} | {result['items']} | {result['wall_s']} | {result['items_per_s']} | "
-                         f"{result['x_real_time']} | {wer} | {result['job_over_this']:.2f} | {batches} |")
+                         f"{result['x_real_time']} | {wer} | {result['job_over_this']:.2f} | {batches} | {result['actor_cpu_ms'] or ''} |")
     return "\n".join(lines)
 
 

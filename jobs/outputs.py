@@ -51,6 +51,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("tpot_s", pa.float64()),
         pa.field("batch_size", pa.int32()),
         pa.field("model_s", pa.float64()),
+        pa.field("actor_cpu_s", pa.float64()),  # the model actor's CPU time outside model.generate, per item of its batch
         pa.field("worker", pa.string()),
         pa.field("job_id", pa.string()),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),

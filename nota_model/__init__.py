@@ -12,6 +12,7 @@ from nota_model.checkpoint import LoadReport
 from nota_model.config import NotaConfig, load_config, preset_names
 from nota_model.decoding import GenerationOutput
 from nota_model.errors import AudioError, CheckpointError, ConfigError, NotaError, WeightsNotFoundError
+from nota_model.features import ModelFeatures, compute_features
 from nota_model.model import NotaModel
 
 __all__ = [
@@ -22,10 +23,12 @@ __all__ = [
     "GenerationOutput",
     "LoadReport",
     "LoadedModel",
+    "ModelFeatures",
     "NotaConfig",
     "NotaError",
     "NotaModel",
     "WeightsNotFoundError",
+    "compute_features",
     "decode_audio",
     "load_audio",
     "load_config",

@@ -10,7 +10,6 @@ position embeddings (10 s, 63 time positions) are resized to `target_length` as 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -149,11 +148,19 @@ class CEDAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.qkv_bias)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """`real`: (B, length), True on each item's own tokens where items are padded to one length (None: no
+        padding). Each item then attends over its own tokens alone, exactly as it would unpadded."""
         batch, length, dim = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(query, key, value)
+        if real is None:
+            attended = F.scaled_dot_product_attention(query, key, value)
+        else:  # a key-padding mask would change the sums' lengths, hence their rounding: items alone are exact
+            attended = torch.zeros_like(query)
+            for index, keep in enumerate(real):
+                item = (t[index : index + 1, :, keep] for t in (query, key, value))
+                attended[index, :, keep] = F.scaled_dot_product_attention(*item)[0]
         return self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -179,9 +186,26 @@ class CEDBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.mlp = CEDMlp(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), real)
         return x + self.mlp(self.norm2(x))
+
+
+def ced_min_samples(config: AudioEncoderConfig) -> int:
+    """The fewest samples that give a patch (and that the STFT's reflect padding accepts)."""
+    min_frames_samples = (config.patch_size - 1) * config.hop_length + config.n_fft % 2
+    return max(min_frames_samples, config.n_fft // 2 + 1)
+
+
+def check_ced_length(config: AudioEncoderConfig, num_samples: int) -> None:
+    """Raises AudioError (too_short) for a waveform shorter than `ced_min_samples`."""
+    fewest = ced_min_samples(config)
+    if num_samples < fewest:
+        raise AudioError(
+            "too_short",
+            f"CED needs at least {fewest} samples ({fewest / SAMPLE_RATE:.3f} s at {SAMPLE_RATE} Hz) for one patch, "
+            f"got {num_samples}",
+        )
 
 
 def _check_config(config: AudioEncoderConfig) -> None:
@@ -223,14 +247,9 @@ class CEDEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.apply(_init_linear)
 
-    def min_samples(self) -> int:
-        """The fewest samples that give a patch (and that the STFT's reflect padding accepts)."""
-        min_frames_samples = (self.config.patch_size - 1) * self.config.hop_length + self.config.n_fft % 2
-        return max(min_frames_samples, self.config.n_fft // 2 + 1)
-
     def num_tokens(self, num_samples: int) -> int:
         """Tokens `forward` returns per item for waveforms of `num_samples` samples."""
-        self._check_length(num_samples)
+        check_ced_length(self.config, num_samples)
         cfg = self.config
         frames = (num_samples + 2 * (cfg.n_fft // 2) - cfg.n_fft) // cfg.hop_length + 1
         full_chunks, last_chunk = divmod(frames, cfg.target_length)
@@ -239,15 +258,20 @@ class CEDEncoder(nn.Module):
 
     def front_end_features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel features (B, n_mels, frames), in float32 whatever the module's dtype."""
-        self._check_length(waveforms.shape[-1])
+        check_ced_length(self.config, waveforms.shape[-1])
         return self.front_end(waveforms)
 
-    def forward_features(self, spec: torch.Tensor) -> torch.Tensor:
-        """One chunk of at most `target_length` frames: (B, 1, n_mels, frames) -> (B, tokens, embed_dim)."""
+    def forward_features(self, spec: torch.Tensor, time_patches: Sequence[int] | None = None) -> torch.Tensor:
+        """One chunk of at most `target_length` frames: (B, 1, n_mels, frames) -> (B, tokens, embed_dim).
+        `time_patches`: each item's own number of time patches where the items are padded to one length; the
+        padding's tokens are then kept out of attention (and come out as garbage, for the caller to drop)."""
         x = self.patch_embed(spec)
         x = x + self.time_pos_embed[..., : x.shape[-1]] + self.freq_pos_embed
+        real = None if time_patches is None else _real_tokens(time_patches, x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
-        return self.norm(self.blocks(x))
+        for block in self.blocks:
+            x = block(x, real)
+        return self.norm(x)
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Equal-length 16 kHz waveforms (B, samples) -> tokens (B, num_tokens(samples), embed_dim)."""
@@ -259,30 +283,42 @@ class CEDEncoder(nn.Module):
         return torch.cat([self.forward_features(c) for c in chunks if self._time_patches(c.shape[-1])], dim=1)
 
     def encode(self, waveforms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Encodes 1-D waveforms of any lengths, each on its own (equal lengths share a forward):
+        """Encodes 1-D waveforms of any lengths, each as it would be alone, in one forward:
         item i -> (num_tokens(len(item i)), embed_dim)."""
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for index, waveform in enumerate(waveforms):
+        for waveform in waveforms:
             if waveform.ndim != 1:
                 raise ValueError(f"CEDEncoder.encode takes 1-D waveforms, got {tuple(waveform.shape)}")
-            by_length[waveform.shape[0]].append(index)
-        tokens: dict[int, torch.Tensor] = {}
-        for indices in by_length.values():
-            tokens.update(zip(indices, self(torch.stack([waveforms[i] for i in indices]))))
-        return [tokens[i] for i in range(len(waveforms))]
+        return self.encode_spectrograms([self.front_end_features(w.unsqueeze(0))[0] for w in waveforms])
+
+    def encode_spectrograms(self, specs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Encodes front-end features (n_mels, frames) of any lengths in one forward: every item's chunks are
+        padded to the longest chunk, and attention runs over each chunk's own tokens, so that each item's
+        tokens are exactly those it gets alone. Item i -> (its tokens, embed_dim)."""
+        chunks = [(index, chunk) for index, spec in enumerate(specs) for chunk in spec.split(self.config.target_length, dim=-1)
+                  if self._time_patches(chunk.shape[-1])]
+        patches = [self._time_patches(chunk.shape[-1]) for _, chunk in chunks]
+        frames = (max(patches) - 1) * self.config.patch_stride + self.config.patch_size
+        batch = torch.stack([F.pad(chunk[..., :frames], (0, frames - min(frames, chunk.shape[-1]))) for _, chunk in chunks])
+        batch = self.init_bn(batch.unsqueeze(1).to(self.patch_embed.proj.weight.dtype))
+        padded = len(set(patches)) > 1
+        tokens = self.forward_features(batch, patches if padded else None)
+        tokens = tokens.unflatten(1, (self.config.n_mels // self.config.patch_stride, max(patches)))
+        per_item: list[list[torch.Tensor]] = [[] for _ in specs]
+        for (index, _), item_tokens, count in zip(chunks, tokens, patches, strict=True):
+            per_item[index].append(item_tokens[:, :count].flatten(0, 1))
+        return [torch.cat(item) for item in per_item]
 
     def _time_patches(self, frames: int) -> int:
         if frames < self.config.patch_size:
             return 0
         return (frames - self.config.patch_size) // self.config.patch_stride + 1
 
-    def _check_length(self, num_samples: int) -> None:
-        if num_samples < self.min_samples():
-            raise AudioError(
-                "too_short",
-                f"CED needs at least {self.min_samples()} samples ({self.min_samples() / SAMPLE_RATE:.3f} s "
-                f"at {SAMPLE_RATE} Hz) for one patch, got {num_samples}",
-            )
+
+
+def _real_tokens(time_patches: Sequence[int], freq_patches: int, width: int) -> torch.Tensor:
+    """(B, freq_patches * width): True on each item's own time patches, frequency-major as the tokens."""
+    real = torch.arange(width) < torch.tensor(time_patches).unsqueeze(1)
+    return real.unsqueeze(1).expand(-1, freq_patches, -1).flatten(1)
 
 
 def resize_position_embeddings(state_dict: dict[str, torch.Tensor], encoder: CEDEncoder) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ is built with random weights from its `hf_config` (tests, timing of the architec
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,20 +18,44 @@ from nota_model.storage import CTRANSLATE2_DIR
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
-# Whisper encoders turn 30 s into 1500 states: 50 per second.
+# Whisper encoders turn 30 s into 1500 states: 50 per second, from 100 log-mel frames per second.
 WHISPER_FRAMES_PER_SECOND = 50
+WHISPER_MEL_FRAMES = 3000
+WHISPER_MEL_FRAMES_PER_SECOND = 100
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AudioContextConfig(_Strict):
+    """How much input the Whisper encoder sees (whisper.cpp's "audio context").
+    `full` (the default): 30 s, the clip padded with silence, as Whisper was trained; exact.
+    `clip`: the clip's own log-mel frames plus `margin_seconds` of the silence after it: the encoder's cost
+    shrinks with the clip (about 30 s / (clip + margin)), at some risk to quality: Whisper never saw a
+    shorter input in training. The NOTA model then also gives fewer audio tokens (one per 17 states:
+    about 3 per second of input instead of 88 for every clip), so the LLM sees a shorter audio span than
+    it was trained with."""
+
+    mode: Literal["full", "clip"] = "full"
+    margin_seconds: float = Field(1.0, ge=0.0)
+
+    def mel_frames(self, seconds: float) -> int:
+        """Log-mel frames the encoder takes for a clip of `seconds`: the clip and the margin rounded up to a
+        whole second (clips of similar lengths then share a forward; Whisper has no padding mask), at most 30 s."""
+        if self.mode == "full":
+            return WHISPER_MEL_FRAMES
+        return min(WHISPER_MEL_FRAMES, math.ceil(seconds + self.margin_seconds) * WHISPER_MEL_FRAMES_PER_SECOND)
+
+
 class SpeechEncoderConfig(_Strict):
-    """The Whisper encoder (frozen). `hf_config` holds transformers `WhisperConfig` fields."""
+    """The Whisper encoder (frozen). `hf_config` holds transformers `WhisperConfig` fields; `audio_context`: how
+    much input it sees (`AudioContextConfig`: 30 s, or trimmed to the clip)."""
 
     kind: Literal["whisper"] = "whisper"
     path: str | None = None
     hf_config: dict[str, Any] = Field(default_factory=dict)
+    audio_context: AudioContextConfig = Field(default_factory=AudioContextConfig)
 
     @property
     def width(self) -> int:
@@ -135,7 +160,11 @@ class PromptConfig(_Strict):
 
 class DecodingConfig(_Strict):
     """num_beams 1 is greedy search. Generation stops on the prompt's end symbol and on
-    `extra_stop_tokens` (the seed's Qwen generation config also stopped on `<|endoftext|>`)."""
+    `extra_stop_tokens` (the seed's Qwen generation config also stopped on `<|endoftext|>`).
+    `cache`: the LLM's KV cache in transformers' `generate`: `dynamic` (grows each step) or `static`
+    (allocated once for the prompt plus `max_new_tokens`: fixed shapes, the same greedy tokens).
+    `compile`: `torch.compile` the LLM's forward (with the static cache; the first batches of each
+    shape pay the compilation). Both apply to the NOTA model's LLM; the Whisper engines ignore them."""
 
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(200, ge=1)
@@ -143,6 +172,14 @@ class DecodingConfig(_Strict):
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     extra_stop_tokens: tuple[str, ...] = ()
+    cache: Literal["dynamic", "static"] = "dynamic"
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _check_compile(self) -> DecodingConfig:
+        if self.compile and self.cache != "static":
+            raise ValueError("decoding.compile needs decoding.cache: static (a dynamic cache changes shape every step)")
+        return self
 
 
 class AudioConfig(_Strict):
@@ -179,7 +216,10 @@ class WhisperASRConfig(_ModelConfig):
     """Plain Whisper speech recognition: the reference every re-scoring compares against.
     `path` is a transformers Whisper directory (e.g. `pack://whisper-base`); `language` None for
     English-only models. `engine`: `transformers` (torch; `dtype` applies) or `ctranslate2` (the C++
-    engine, several files per batch; `compute_type` applies: `auto` is int8 on CPU and float16 on GPU)."""
+    engine, several files per batch; `compute_type` applies: `auto` is int8 on CPU and float16 on GPU).
+    `num_mel_bins`: the model's log-mel bins, which the features are computed with before the model is
+    loaded (checked against the model when it loads). `audio_context`: see `AudioContextConfig` (both
+    engines take a trimmed input)."""
 
     model_kind: Literal["whisper"] = "whisper"
     path: str
@@ -187,6 +227,8 @@ class WhisperASRConfig(_ModelConfig):
     task: Literal["transcribe", "translate"] = "transcribe"
     engine: Literal["transformers", "ctranslate2"] = "transformers"
     ctranslate2_path: str | None = None
+    num_mel_bins: int = 80  # the model's log-mel bins (80; 128 for large-v3), checked when it loads
+    audio_context: AudioContextConfig = Field(default_factory=AudioContextConfig)
     compute_type: Literal[
         "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32"
     ] = "auto"

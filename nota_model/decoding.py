@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from nota_model.config import DecodingConfig
 
@@ -64,6 +64,18 @@ def generation_config(
     return config
 
 
+def with_llm_cache(config: GenerationConfig, decoding: DecodingConfig) -> GenerationConfig:
+    """`config` with the KV cache and compilation `decoding` asks for. transformers compiles a static-cache
+    forward by itself on GPUs only: here compilation is on (on every device) or off as `decoding.compile` says."""
+    if decoding.cache == "static":
+        compile_config = None
+        if decoding.compile:
+            compile_config = CompileConfig()
+            compile_config._compile_all_devices = True  # transformers' own switch for compiling off GPUs
+        config.update(cache_implementation="static", compile_config=compile_config, disable_compile=not decoding.compile)
+    return config
+
+
 def timed_generate(
     prepare: Callable[[], dict[str, torch.Tensor]],
     model: torch.nn.Module,
@@ -92,3 +104,23 @@ def timed_generate(
 
 def _until_stop(ids: list[int], stop_token_ids: set[int]) -> list[int]:
     return next((ids[:i] for i, token in enumerate(ids) if token in stop_token_ids), ids)
+
+
+def generate_in_groups(groups: Sequence[Sequence[int]], run: Callable[[list[int]], GenerationOutput]) -> GenerationOutput:
+    """`run(indices)` for each group of item indices (items that must share a forward), the results put back
+    in item order. Times: the first group's ttft_s, the later steps' mean tpot_s over all groups."""
+    if len(groups) == 1:
+        return run(list(groups[0]))
+    outputs = [(list(indices), run(list(indices))) for indices in groups]
+    picks = {index: (output, position) for indices, output in outputs for position, index in enumerate(indices)}
+    order = [picks[index] for index in sorted(picks)]
+    later_steps = [(out.decode_steps - 1, out.tpot_s) for _, out in outputs if out.tpot_s is not None]
+    steps = sum(count for count, _ in later_steps)
+    return GenerationOutput(
+        texts=[output.texts[position] for output, position in order],
+        token_ids=[output.token_ids[position] for output, position in order],
+        output_tokens=[output.output_tokens[position] for output, position in order],
+        ttft_s=outputs[0][1].ttft_s,
+        tpot_s=sum(count * tpot for count, tpot in later_steps) / steps if steps else None,
+        decode_steps=sum(out.decode_steps for _, out in outputs),
+    )

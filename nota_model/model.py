@@ -7,6 +7,7 @@ Attribute names follow the seed, so its checkpoint keys (`speech_Qformer.*`, `sp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +15,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from nota_model.audio import AudioClip, whisper_features
-from nota_model.ced import CEDEncoder
+from nota_model.audio import AudioClip
+from nota_model.audio_context import frame_groups, stacked_log_mel, whisper_encoder_states
+from nota_model.ced import CEDEncoder, CEDFrontEnd
 from nota_model.checkpoint import is_trained_key
 from nota_model.config import DecodingConfig, NotaConfig
-from nota_model.decoding import GenerationOutput, generation_config, timed_generate
+from nota_model.decoding import GenerationOutput, generation_config, timed_generate, with_llm_cache
 from nota_model.errors import ConfigError
+from nota_model.features import ModelFeatures, compute_features
 from nota_model.qformer import QFormer, split_windows
 
 
@@ -63,14 +66,15 @@ class NotaModel(nn.Module):
         return prompt or self.config.prompt.task_prompt(task)
 
     @torch.inference_mode()
-    def audio_tokens(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
-        """The audio tokens fed to the LLM for each clip, after the projection: (windows, LLM hidden) each."""
-        return self.encode_audio(clips)
+    def audio_tokens(self, clips: Sequence[AudioClip], features: Sequence[ModelFeatures] | None = None) -> list[torch.Tensor]:
+        """The audio tokens fed to the LLM for each clip, after the projection: (windows, LLM hidden) each.
+        `features`: the clips' `compute_features`, when computed elsewhere (the job's decode tasks)."""
+        return self.encode_audio(clips, features)
 
-    def encode_audio(self, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+    def encode_audio(self, clips: Sequence[AudioClip], features: Sequence[ModelFeatures] | None = None) -> list[torch.Tensor]:
         """`audio_tokens` with autograd, for training: frozen encoders (no parameter requiring grad) run
         without building a graph; the layer norms, Q-Former and projection keep theirs."""
-        features = whisper_features(clips, self.config.speech_encoder.num_mel_bins).to(self.device)
+        features = compute_features(clips, self.config) if features is None else features
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             states = self._encoder_states(features, clips)
             window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
@@ -80,19 +84,39 @@ class NotaModel(nn.Module):
             tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))
         return [item.flatten(0, 1).to(self.dtype) for item in tokens.split(counts)]
 
-    def _encoder_states(self, features: torch.Tensor, clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+    def _encoder_states(self, features: Sequence[ModelFeatures], clips: Sequence[AudioClip]) -> list[torch.Tensor]:
         """Per clip: LayerNormed Whisper states, concatenated on channels with LayerNormed CED tokens.
         The shorter of the two is zero-padded to the longer, as the seed does."""
-        with _grad_only_if_trained(self.speech_encoder):
-            speech = self.speech_encoder(features).last_hidden_state
-        speech = self.ln_speech(speech)
+        speech = [self.ln_speech(states) for states in self._speech_states(features, clips)]
         if self.ced is None:
-            return list(speech)
-        waveforms = [torch.tensor(clip.waveform, device=self.device) for clip in clips]
+            return speech
         with _grad_only_if_trained(self.ced):
-            encoded = self.ced.encode(waveforms)
+            encoded = self.ced.encode_spectrograms(self._ced_features(features, clips))
         audio = [self.ln_audio(tokens) for tokens in encoded]
         return [_concat_padded(s, a) for s, a in zip(speech, audio)]
+
+    def _speech_states(self, features: Sequence[ModelFeatures], clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+        """Whisper's states of each clip: one forward per input length (a single one unless the audio context is trimmed)."""
+        states: list[torch.Tensor] = [torch.empty(0)] * len(clips)
+        context = self.config.speech_encoder.audio_context
+        with _grad_only_if_trained(self.speech_encoder):
+            for frames, indices in frame_groups([clip.seconds for clip in clips], context).items():
+                log_mel = stacked_log_mel([features[i] for i in indices], frames).to(self.device)
+                for index, item in zip(indices, whisper_encoder_states(self.speech_encoder, log_mel)):
+                    states[index] = item
+        return states
+
+    def _ced_features(self, features: Sequence[ModelFeatures], clips: Sequence[AudioClip]) -> list[torch.Tensor]:
+        """CED's front-end features: the shipped ones, unless a checkpoint gave this CED a front end other
+        than the config's (then its own, from the waveforms)."""
+        if self._standard_ced_front_end:
+            return [torch.from_numpy(item.ced).to(self.device) for item in features]
+        return [self.ced.front_end_features(torch.from_numpy(clip.waveform).to(self.device).unsqueeze(0))[0] for clip in clips]
+
+    @cached_property
+    def _standard_ced_front_end(self) -> bool:
+        own, standard = self.ced.front_end.state_dict(), CEDFrontEnd(self.config.audio_encoder).state_dict()
+        return all(torch.equal(own[key].cpu(), standard[key]) for key in standard)
 
     def prompt_embeddings(self, audio_tokens: Sequence[torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded LLM input embeddings and attention mask:
@@ -138,16 +162,18 @@ class NotaModel(nn.Module):
         output = self.llama_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask))
         return output.logits[:, -1, :].float()
 
-    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str], decoding: DecodingConfig | None = None) -> GenerationOutput:
-        """Answer each prompt about its clip. A batch gives the same output as its items one at a time."""
+    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str], decoding: DecodingConfig | None = None,
+                 features: Sequence[ModelFeatures] | None = None) -> GenerationOutput:
+        """Answer each prompt about its clip. A batch gives the same output as its items one at a time.
+        `features`: the clips' `compute_features`, when computed elsewhere."""
 
         def prepare() -> dict[str, torch.Tensor]:
-            embeds, mask = self.prompt_embeddings(self.audio_tokens(clips), prompts)
+            embeds, mask = self.prompt_embeddings(self.audio_tokens(clips, features), prompts)
             return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions(mask)}
 
         decoding = decoding or self.config.decoding
         stop_ids = [self.end_token_id, *(_token_id(self.tokenizer, token) for token in decoding.extra_stop_tokens)]
-        config = generation_config(decoding, stop_ids, self.pad_token_id)
+        config = with_llm_cache(generation_config(decoding, stop_ids, self.pad_token_id), decoding)
         return timed_generate(prepare, self.llama_model, config, self.tokenizer, self.device)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

@@ -11,10 +11,14 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase, WhisperForConditionalGeneration, WhisperTokenizer
 
-from nota_model.audio import AudioClip, whisper_features
+from transformers.modeling_outputs import BaseModelOutput
+
+from nota_model.audio import AudioClip
+from nota_model.audio_context import frame_groups, stacked_log_mel, whisper_encoder_states
 from nota_model.config import DecodingConfig, WhisperASRConfig
-from nota_model.decoding import GenerationOutput, generation_config, timed_generate
+from nota_model.decoding import GenerationOutput, generate_in_groups, generation_config, timed_generate
 from nota_model.errors import ConfigError
+from nota_model.features import ModelFeatures, compute_features
 
 ASR_TASK = "asr"
 
@@ -58,17 +62,27 @@ class WhisperASR(nn.Module, WhisperPrompt):
     def dtype(self) -> torch.dtype:
         return self.whisper.dtype
 
-    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str] | None = None, decoding: DecodingConfig | None = None) -> GenerationOutput:
+    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str] | None = None, decoding: DecodingConfig | None = None,
+                 features: Sequence[ModelFeatures] | None = None) -> GenerationOutput:
         """Transcribe each clip; `prompts` are accepted for the common interface and must be `prompt_for`'s.
-        Whisper's `generate` returns only the tokens after the decoder prompt."""
-
-        def prepare() -> dict[str, torch.Tensor]:
-            features = whisper_features(clips, self.whisper.config.num_mel_bins).to(self.device, self.dtype)
-            return {"input_features": features, "decoder_input_ids": self._prompt_batch(len(clips))}
-
+        `features`: the clips' `compute_features`, when computed elsewhere. Whisper's `generate` returns only
+        the tokens after the decoder prompt. One `generate` per encoder input length (one unless the audio
+        context is trimmed)."""
         base = self.whisper.generation_config
         config = generation_config(decoding or self.config.decoding, [base.eos_token_id], base.pad_token_id, base=base)
-        return timed_generate(prepare, self.whisper, config, self.tokenizer, self.device)
+        context = self.config.audio_context
+
+        def run(indices: list[int]) -> GenerationOutput:
+            def prepare() -> dict[str, torch.Tensor | BaseModelOutput]:
+                group = [clips[i] for i in indices]
+                group_features = compute_features(group, self.config) if features is None else [features[i] for i in indices]
+                log_mel = stacked_log_mel(group_features, context.mel_frames(group[0].seconds)).to(self.device, self.dtype)
+                states = whisper_encoder_states(self.whisper.get_encoder(), log_mel)
+                return {"encoder_outputs": BaseModelOutput(last_hidden_state=states), "decoder_input_ids": self._prompt_batch(len(indices))}
+
+            return timed_generate(prepare, self.whisper, config, self.tokenizer, self.device)
+
+        return generate_in_groups(list(frame_groups([clip.seconds for clip in clips], context).values()), run)
 
     def _prompt_batch(self, size: int) -> torch.Tensor:
         return torch.tensor([self.decoder_prompt] * size, dtype=torch.long, device=self.device)
@@ -76,4 +90,11 @@ class WhisperASR(nn.Module, WhisperPrompt):
 
 def load_whisper_asr(config: WhisperASRConfig, path: str, device: torch.device, dtype: torch.dtype) -> WhisperASR:
     whisper = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    check_mel_bins(config, whisper.config.num_mel_bins)
     return WhisperASR(config, whisper, WhisperTokenizer.from_pretrained(path))
+
+
+def check_mel_bins(config: WhisperASRConfig, model_mel_bins: int) -> None:
+    """The config's `num_mel_bins` (what the features are computed with) must be the model's."""
+    if config.num_mel_bins != model_mel_bins:
+        raise ConfigError(f"{config.path} takes {model_mel_bins} log-mel bins: set num_mel_bins: {model_mel_bins} in its config")

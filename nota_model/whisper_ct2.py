@@ -11,12 +11,14 @@ import ctranslate2
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, WhisperTokenizer
 
-from nota_model.audio import AudioClip, whisper_features
+from nota_model.audio import AudioClip
+from nota_model.audio_context import frame_groups, stacked_log_mel
 from nota_model.config import DecodingConfig, WhisperASRConfig
-from nota_model.decoding import GenerationOutput
+from nota_model.decoding import GenerationOutput, generate_in_groups
 from nota_model.errors import ConfigError
+from nota_model.features import ModelFeatures, compute_features
 from nota_model.storage import resolve
-from nota_model.whisper_asr import WhisperPrompt
+from nota_model.whisper_asr import WhisperPrompt, check_mel_bins
 
 
 class WhisperCT2(WhisperPrompt):
@@ -39,20 +41,32 @@ class WhisperCT2(WhisperPrompt):
     def compute_type(self) -> str:
         return self.whisper.compute_type
 
-    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str] | None = None, decoding: DecodingConfig | None = None) -> GenerationOutput:
+    def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str] | None = None, decoding: DecodingConfig | None = None,
+                 features: Sequence[ModelFeatures] | None = None) -> GenerationOutput:
         """Transcribe each clip; `prompts` are accepted for the common interface and must be `prompt_for`'s.
+        `features`: the clips' `compute_features`, when computed elsewhere. CTranslate2's encoder takes fewer
+        than 3000 frames as they are: a trimmed audio context runs one encode and generate per input length.
         CTranslate2 reports no per-step times: `ttft_s` is the features and encoder time plus one mean decode
         step, `tpot_s` the decoder's time over its steps (one per output token of the longest item, plus its stop)."""
         decoding = decoding or self.config.decoding
         if decoding.min_new_tokens > 1:
             raise ConfigError("the ctranslate2 engine has no min_new_tokens; use engine: transformers for it")
-        started = time.perf_counter()
-        features = whisper_features(clips, self.whisper.n_mels).numpy()
-        encoded = self.whisper.encode(ctranslate2.StorageView.from_array(features), to_cpu=False)
+        context = self.config.audio_context
+
+        def run(indices: list[int]) -> GenerationOutput:
+            group = [clips[i] for i in indices]
+            started = time.perf_counter()
+            group_features = compute_features(group, self.config) if features is None else [features[i] for i in indices]
+            log_mel = stacked_log_mel(group_features, context.mel_frames(group[0].seconds)).numpy()
+            return self._decode(self.whisper.encode(ctranslate2.StorageView.from_array(log_mel), to_cpu=False), decoding, started)
+
+        return generate_in_groups(list(frame_groups([clip.seconds for clip in clips], context).values()), run)
+
+    def _decode(self, encoded: ctranslate2.StorageView, decoding: DecodingConfig, started: float) -> GenerationOutput:
         encoded_at = time.perf_counter()
         results = self.whisper.generate(
             encoded,
-            [self.decoder_prompt] * len(clips),
+            [self.decoder_prompt] * encoded.shape[0],
             beam_size=decoding.num_beams,
             length_penalty=decoding.length_penalty,
             repetition_penalty=decoding.repetition_penalty,
@@ -90,4 +104,5 @@ def load_whisper_ct2(config: WhisperASRConfig, device: torch.device, threads: in
     whisper = ctranslate2.models.Whisper(
         str(location), device=device.type, device_index=device.index or 0, compute_type=compute_type, intra_threads=threads or 0
     )
+    check_mel_bins(config, whisper.n_mels)
     return WhisperCT2(config, whisper, GenerationConfig.from_pretrained(path), WhisperTokenizer.from_pretrained(path))

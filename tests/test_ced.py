@@ -201,14 +201,26 @@ def test_tokens_are_frequency_major(encoder: CEDEncoder) -> None:
         torch.testing.assert_close(encoder.forward_features(spec), encoder.norm(encoder.blocks(reference)))
 
 
-def test_encode_items_match_each_alone(encoder: CEDEncoder) -> None:
-    waves = [_noise(16000, 4), _noise(24000, 5), _noise(16000, 6, scale=1e-3), _noise(5000, 7)]
+def test_encode_items_of_any_lengths_in_one_forward_match_each_alone_exactly(encoder: CEDEncoder) -> None:
+    waves = [_noise(16000, 4), _noise(24000, 5), _noise(16000, 6, scale=1e-3), _noise(5000, 7), _noise(2400, 8)]
     with torch.no_grad():
         encoded = encoder.encode(waves)
         alone = [encoder(w.unsqueeze(0))[0] for w in waves]
     for got, want, wave in zip(encoded, alone, waves):
         assert got.shape == (encoder.num_tokens(len(wave)), 32)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        assert torch.equal(got, want)
+
+
+def test_encode_pads_chunks_of_long_and_short_items_exactly() -> None:
+    torch.manual_seed(0)
+    model = CEDEncoder(AudioEncoderConfig(embed_dim=32, depth=2, num_heads=2, target_length=201)).eval()
+    # 452 frames: chunks of 201, 201 and 50 frames; 120 frames: one chunk; 211 frames: 201 and a chunk too short for a patch.
+    waves = [_noise(451 * 160, seed=11), _noise(119 * 160, seed=12), _noise(210 * 160, seed=13)]
+    with torch.no_grad():
+        encoded = model.encode(waves)
+        alone = [model(w.unsqueeze(0))[0] for w in waves]
+    assert [len(tokens) for tokens in encoded] == [108, 28, 48]
+    assert all(torch.equal(got, want) for got, want in zip(encoded, alone))
 
 
 def test_long_input_is_encoded_in_chunks() -> None:

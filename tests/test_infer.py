@@ -12,8 +12,10 @@ import soundfile as sf
 from jobs.infer import parse_args, run
 from jobs.manifest import build_shards
 from jobs.outputs import OUTPUT_SCHEMA, OutputMismatchError, read_predictions
+from jobs.pipeline.decode import decode_item
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
+from nota_model.features import ModelFeatures, compute_features
 from tests.s3 import moto_server, s3_filesystem
 
 TINY_DECODING = ["decoding.num_beams=1", "decoding.max_new_tokens=6"]
@@ -85,6 +87,7 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus,
     assert json.loads((tmp_path / "out" / "mixed" / "_SUCCESS.json").read_text())["items"] == 9
     assert sorted(row["id"] for row in read_predictions(str(tmp_path / "out")).to_pylist()) == sorted(expected)  # the folder reads as one table
     assert all(row["model_s"] > 0 and row["batch_size"] >= 1 for row in good.values())
+    assert all(row["actor_cpu_s"] >= 0 for row in good.values())  # the model actor's CPU outside generate, per item
 
 
 def test_the_job_scores_its_corpus_at_the_end(local_ray, corpus, tmp_path):
@@ -171,3 +174,16 @@ def test_a_late_copy_of_a_written_shards_row_never_rewrites_it(tmp_path):
     collector.add(row | {"text": "redone"})  # a retried task's copy arriving after the shard was written
     collector.finish(pq.read_table(store.part_path(0)).slice(0, 0), JobSettings("late", "job", "m", "{}"))
     assert [r["id"] for r in pq.read_table(store.part_path(0)).to_pylist()] == ["a", "b"]
+
+
+def test_decoding_ships_the_models_features_and_the_actor_uses_them():
+    config = load_config("tiny")
+    item = {"id": "a", "audio": "a.wav", "error": None}
+    decoded = decode_item(dict(item), wav_bytes(tone(2.0), 16000), config.audio, features_for=config)
+    clip = load_audio(wav_bytes(tone(2.0), 16000), config.audio)
+    features = ModelFeatures.from_bytes(decoded["features"])
+    expected = compute_features([clip], config)[0]
+    assert np.array_equal(features.whisper, expected.whisper) and np.array_equal(features.ced, expected.ced)
+    assert decode_item(dict(item), wav_bytes(tone(2.0), 16000), config.audio)["features"] is None
+    too_short = decode_item(dict(item), wav_bytes(tone(0.01), 16000), config.audio.model_copy(update={"min_seconds": 0.0}), features_for=config)
+    assert too_short["error"] == "too_short" and too_short["features"] is None

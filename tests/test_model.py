@@ -3,6 +3,7 @@ import warnings
 import pytest
 import torch
 
+from nota_model.audio_context import whisper_encoder_states
 from nota_model.build import load_model
 from nota_model.config import DecodingConfig
 from nota_model.errors import ConfigError
@@ -135,3 +136,38 @@ def test_loading_the_model_warns_of_nothing(tiny_config):  # an actor's warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model(tiny_config, device="cpu")
+
+
+def test_the_static_cache_gives_the_dynamic_caches_tokens(tiny):
+    model = tiny.model
+    clips, prompts = [make_clip(1.2), make_clip(6.0, seed=1)], prompts_for(model, [ASR, AAC])
+    dynamic = DecodingConfig(num_beams=1, max_new_tokens=8)
+    static = dynamic.model_copy(update={"cache": "static"})
+    assert model.generate(clips, prompts, static).token_ids == model.generate(clips, prompts, dynamic).token_ids
+    with pytest.raises(ValueError, match="cache: static"):
+        DecodingConfig(compile=True)
+
+
+def test_a_trimmed_audio_context_gives_fewer_audio_tokens_batched_as_alone(tiny_config):
+    config = tiny_config.with_overrides({"speech_encoder": {"audio_context": {"mode": "clip", "margin_seconds": 1.0}}})
+    model = load_model(config, device="cpu").model
+    clips = [make_clip(1.2), make_clip(7.0, seed=1), make_clip(2.5, seed=2)]
+    tokens = model.audio_tokens(clips)
+    # 1.2 s + 1 s -> 3 s of input: 150 states, 8 windows of 17; 7 s + 1 s -> 8 s: 400 states, 23 windows;
+    # 2.5 s + 1 s -> 4 s: 200 states, 11 windows.
+    assert [len(t) for t in tokens] == [8, 23, 11]
+    for batched, clip in zip(tokens, clips):
+        torch.testing.assert_close(batched, model.audio_tokens([clip])[0], rtol=1e-5, atol=1e-5)
+    decoding = DecodingConfig(num_beams=1, max_new_tokens=5)
+    prompts = prompts_for(model, [ASR] * 3)
+    assert model.generate(clips, prompts, decoding).token_ids == [model.generate([c], [p], decoding).token_ids[0] for c, p in zip(clips, prompts)]
+
+
+def test_the_full_audio_context_runs_the_encoder_as_transformers_does(tiny):
+    encoder = tiny.model.speech_encoder
+    log_mel = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        reference = encoder(log_mel).last_hidden_state
+        trimmed = whisper_encoder_states(encoder, log_mel[..., :1000])
+    assert torch.equal(whisper_encoder_states(encoder, log_mel), reference)
+    assert trimmed.shape == (2, 500, encoder.config.d_model)

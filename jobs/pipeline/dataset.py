@@ -42,7 +42,7 @@ def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, ar
         decode_audio_batch,
         batch_size=block_rows,
         batch_format="pyarrow",
-        fn_kwargs={"audio": config.audio, "storage_options": manifest.storage_options},
+        fn_kwargs={"audio": config.audio, "storage_options": manifest.storage_options, "features_for": config},
         num_cpus=sizing.decode_cpus,
     )
     return decoded.map_batches(

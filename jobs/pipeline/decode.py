@@ -1,4 +1,5 @@
-"""The decode stage: read each work item's audio and decode it to the model's waveform, on CPU tasks."""
+"""The decode stage: read each work item's audio and decode it to the model's waveform and input features,
+on CPU tasks (the model actor then only runs forwards)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,24 @@ import pyarrow as pa
 
 from jobs.manifest import WORK_ITEM_SCHEMA, read_item_bytes
 from nota_model.audio import load_audio
-from nota_model.config import AudioConfig
+from nota_model.config import AudioConfig, ModelConfig
 from nota_model.errors import AudioError
+from nota_model.features import compute_features
 
-DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).append(
-    pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
+DECODED_SCHEMA = (
+    WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary()))
+    .append(pa.field("clip", pa.string()))  # AudioClip.metadata() as JSON
+    .append(pa.field("features", pa.binary()))  # ModelFeatures.to_bytes(), float32
 )
-# A decoded clip is float32 at 16 kHz, at most 30 s.
-MAX_CLIP_BYTES = 30 * 16000 * 4
+# A decoded clip: float32 at 16 kHz, at most 30 s, and its features (at most 3000 Whisper frames of up to
+# 128 bins, 3001 CED frames of 64 bins, float32).
+MAX_CLIP_BYTES = 30 * 16000 * 4 + (3000 * 128 + 3001 * 64) * 4
 
 
-def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dict[str, Any]) -> pa.Table:
-    """Read and decode each work item's audio. Rows leave sorted by duration, so that the model's batches hold
-    clips of similar length."""
+def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dict[str, Any],
+                       features_for: ModelConfig | None = None) -> pa.Table:
+    """Read and decode each work item's audio (and compute its features for the model `features_for`). Rows
+    leave sorted by duration, so that the model's batches hold clips of similar length."""
     rows = []
     for item in batch.to_pylist():
         try:
@@ -29,19 +35,20 @@ def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dic
         except AudioError as err:
             item.update(error=err.code, error_message=err.message)
             data = None
-        rows.append(decode_item(item, data, audio))
+        rows.append(decode_item(item, data, audio, features_for))
     rows.sort(key=lambda row: json.loads(row["clip"])["seconds"] if row["clip"] else 0.0)
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
-def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig) -> dict[str, Any]:
-    """A work item with its decoded audio (`waveform`, `clip`), or with the decoding error; `data` is the item's
-    bytes, None when it already has an error."""
-    item.update(waveform=None, clip=None)
+def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, features_for: ModelConfig | None = None) -> dict[str, Any]:
+    """A work item with its decoded audio (`waveform`, `clip`) and, given a model config, the model's input
+    features (`features`), or with the error; `data` is the item's bytes, None when it already has an error."""
+    item.update(waveform=None, clip=None, features=None)
     if data is not None:
         try:
             clip = load_audio(data, audio, name=item.get("member") or item["audio"])
-            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()))
+            features = compute_features([clip], features_for)[0].to_bytes() if features_for is not None else None
+            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()), features=features)
         except AudioError as err:
             item.update(error=err.code, error_message=err.message)
     return item

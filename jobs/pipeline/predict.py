@@ -20,7 +20,8 @@ from nota_model.audio import AudioClip
 from nota_model.build import load_model
 from nota_model.config import ModelConfig
 from nota_model.decoding import GenerationOutput
-from nota_model.errors import ConfigError
+from nota_model.errors import AudioError, ConfigError
+from nota_model.features import ModelFeatures, compute_features
 
 
 def actor_threads() -> int:
@@ -37,7 +38,9 @@ def worker_name(device: object) -> str:
 
 
 class Predictor:
-    """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor."""
+    """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor. It takes the features the decode
+    tasks computed (computing them itself for rows without), and records in each row `actor_cpu_s`: its
+    batch's CPU time on the actor's thread outside `model.generate`, per item."""
 
     def __init__(self, config: ModelConfig, checkpoint: str | None, settings: JobSettings):
         self.loaded = load_model(config, checkpoint=checkpoint, threads=actor_threads())
@@ -46,6 +49,7 @@ class Predictor:
         self.worker = worker_name(self.model.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        cpu_started = time.thread_time()
         rows = [self._output_row(item) for item in batch.to_pylist()]
         runnable = [row for row in rows if row["error"] is None]
         for row in runnable:
@@ -53,23 +57,40 @@ class Predictor:
                 row["prompt"] = self.model.prompt_for(row["task"], row["prompt"])
             except ConfigError as err:
                 row.update(error="invalid_prompt", error_message=str(err))
-        self._generate([row for row in runnable if row["error"] is None])
-        return pa.Table.from_pylist([{k: row[k] for k in OUTPUT_SCHEMA.names} for row in rows], schema=OUTPUT_SCHEMA)
+        generate_cpu_s = self._generate(self._with_features([row for row in runnable if row["error"] is None]))
+        table = pa.Table.from_pylist([{k: row[k] for k in OUTPUT_SCHEMA.names} for row in rows], schema=OUTPUT_SCHEMA)
+        actor_cpu_s = (time.thread_time() - cpu_started - generate_cpu_s) / max(1, len(rows))
+        column = OUTPUT_SCHEMA.get_field_index("actor_cpu_s")
+        return table.set_column(column, OUTPUT_SCHEMA.field(column), pa.array([actor_cpu_s] * len(rows), pa.float64()))
 
-    def _generate(self, rows: list[dict[str, Any]]) -> None:
+    def _with_features(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows that have their features (shipped by the decode tasks, else computed here); a clip the
+        model cannot take gets its error."""
+        for row in rows:
+            try:
+                shipped = row.get("features")
+                row["_features"] = ModelFeatures.from_bytes(shipped) if shipped else compute_features([row["_clip"]], self.model.config)[0]
+            except AudioError as err:
+                row.update(error=err.code, error_message=err.message)
+        return [row for row in rows if row["error"] is None]
+
+    def _generate(self, rows: list[dict[str, Any]]) -> float:
+        """Generates the rows' text; returns the CPU time this thread spent in `model.generate`."""
         if not rows:
-            return
-        started = time.perf_counter()
+            return 0.0
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
-            output = self.model.generate([row["_clip"] for row in rows], [row["prompt"] for row in rows])
+            output = self.model.generate([row["_clip"] for row in rows], [row["prompt"] for row in rows],
+                                         features=[row["_features"] for row in rows])
         except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
             if len(rows) == 1:
                 rows[0].update(error="model_error", error_message=f"{type(err).__name__}: {err}")
-                return
-            for row in rows:  # one at a time, so that one bad item cannot fail its batch-mates
-                self._generate([row])
-            return
+                return time.thread_time() - cpu_started
+            # one at a time, so that one bad item cannot fail its batch-mates
+            return time.thread_time() - cpu_started + sum(self._generate([row]) for row in rows)
+        generate_cpu_s = time.thread_time() - cpu_started
         self._fill(rows, output, time.perf_counter() - started)
+        return generate_cpu_s
 
     def _fill(self, rows: list[dict[str, Any]], output: GenerationOutput, model_s: float) -> None:
         finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
@@ -101,6 +122,7 @@ class Predictor:
             "tpot_s": None,
             "batch_size": None,
             "model_s": None,
+            "actor_cpu_s": None,
             "worker": self.worker,
             "job_id": self.settings.job_id,
             "created_at": datetime.now(UTC),
