@@ -11,11 +11,14 @@ from jobs.manifest import WORK_ITEM_SCHEMA, read_item_bytes
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig
 from nota_model.errors import AudioError
+from nota_model.segment import plan_pieces
 
-DECODED_SCHEMA = WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary())).append(
-    pa.field("clip", pa.string())  # AudioClip.metadata() as JSON
+DECODED_SCHEMA = (
+    WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary()))
+    .append(pa.field("clip", pa.string()))  # AudioClip.metadata() as JSON
+    .append(pa.field("pieces", pa.list_(pa.list_(pa.int64(), 2))))  # (start, end) samples the model runs
 )
-# A decoded clip is float32 at 16 kHz, at most 30 s.
+# A decoded clip is float32 at 16 kHz, mostly up to 30 s (a long recording makes its block larger).
 MAX_CLIP_BYTES = 30 * 16000 * 4
 
 
@@ -35,13 +38,17 @@ def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dic
 
 
 def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig) -> dict[str, Any]:
-    """A work item with its decoded audio (`waveform`, `clip`), or with the decoding error; `data` is the item's
-    bytes, None when it already has an error."""
-    item.update(waveform=None, clip=None)
+    """A work item with its decoded audio (`waveform`, `clip`) and the pieces the model is to run (`pieces`:
+    the whole clip when it fits the model's window or `audio.long_audio` is `truncate`, else the long
+    recording's segments), or with the decoding error; `data` is the item's bytes, None when it already has
+    an error."""
+    item.update(waveform=None, clip=None, pieces=None)
     if data is not None:
         try:
-            clip = load_audio(data, audio, name=item.get("member") or item["audio"])
-            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()))
+            whole = audio.long_audio == "segment"
+            clip = load_audio(data, audio, name=item.get("member") or item["audio"], whole=whole)
+            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()),
+                        pieces=plan_pieces(clip.waveform, item["task"], audio.max_seconds))
         except AudioError as err:
             item.update(error=err.code, error_message=err.message)
     return item

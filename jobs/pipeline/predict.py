@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,8 +20,8 @@ from jobs.pipeline.settings import JobSettings
 from nota_model.audio import AudioClip
 from nota_model.build import load_model
 from nota_model.config import ModelConfig
-from nota_model.decoding import GenerationOutput
 from nota_model.errors import ConfigError
+from nota_model.longform import LongFormOutput, generate_pieces
 
 
 def actor_threads() -> int:
@@ -61,7 +62,8 @@ class Predictor:
             return
         started = time.perf_counter()
         try:
-            output = self.model.generate([row["_clip"] for row in rows], [row["prompt"] for row in rows])
+            output = generate_pieces(self.model, [row["_clip"] for row in rows], [row["prompt"] for row in rows],
+                                     [row["_pieces"] for row in rows], self.settings.batch_size)
         except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
             if len(rows) == 1:
                 rows[0].update(error="model_error", error_message=f"{type(err).__name__}: {err}")
@@ -71,15 +73,19 @@ class Predictor:
             return
         self._fill(rows, output, time.perf_counter() - started)
 
-    def _fill(self, rows: list[dict[str, Any]], output: GenerationOutput, model_s: float) -> None:
+    def _fill(self, rows: list[dict[str, Any]], output: LongFormOutput, model_s: float) -> None:
+        """Each row's answer. Latency and batch size only on rows that reached the model (silence does not);
+        `model_s` on every row of the batch, whose work it is."""
         finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
-        for index, row in enumerate(rows):
+        for row, answer in zip(rows, output.answers):
+            ran = answer.batch_size is not None
             row.update(
-                text=output.texts[index],
-                output_tokens=output.output_tokens[index],
-                ttft_s=output.ttft_s,
-                tpot_s=output.tpot_s,
-                batch_size=len(rows),
+                text=answer.text,
+                segments=[asdict(segment) for segment in answer.segments],
+                output_tokens=answer.output_tokens,
+                ttft_s=output.ttft_s if ran else None,
+                tpot_s=output.tpot_s if ran else None,
+                batch_size=answer.batch_size,
                 model_s=model_s,
                 created_at=finished,
             )
@@ -90,6 +96,7 @@ class Predictor:
             **item,
             "corpus": self.settings.corpus,
             "text": None,
+            "segments": None,
             "audio_seconds": clip.get("original_seconds"),
             "truncated": clip.get("truncated"),
             "sample_rate": clip.get("original_sample_rate"),
@@ -109,4 +116,5 @@ class Predictor:
             waveform = np.frombuffer(item["waveform"], dtype=np.float32)
             fields = {k: v for k, v in clip.items() if k != "waveform"}
             row["_clip"] = AudioClip(waveform=waveform, **fields)
+            row["_pieces"] = [tuple(piece) for piece in item["pieces"]]
         return row
