@@ -21,6 +21,7 @@ from nota_model.decoding import GenerationOutput
 from nota_model.errors import AudioError
 from nota_model.longform import generate_pieces
 from nota_model.segment import plan_pieces, speech_spans
+from nota_model.transcribe import Item, run_batch
 
 WINDOW = 30 * SAMPLE_RATE
 TINY_DECODING = DecodingConfig(num_beams=1, max_new_tokens=6)
@@ -74,6 +75,9 @@ class RecordingModel:
     def __init__(self):
         self.batches: list[list[int]] = []
 
+    def prompt_for(self, task: str, prompt: str | None = None) -> str:
+        return prompt or task
+
     def generate(self, clips, prompts, decoding=None) -> GenerationOutput:
         lengths = [len(clip.waveform) for clip in clips]
         self.batches.append(lengths)
@@ -126,6 +130,16 @@ def test_recordings_over_the_limit_are_refused_before_decoding(speech, tmp_path)
     assert refused.value.code == "audio_too_long"
     assert load_audio(path, config).truncated  # truncating has no limit: it keeps 30 s
     assert load_audio(path, AudioConfig(), whole=True).seconds == pytest.approx(len(speech) / SAMPLE_RATE)
+
+
+def test_the_single_process_runner_segments_too(speech, tmp_path):
+    sf.write(tmp_path / "long.wav", speech, SAMPLE_RATE)
+    sf.write(tmp_path / "short.wav", speech[: 5 * SAMPLE_RATE], SAMPLE_RATE)
+    items = [Item("long", str(tmp_path / "long.wav"), "asr"), Item("short", str(tmp_path / "short.wav"), "asr"),
+             Item("missing", str(tmp_path / "missing.wav"), "asr")]
+    rows = run_batch(RecordingModel(), items, "recording")
+    assert [len(row.get("segments") or []) for row in rows] == [2, 1, 0] and rows[2]["error"] == "missing_audio"
+    assert rows[1]["text"] == f" asr{5 * SAMPLE_RATE} " and not rows[0]["truncated"]
 
 
 @pytest.mark.real_weights
