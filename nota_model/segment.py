@@ -47,8 +47,9 @@ def fixed_windows(length: int, window: int) -> list[Piece]:
     return [(start, min(start + window, length)) for start in range(0, length, window)]
 
 
-def speech_spans(waveform: np.ndarray, max_seconds: float) -> list[Piece]:
-    """Where Silero VAD hears speech in a 16 kHz waveform, each span at most `max_seconds` long."""
+def speech_spans(waveform: np.ndarray, max_seconds: float, pad_ms: int = SPEECH_PAD_MS) -> list[Piece]:
+    """Where Silero VAD hears speech in a 16 kHz waveform, each span at most `max_seconds` long and widened
+    by `pad_ms` on each side."""
     model, get_speech_timestamps = _silero()
     with _vad_lock, _one_torch_thread(), torch.inference_mode():
         timestamps = get_speech_timestamps(
@@ -57,7 +58,7 @@ def speech_spans(waveform: np.ndarray, max_seconds: float) -> list[Piece]:
             sampling_rate=SAMPLE_RATE,
             max_speech_duration_s=max_seconds,
             min_silence_duration_ms=MIN_SILENCE_MS,
-            speech_pad_ms=SPEECH_PAD_MS,
+            speech_pad_ms=pad_ms,
         )
     return [(span["start"], span["end"]) for span in timestamps]
 
