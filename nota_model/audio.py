@@ -82,9 +82,11 @@ def load_audio(
     `name` (a file name or URL) lends its extension to formats libsndfile cannot tell from their bytes.
     `whole`: keep the whole recording, up to `config.max_recording_seconds` (for segmentation), instead of
     truncating it to `config.max_seconds`."""
-    data = source if isinstance(source, bytes) else _read_file(source)
     max_seconds = config.max_recording_seconds if whole else None
-    samples, sample_rate = decode_audio(data, name or (None if isinstance(source, bytes) else os.fspath(source)), max_seconds)
+    if isinstance(source, bytes):
+        samples, sample_rate = decode_audio(source, name, max_seconds)
+    else:
+        samples, sample_rate = decode_audio(_read_file(source), name or os.fspath(source), max_seconds)
     return prepare_waveform(samples, sample_rate, config, truncate=not whole)
 
 
