@@ -74,7 +74,7 @@ class SimulatedModel:
     def prompt_for(self, task: str, prompt: str | None = None) -> str:
         return prompt or self.config.prompt.task_prompt(task)
 
-    def generate(self, clips: list, prompts: list[str], decoding: Any = None) -> GenerationOutput:
+    def generate(self, clips: list, prompts: list[str], decoding: Any = None, features: Any = None) -> GenerationOutput:
         started = time.perf_counter()
         time.sleep(self.cost_s * len(clips))
         return GenerationOutput(

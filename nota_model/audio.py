@@ -1,12 +1,14 @@
 """Audio input: decode bytes or a file with libsndfile, make a 16 kHz mono clip, compute Whisper's log-mel.
 
 Every failure is an `AudioError` whose `code` is one of: empty_audio, not_audio, unsupported_codec,
-truncated_audio, invalid_audio, decode_failed (from `decode_audio`) and missing_audio (from `load_audio`).
+truncated_audio, invalid_audio, decode_failed, audio_too_long (from `decode_audio`) and missing_audio (from
+`load_audio`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import tempfile
@@ -73,17 +75,22 @@ class AudioClip:
         return {field.name: getattr(self, field.name) for field in fields(self) if field.name != "waveform"}
 
 
-def load_audio(source: bytes | str | os.PathLike, config: AudioConfig, name: str | None = None) -> AudioClip:
+def load_audio(
+    source: bytes | str | os.PathLike, config: AudioConfig, name: str | None = None, whole: bool = False
+) -> AudioClip:
     """Decode the bytes, or the file at a local path, and prepare the clip as `config` asks.
-    `name` (a file name or URL) lends its extension to formats libsndfile cannot tell from their bytes."""
+    `name` (a file name or URL) lends its extension to formats libsndfile cannot tell from their bytes.
+    `whole`: keep the whole recording, up to `config.max_recording_seconds` (for segmentation), instead of
+    truncating it to `config.max_seconds`."""
+    max_seconds = config.max_recording_seconds if whole else None
     if isinstance(source, bytes):
-        samples, sample_rate = decode_audio(source, name)
+        samples, sample_rate = decode_audio(source, name, max_seconds)
     else:
-        samples, sample_rate = decode_audio(_read_file(source), name or os.fspath(source))
-    return prepare_waveform(samples, sample_rate, config)
+        samples, sample_rate = decode_audio(_read_file(source), name or os.fspath(source), max_seconds)
+    return prepare_waveform(samples, sample_rate, config, truncate=not whole)
 
 
-def decode_audio(data: bytes, name: str | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, name: str | None = None, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode any format libsndfile reads into float32 samples of shape (frames, channels) and the sample rate.
     Where the bytes alone are not recognised, `name`'s extension is tried (libsndfile does so for paths: an MP3
     whose ID3 tag is malformed is found only by its extension).
@@ -99,6 +106,7 @@ def decode_audio(data: bytes, name: str | None = None) -> tuple[np.ndarray, int]
       frame fewer than the header's count (a cut MP3 with a Xing/LAME header, a corrupt Ogg).
     - invalid_audio: a sample is NaN or infinite.
     - decode_failed: any other libsndfile error; the message carries libsndfile's text.
+    - audio_too_long: the audio lasts more than `max_seconds` (by its header, before decoding, or decoded).
 
     Partial decodes that cannot be told apart from whole files are returned as they are: an MP3 without a
     Xing/LAME header (libsndfile estimates its length from the file size, so a cut one looks whole) and an Ogg
@@ -106,7 +114,7 @@ def decode_audio(data: bytes, name: str | None = None) -> tuple[np.ndarray, int]
     """
     if not data:
         raise AudioError("empty_audio", "the audio is zero bytes")
-    samples, sample_rate, promised_frames = _read_samples(data, Path(name or "").suffix)
+    samples, sample_rate, promised_frames = _read_samples(data, Path(name or "").suffix, max_seconds)
     if _wav_is_cut(data):
         raise AudioError("truncated_audio", "a WAV chunk runs past the end of the data: the file is cut")
     if _ogg_is_cut(data):
@@ -123,10 +131,10 @@ def decode_audio(data: bytes, name: str | None = None) -> tuple[np.ndarray, int]
     return samples, sample_rate
 
 
-def prepare_waveform(samples: np.ndarray, sample_rate: int, config: AudioConfig) -> AudioClip:
+def prepare_waveform(samples: np.ndarray, sample_rate: int, config: AudioConfig, truncate: bool = True) -> AudioClip:
     """Make the clip the encoders take, in the seed's order: mono as `config.channel_mode` says, zero-padded at
     the end to `config.min_seconds` at the original rate, resampled to 16 kHz (soxr "HQ"), truncated to
-    `config.max_seconds`. `samples` is (frames, channels) or (frames,)."""
+    `config.max_seconds` unless `truncate` is False. `samples` is (frames, channels) or (frames,)."""
     samples = np.asarray(samples, dtype=np.float32)
     frames = samples[:, None] if samples.ndim == 1 else samples
     mono = frames.mean(axis=1) if config.channel_mode == "mean" else frames[:, 0]
@@ -141,7 +149,7 @@ def prepare_waveform(samples: np.ndarray, sample_rate: int, config: AudioConfig)
     else:
         resampled = soxr.resample(np.ascontiguousarray(mono), sample_rate, SAMPLE_RATE, quality="HQ")
 
-    max_samples = round(config.max_seconds * SAMPLE_RATE)
+    max_samples = round(config.max_seconds * SAMPLE_RATE) if truncate else len(resampled)
     waveform = np.array(resampled[:max_samples], dtype=np.float32)
     return AudioClip(
         waveform=waveform,
@@ -182,17 +190,28 @@ def _read_file(path: str | os.PathLike) -> bytes:
         raise AudioError("missing_audio", f"cannot read audio file {os.fspath(path)!r}: {err.strerror}") from err
 
 
-def _read_samples(data: bytes, suffix: str) -> tuple[np.ndarray, int, int]:
-    """Samples, sample rate and the frame count the header promises."""
+def _read_samples(data: bytes, suffix: str, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    """Samples, sample rate and the frame count the header promises; refused over `max_seconds` (None: no limit)."""
     with _open_sound(data, suffix) as sound:
+        max_frames = None if max_seconds is None else math.floor(max_seconds * sound.samplerate)
+        if max_frames is not None and sound.frames > max_frames:
+            raise _too_long(sound.frames / sound.samplerate, max_seconds)
         try:
-            samples = _read_blocks(sound)
+            samples = _read_blocks(sound, max_frames)
         except sf.LibsndfileError as err:
             raise AudioError(
                 "truncated_audio",
                 f"decoding broke off before the {sound.frames} frames the header promises: {err.error_string}",
             ) from err
+        if max_frames is not None and len(samples) > max_frames:
+            raise _too_long(len(samples) / sound.samplerate, max_seconds)
         return samples, sound.samplerate, sound.frames
+
+
+def _too_long(seconds: float, max_seconds: float) -> AudioError:
+    return AudioError(
+        "audio_too_long", f"the audio lasts {seconds:.0f} s, over the {max_seconds:.0f} s limit (audio.max_recording_seconds)"
+    )
 
 
 def _open_sound(data: bytes, suffix: str) -> sf.SoundFile:
@@ -215,11 +234,13 @@ def _open_by_extension(data: bytes, suffix: str, error: sf.LibsndfileError) -> s
             raise _open_error(error, data) from error
 
 
-def _read_blocks(sound: sf.SoundFile) -> np.ndarray:
-    # Block by block, so that a header promising absurdly many frames does not allocate them up front.
-    blocks = []
-    while len(block := sound.read(_READ_BLOCK_FRAMES, dtype="float32", always_2d=True)):
+def _read_blocks(sound: sf.SoundFile, max_frames: int | None) -> np.ndarray:
+    # Block by block, so that a header promising absurdly many frames does not allocate them up front, and
+    # reading stops one block past `max_frames` when the header understates the length.
+    blocks, frames = [], 0
+    while (max_frames is None or frames <= max_frames) and len(block := sound.read(_READ_BLOCK_FRAMES, dtype="float32", always_2d=True)):
         blocks.append(block)
+        frames += len(block)
     return np.concatenate(blocks) if blocks else np.zeros((0, sound.channels), dtype=np.float32)
 
 

@@ -25,6 +25,8 @@ from nota_model.audio import AudioClip, load_audio
 from nota_model.build import load_model
 from nota_model.config import load_config
 from nota_model.errors import AudioError
+from nota_model.longform import generate_pieces
+from nota_model.segment import plan_pieces
 
 
 @dataclass(frozen=True)
@@ -106,26 +108,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, Any]]:
-    """One row per item, in order: the answer, or the audio error that kept the item out of the batch."""
+    """One row per item, in order: the answer, or the audio error that kept the item out of the batch.
+    Recordings over the window are segmented (unless the config's `audio.long_audio` is `truncate`) and
+    the pieces of the whole batch share model batches of the batch's size."""
     rows: list[dict[str, Any]] = [
         {"id": item.id, "task": item.task, "text": None, "error": None, "reference": item.reference} for item in batch
     ]
+    audio = model.config.audio
     ready: list[tuple[int, AudioClip]] = []
     for position, item in enumerate(batch):
         try:
-            ready.append((position, load_audio(item.audio, model.config.audio)))
+            ready.append((position, load_audio(item.audio, audio, whole=audio.long_audio == "segment")))
         except AudioError as err:
             rows[position].update(error=err.code, message=err.message)
     if ready:
         prompts = [model.prompt_for(batch[p].task, batch[p].prompt) for p, _ in ready]
-        output = model.generate([clip for _, clip in ready], prompts)
-        for index, (position, clip) in enumerate(ready):
+        pieces = [plan_pieces(clip.waveform, batch[p].task, audio.max_seconds) for p, clip in ready]
+        output = generate_pieces(model, [clip for _, clip in ready], prompts, pieces, len(batch))
+        for (position, clip), answer in zip(ready, output.answers):
             rows[position].update(
-                text=output.texts[index],
+                text=answer.text,
+                segments=[[round(s.start, 3), round(s.end, 3), s.text] for s in answer.segments],
                 audio_seconds=round(clip.original_seconds, 3),
                 truncated=clip.truncated,
-                output_tokens=output.output_tokens[index],
-                ttft_s=round(output.ttft_s, 4),
+                output_tokens=answer.output_tokens,
+                ttft_s=None if output.ttft_s is None else round(output.ttft_s, 4),
                 tpot_s=None if output.tpot_s is None else round(output.tpot_s, 4),
                 model=identity,
             )

@@ -16,6 +16,8 @@ from jobs.pipeline.decode import decode_item
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
 from nota_model.features import ModelFeatures, compute_features
+from nota_model.longform import generate_pieces
+from nota_model.segment import plan_pieces
 from tests.s3 import moto_server, s3_filesystem
 
 TINY_DECODING = ["decoding.num_beams=1", "decoding.max_new_tokens=6"]
@@ -79,14 +81,16 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus,
     assert pq.read_schema(next((tmp_path / "out").glob("mixed/part-*.parquet"))).equals(OUTPUT_SCHEMA, check_metadata=False)
     assert summary["items"] == 9 and summary["errors"] == 4 and summary["shards_written"] == 3
     good = {row["id"]: row for row in rows if row["error"] is None}
-    assert good["good-long"]["truncated"] is True and good["good-long"]["audio_seconds"] == pytest.approx(45.0)
+    # 45 s of a tone, segmented: no speech, so no piece and no model call, and an empty answer
+    assert (good["good-long"]["truncated"], good["good-long"]["segments"], good["good-long"]["text"]) == (False, [], "")
+    assert good["good-long"]["audio_seconds"] == pytest.approx(45.0)
     assert good["good-stereo-44k"]["channels"] == 2 and good["good-stereo-44k"]["sample_rate"] == 44100
     assert good["captioned"]["prompt"].endswith("Please write down what your hear in the audio.")
     assert all(row["model"] == "tiny+no-checkpoint" and row["job_id"] == summary["job_id"] for row in rows)
-    assert all(row["output_tokens"] is not None and row["ttft_s"] > 0 for row in good.values())
+    assert all(row["output_tokens"] is not None and row["ttft_s"] > 0 for row in good.values() if row["segments"])
     assert json.loads((tmp_path / "out" / "mixed" / "_SUCCESS.json").read_text())["items"] == 9
     assert sorted(row["id"] for row in read_predictions(str(tmp_path / "out")).to_pylist()) == sorted(expected)  # the folder reads as one table
-    assert all(row["model_s"] > 0 and row["batch_size"] >= 1 for row in good.values())
+    assert all(row["model_s"] > 0 and row["batch_size"] >= 1 for row in good.values() if row["segments"])
     assert all(row["actor_cpu_s"] >= 0 for row in good.values())  # the model actor's CPU outside generate, per item
 
 
@@ -110,9 +114,10 @@ def test_job_output_equals_the_model_one_item_at_a_time(local_ray, corpus, tmp_p
     config = load_config("tiny", {"decoding": {"num_beams": 1, "max_new_tokens": 6}})
     model = load_model(config, device="cpu").model
     for row in rows.values():
-        clip = load_audio(row["audio"], config.audio)
-        alone = model.generate([clip], [row["prompt"]], DecodingConfig(num_beams=1, max_new_tokens=6))
-        assert row["text"] == alone.texts[0], row["id"]
+        clip = load_audio(row["audio"], config.audio, whole=True)
+        pieces = plan_pieces(clip.waveform, row["task"], config.audio.max_seconds)
+        alone = generate_pieces(model, [clip], [row["prompt"]], [pieces], 1, DecodingConfig(num_beams=1, max_new_tokens=6))
+        assert row["text"] == alone.answers[0].text, row["id"]
 
 
 def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, tmp_path):
@@ -178,12 +183,16 @@ def test_a_late_copy_of_a_written_shards_row_never_rewrites_it(tmp_path):
 
 def test_decoding_ships_the_models_features_and_the_actor_uses_them():
     config = load_config("tiny")
-    item = {"id": "a", "audio": "a.wav", "error": None}
+    item = {"id": "a", "audio": "a.wav", "error": None, "task": "asr"}
     decoded = decode_item(dict(item), wav_bytes(tone(2.0), 16000), config.audio, features_for=config)
     clip = load_audio(wav_bytes(tone(2.0), 16000), config.audio)
-    features = ModelFeatures.from_bytes(decoded["features"])
+    [features] = [ModelFeatures.from_bytes(piece) for piece in decoded["features"]]
     expected = compute_features([clip], config)[0]
     assert np.array_equal(features.whisper, expected.whisper) and np.array_equal(features.ced, expected.ced)
     assert decode_item(dict(item), wav_bytes(tone(2.0), 16000), config.audio)["features"] is None
+    # a long recording ships one set of features per piece: here a caption's two fixed windows
+    long = decode_item(dict(item, task="aac"), wav_bytes(tone(40.0), 16000), config.audio, features_for=config)
+    first, second = (ModelFeatures.from_bytes(piece) for piece in long["features"])
+    assert long["pieces"] == [(0, 480000), (480000, 640000)] and second.whisper.shape[1] < first.whisper.shape[1]
     too_short = decode_item(dict(item), wav_bytes(tone(0.01), 16000), config.audio.model_copy(update={"min_seconds": 0.0}), features_for=config)
     assert too_short["error"] == "too_short" and too_short["features"] is None

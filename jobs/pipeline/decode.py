@@ -12,15 +12,17 @@ from jobs.manifest import WORK_ITEM_SCHEMA, read_item_bytes
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig, ModelConfig
 from nota_model.errors import AudioError
-from nota_model.features import compute_features
+from nota_model.longform import piece_features
+from nota_model.segment import plan_pieces
 
 DECODED_SCHEMA = (
     WORK_ITEM_SCHEMA.append(pa.field("waveform", pa.binary()))
     .append(pa.field("clip", pa.string()))  # AudioClip.metadata() as JSON
-    .append(pa.field("features", pa.binary()))  # ModelFeatures.to_bytes(), float32
+    .append(pa.field("pieces", pa.list_(pa.list_(pa.int64(), 2))))  # (start, end) samples the model runs
+    .append(pa.field("features", pa.list_(pa.binary())))  # each piece's ModelFeatures.to_bytes(), float32
 )
-# A decoded clip: float32 at 16 kHz, at most 30 s, and its features (at most 3000 Whisper frames of up to
-# 128 bins, 3001 CED frames of 64 bins, float32).
+# A decoded clip of up to 30 s: float32 at 16 kHz, and its features (at most 3000 Whisper frames of up to 128
+# bins, 3001 CED frames of 64 bins, float32). A long recording makes its block larger.
 MAX_CLIP_BYTES = 30 * 16000 * 4 + (3000 * 128 + 3001 * 64) * 4
 
 
@@ -41,14 +43,18 @@ def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dic
 
 
 def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, features_for: ModelConfig | None = None) -> dict[str, Any]:
-    """A work item with its decoded audio (`waveform`, `clip`) and, given a model config, the model's input
-    features (`features`), or with the error; `data` is the item's bytes, None when it already has an error."""
-    item.update(waveform=None, clip=None, features=None)
+    """A work item with its decoded audio (`waveform`, `clip`), the pieces the model is to run (`pieces`: the
+    whole clip when it fits the model's window or `audio.long_audio` is `truncate`, else the long recording's
+    segments) and, given a model config, each piece's input features (`features`); or with the error. `data`
+    is the item's bytes, None when it already has an error."""
+    item.update(waveform=None, clip=None, pieces=None, features=None)
     if data is not None:
         try:
-            clip = load_audio(data, audio, name=item.get("member") or item["audio"])
-            features = compute_features([clip], features_for)[0].to_bytes() if features_for is not None else None
-            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()), features=features)
+            whole = audio.long_audio == "segment"
+            clip = load_audio(data, audio, name=item.get("member") or item["audio"], whole=whole)
+            pieces = plan_pieces(clip.waveform, item["task"], audio.max_seconds)
+            features = None if features_for is None else [piece.to_bytes() for piece in piece_features(clip, pieces, features_for)]
+            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()), pieces=pieces, features=features)
         except AudioError as err:
             item.update(error=err.code, error_message=err.message)
     return item

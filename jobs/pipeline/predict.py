@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,9 +20,9 @@ from jobs.pipeline.settings import JobSettings
 from nota_model.audio import AudioClip
 from nota_model.build import load_model
 from nota_model.config import ModelConfig
-from nota_model.decoding import GenerationOutput
 from nota_model.errors import AudioError, ConfigError
-from nota_model.features import ModelFeatures, compute_features
+from nota_model.features import ModelFeatures
+from nota_model.longform import LongFormOutput, generate_pieces, piece_features
 
 
 def actor_threads() -> int:
@@ -64,12 +65,13 @@ class Predictor:
         return table.set_column(column, OUTPUT_SCHEMA.field(column), pa.array([actor_cpu_s] * len(rows), pa.float64()))
 
     def _with_features(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The rows that have their features (shipped by the decode tasks, else computed here); a clip the
+        """The rows with their pieces' features (shipped by the decode tasks, else computed here); a clip the
         model cannot take gets its error."""
         for row in rows:
             try:
                 shipped = row.get("features")
-                row["_features"] = ModelFeatures.from_bytes(shipped) if shipped else compute_features([row["_clip"]], self.model.config)[0]
+                row["_features"] = ([ModelFeatures.from_bytes(piece) for piece in shipped] if shipped is not None
+                                    else piece_features(row["_clip"], row["_pieces"], self.model.config))
             except AudioError as err:
                 row.update(error=err.code, error_message=err.message)
         return [row for row in rows if row["error"] is None]
@@ -80,8 +82,9 @@ class Predictor:
             return 0.0
         started, cpu_started = time.perf_counter(), time.thread_time()
         try:
-            output = self.model.generate([row["_clip"] for row in rows], [row["prompt"] for row in rows],
-                                         features=[row["_features"] for row in rows])
+            output = generate_pieces(self.model, [row["_clip"] for row in rows], [row["prompt"] for row in rows],
+                                     [row["_pieces"] for row in rows], self.settings.batch_size,
+                                     features=[row["_features"] for row in rows])
         except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
             if len(rows) == 1:
                 rows[0].update(error="model_error", error_message=f"{type(err).__name__}: {err}")
@@ -92,15 +95,19 @@ class Predictor:
         self._fill(rows, output, time.perf_counter() - started)
         return generate_cpu_s
 
-    def _fill(self, rows: list[dict[str, Any]], output: GenerationOutput, model_s: float) -> None:
+    def _fill(self, rows: list[dict[str, Any]], output: LongFormOutput, model_s: float) -> None:
+        """Each row's answer. Latency and batch size only on rows that reached the model (silence does not);
+        `model_s` on every row of the batch, whose work it is."""
         finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
-        for index, row in enumerate(rows):
+        for row, answer in zip(rows, output.answers):
+            ran = answer.batch_size is not None
             row.update(
-                text=output.texts[index],
-                output_tokens=output.output_tokens[index],
-                ttft_s=output.ttft_s,
-                tpot_s=output.tpot_s,
-                batch_size=len(rows),
+                text=answer.text,
+                segments=[asdict(segment) for segment in answer.segments],
+                output_tokens=answer.output_tokens,
+                ttft_s=output.ttft_s if ran else None,
+                tpot_s=output.tpot_s if ran else None,
+                batch_size=answer.batch_size,
                 model_s=model_s,
                 created_at=finished,
             )
@@ -111,6 +118,7 @@ class Predictor:
             **item,
             "corpus": self.settings.corpus,
             "text": None,
+            "segments": None,
             "audio_seconds": clip.get("original_seconds"),
             "truncated": clip.get("truncated"),
             "sample_rate": clip.get("original_sample_rate"),
@@ -131,4 +139,5 @@ class Predictor:
             waveform = np.frombuffer(item["waveform"], dtype=np.float32)
             fields = {k: v for k, v in clip.items() if k != "waveform"}
             row["_clip"] = AudioClip(waveform=waveform, **fields)
+            row["_pieces"] = [tuple(piece) for piece in item["pieces"]]
         return row

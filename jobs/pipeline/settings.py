@@ -11,3 +11,4 @@ class JobSettings:
     job_id: str
     model_identity: str
     decoding: str
+    batch_size: int = 8  # pieces per model batch (a long recording's pieces share batches with other items')

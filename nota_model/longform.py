@@ -1,0 +1,127 @@
+"""Long recordings through any model's batched `generate` (the NOTA model, Whisper on either engine).
+
+Each item comes with its pieces (`nota_model.segment.plan_pieces`). The pieces of all items fill the model's
+batches together, longest first, so that a long item shares batches with the others rather than running
+alone; the answers are put back in each item's order and stitched. An item whose piece is the whole clip
+gets exactly what `generate` gives for that clip; an item with no piece (silence) gets an empty answer
+without running the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from statistics import fmean
+from typing import Any
+
+import numpy as np
+
+from nota_model.audio import SAMPLE_RATE, AudioClip
+from nota_model.config import DecodingConfig, ModelConfig
+from nota_model.features import ModelFeatures, compute_features
+from nota_model.segment import Piece
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of an item: its start and end in seconds of the 16 kHz clip, and the model's answer."""
+
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class ItemAnswer:
+    text: str
+    segments: list[Segment]
+    output_tokens: int
+    batch_size: int | None  # pieces in the largest model batch that ran one of this item's pieces
+
+
+@dataclass(frozen=True)
+class LongFormOutput:
+    """Answers in item order, and the timing of the model batches that made them (None when none ran)."""
+
+    answers: list[ItemAnswer]
+    ttft_s: float | None
+    tpot_s: float | None
+    model_batches: int
+
+
+def generate_pieces(
+    model: Any,
+    clips: Sequence[AudioClip],
+    prompts: Sequence[str],
+    pieces: Sequence[Sequence[Piece]],
+    batch_size: int,
+    decoding: DecodingConfig | None = None,
+    features: Sequence[Sequence[ModelFeatures]] | None = None,
+) -> LongFormOutput:
+    """Run every piece of every item in model batches of up to `batch_size` pieces, longest pieces first.
+    `features`: each item's pieces' features (`piece_features`), when computed elsewhere (the job's decode
+    tasks). `ttft_s` and `tpot_s` are the means over the model batches."""
+    work = [(item, number, piece) for item, item_pieces in enumerate(pieces) for number, piece in enumerate(item_pieces)]
+    order = sorted(range(len(work)), key=lambda index: work[index][2][1] - work[index][2][0], reverse=True)
+    min_samples = round(model.config.audio.min_seconds * SAMPLE_RATE)
+    answers: list[tuple[str, int, int] | None] = [None] * len(work)
+    ttfts, tpots = [], []
+    for first in range(0, len(order), batch_size):
+        indices = order[first : first + batch_size]
+        batch = [work[index] for index in indices]
+        output = model.generate(
+            [piece_clip(clips[item], piece, min_samples) for item, _, piece in batch],
+            [prompts[item] for item, _, _ in batch],
+            decoding,
+            features=None if features is None else [features[item][number] for item, number, _ in batch],
+        )
+        ttfts.append(output.ttft_s)
+        tpots += [output.tpot_s] if output.tpot_s is not None else []
+        for position, index in enumerate(indices):
+            answers[index] = (output.texts[position], output.output_tokens[position], len(batch))
+    by_item: list[list[tuple[Piece, tuple[str, int, int]]]] = [[] for _ in clips]
+    for (item, _, piece), answer in zip(work, answers):
+        by_item[item].append((piece, answer))
+    return LongFormOutput(
+        answers=[_item_answer(item_answers) for item_answers in by_item],
+        ttft_s=fmean(ttfts) if ttfts else None,
+        tpot_s=fmean(tpots) if tpots else None,
+        model_batches=len(ttfts),
+    )
+
+
+def piece_clip(clip: AudioClip, piece: Piece, min_samples: int) -> AudioClip:
+    """The clip the model gets for a piece: the clip itself when the piece is all of it, else its samples,
+    zero-padded to `min_samples` as a short recording is."""
+    start, end = piece
+    if (start, end) == (0, len(clip.waveform)):
+        return clip
+    waveform = clip.waveform[start:end]
+    padded = len(waveform) < min_samples
+    if padded:
+        waveform = np.pad(waveform, (0, min_samples - len(waveform)))
+    return replace(clip, waveform=waveform, seconds=len(waveform) / SAMPLE_RATE, truncated=False, padded=padded)
+
+
+def piece_features(clip: AudioClip, pieces: Sequence[Piece], config: ModelConfig) -> list[ModelFeatures]:
+    """The model's features of each piece of a clip, as `generate_pieces` runs them."""
+    min_samples = round(config.audio.min_seconds * SAMPLE_RATE)
+    return compute_features([piece_clip(clip, piece, min_samples) for piece in pieces], config)
+
+
+def stitch(texts: Sequence[str]) -> str:
+    """One answer from the pieces' answers in order: a single piece's as it is, else the stripped, non-empty
+    answers joined by spaces."""
+    if len(texts) == 1:
+        return texts[0]
+    return " ".join(text.strip() for text in texts if text.strip())
+
+
+def _item_answer(piece_answers: list[tuple[Piece, tuple[str, int, int]]]) -> ItemAnswer:
+    segments = [Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, text) for (start, end), (text, _, _) in piece_answers]
+    return ItemAnswer(
+        text=stitch([segment.text for segment in segments]),
+        segments=segments,
+        output_tokens=sum(tokens for _, (_, tokens, _) in piece_answers),
+        batch_size=max((size for _, (_, _, size) in piece_answers), default=None),
+    )

@@ -1,0 +1,97 @@
+"""Long recordings cut into pieces that fit the model's window.
+
+Speech (task `asr`) is cut at pauses that Silero VAD finds (the `silero-vad` package ships its model, so
+nothing is downloaded), and neighbouring speech is merged back into pieces of up to the window, as WhisperX
+and faster-whisper's batched pipeline do; speech longer than the window with no pause is split at its
+quietest point (Silero's own rule), else at the window. Other tasks (captioning) are cut into fixed windows.
+Audio that fits the window stays one piece, the whole clip, and is never given to the VAD.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from nota_model.audio import SAMPLE_RATE
+
+SPEECH_TASK = "asr"
+
+# (start, end) sample of a piece at 16 kHz, end excluded.
+Piece = tuple[int, int]
+
+# Silero's defaults but for the padding kept around speech: a fifth of a second, so that no word's onset or
+# trailing consonant is cut. Pieces merged from neighbouring spans also keep the pauses between them.
+SPEECH_PAD_MS = 200
+MIN_SILENCE_MS = 100
+
+_vad_lock = threading.Lock()
+
+
+def plan_pieces(waveform: np.ndarray, task: str, window_seconds: float) -> list[Piece]:
+    """The pieces to run for a 16 kHz mono waveform: the whole clip when it fits the window; else speech
+    pieces for `asr` (none at all for silence) and fixed windows for other tasks."""
+    window = round(window_seconds * SAMPLE_RATE)
+    if len(waveform) <= window:
+        return [(0, len(waveform))]
+    if task == SPEECH_TASK:
+        return merge_spans(speech_spans(waveform, window_seconds), window)
+    return fixed_windows(len(waveform), window)
+
+
+def fixed_windows(length: int, window: int) -> list[Piece]:
+    return [(start, min(start + window, length)) for start in range(0, length, window)]
+
+
+def speech_spans(waveform: np.ndarray, max_seconds: float, pad_ms: int = SPEECH_PAD_MS) -> list[Piece]:
+    """Where Silero VAD hears speech in a 16 kHz waveform, each span at most `max_seconds` long and widened
+    by `pad_ms` on each side."""
+    model, get_speech_timestamps = _silero()
+    with _vad_lock, _one_torch_thread(), torch.inference_mode():
+        timestamps = get_speech_timestamps(
+            torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)),
+            model,
+            sampling_rate=SAMPLE_RATE,
+            max_speech_duration_s=max_seconds,
+            min_silence_duration_ms=MIN_SILENCE_MS,
+            speech_pad_ms=pad_ms,
+        )
+    return [(span["start"], span["end"]) for span in timestamps]
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """The VAD runs one small step per 32 ms of audio: more threads only wait on each other, and on a busy
+    machine they make it many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def merge_spans(spans: list[Piece], window: int) -> list[Piece]:
+    """Neighbouring spans joined while the piece from the first one's start to the last one's end fits the
+    window; the pauses inside a piece stay in it."""
+    pieces: list[Piece] = []
+    for start, end in spans:
+        if pieces and end - pieces[-1][0] <= window:
+            pieces[-1] = (pieces[-1][0], end)
+        else:
+            pieces.append((start, end))
+    return pieces
+
+
+@lru_cache(maxsize=1)
+def _silero() -> tuple[torch.jit.ScriptModule, Callable[..., list[dict[str, int]]]]:
+    """Silero's model (TorchScript, from the package) and its span finder."""
+    threads = torch.get_num_threads()
+    import silero_vad  # importing it sets torch to one thread: the caller keeps its own
+
+    torch.set_num_threads(threads)
+    return silero_vad.load_silero_vad(), silero_vad.get_speech_timestamps
