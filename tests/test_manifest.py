@@ -293,20 +293,20 @@ def test_a_link_member_reads_as_the_audio_member_it_points_at_or_is_an_invalid_i
     assert "k4.wav is a link to gone.wav" in got[3]["error_message"]
 
 
-def test_shard_listing_retries_transient_errors_and_keeps_an_unreadable_shard_as_one_item(tmp_path, monkeypatch):
+def test_shard_reading_retries_transient_errors_and_keeps_an_unreadable_shard_as_one_item(tmp_path, monkeypatch):
     build_shards(audio_folder(tmp_path), None, "mine", "asr", str(tmp_path / "mine"), items_per_shard=2)
     manifest = load_manifest(str(tmp_path / "mine.yaml"))
     monkeypatch.setattr(manifest_module.time, "sleep", lambda seconds: None)
-    real_list = manifest_module._list_shard
+    real_stream = manifest_module._stream_shard
     failures = {str(tmp_path / "mine-00000.tar"): [ConnectionResetError("reset")],
                 str(tmp_path / "mine-00001.tar"): [PermissionError("denied")]}
 
-    def flaky_list(url, *args):
+    def flaky_stream(url, *args):
         if failures[url]:
             raise failures[url].pop()
-        return real_list(url, *args)
+        return real_stream(url, *args)
 
-    monkeypatch.setattr(manifest_module, "_list_shard", flaky_list)
+    monkeypatch.setattr(manifest_module, "_stream_shard", flaky_stream)
     got = rows(manifest.work_items())
 
     assert [(row["id"], row["shard"], row["error"]) for row in got] == [
