@@ -73,6 +73,7 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
             for result in batch.filter(pc.is_valid(batch["committed_rows"])).to_pylist():
                 commits[result["shard"]] = Commit(result["committed_rows"], result["committed_audio_seconds"])
     commits |= finish_shards(plan, manifest, staging, settings)
+    staging.remove()
     wall = time.perf_counter() - started
     processed = sum(commit.rows for commit in commits.values())
     audio_seconds = sum(commit.audio_seconds for commit in commits.values())

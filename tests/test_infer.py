@@ -2,6 +2,7 @@
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,30 @@ def test_items_the_pipeline_never_returned_get_a_lost_row(tmp_path):
     assert commit is not None and commit.rows == 3
     got = pq.read_table(staging.store.part_path(4)).to_pylist()
     assert [(r["id"], r["error"]) for r in got] == [("i0", "lost"), ("i1", None), ("i2", "lost")]
+
+
+def test_a_dry_run_reads_and_decodes_every_item_without_a_model_and_never_mixes_with_a_real_run(local_ray, tmp_path):
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    for index in range(5):
+        (audio_dir / f"clip{index}.wav").write_bytes(wav_bytes(tone(0.5 + index, 8000 * (1 + index % 2), 1 + index % 2), 8000 * (1 + index % 2)))
+    (audio_dir / "broken.wav").write_bytes(b"RIFF not really")
+    manifest = build_shards(audio_dir, None, "dry", "asr", str(tmp_path / "shards" / "dry"), 3)
+    last = tmp_path / "shards" / "dry-00001.tar"
+    with tarfile.open(last) as tar:
+        second_audio = [member for member in tar.getmembers() if member.name.endswith(".wav")][1]
+    last.write_bytes(last.read_bytes()[:second_audio.offset_data + 100])  # one item before the damage
+
+    summary = run(job_args(Path(manifest), tmp_path / "out", "--dry-run"))
+
+    rows = [row for part in sorted((tmp_path / "out" / "dry").glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+    assert [(row["shard"], row["index"], row["id"], row["error"]) for row in rows] == [
+        (0, 0, "broken", "not_audio"), (0, 1, "clip0", None), (0, 2, "clip1", None),
+        (1, 0, "clip2", None), (1, 1, f"{last}#corrupt", "corrupt_shard")]
+    assert summary["dry_run"] and summary["items"] == 5 and summary["error_codes"] == {"corrupt_shard": 1, "not_audio": 1}
+    clip1 = rows[2]
+    assert clip1["audio_seconds"] == pytest.approx(1.5) and clip1["sample_rate"] == 16000 and clip1["channels"] == 2
+    assert all(row["text"] is None and row["model"] == "dry-run" and row["model_s"] is None for row in rows)
+    assert not (tmp_path / "out" / "dry" / "_staging").exists()
+    with pytest.raises(OutputMismatchError, match="dry-run"):
+        run(job_args(Path(manifest), tmp_path / "out"))

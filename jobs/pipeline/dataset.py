@@ -31,9 +31,11 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args:
                   predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
     """Rows of the write stage's results (`write.WRITE_RESULT_SCHEMA`): a few per block, no item data."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    on_gpu = not args.dry_run and (args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0))
+    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
     pool = args.pool_size or max(gpus, 1)
-    sizing = resource_sizing(on_gpu, pool, args.cpus_per_actor, args.decode_cpus)
+    # A dry run has no model: reading and decoding are the work, a CPU each.
+    sizing = (ResourceSizing(0.0, args.decode_cpus or 1.0) if args.dry_run
+              else resource_sizing(on_gpu, pool, args.cpus_per_actor, args.decode_cpus))
     block_rows = decode_block_rows(plan.pending_items, args.batch_size, pool)
     context = ray.data.DataContext.get_current()
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
