@@ -14,7 +14,8 @@ fresh local Ray (4 logical CPUs, one fake GPU), and reports from that process:
 Modes: `dry` (`--dry-run`: read, decode and write, no model), `stub` (the `benchmarks.scaling` stub model
 answering at no cost: the pipeline's own ceiling with a model stage). Against the loopback S3 server
 (moto, counting the requests it serves) the `dry` mode (the baseline: `stub`) over `--s3-items` items
-gives `get_requests_per_item`. The baseline is the job at `--baseline-ref`, exported with `git archive`
+gives `get_requests_per_item` (all of them: the shards, listings, the output's staging, commits and
+summary) and `corpus_get_requests_per_item` (those reading the shards). The baseline is the job at `--baseline-ref`, exported with `git archive`
 and run from there; it has no dry run.
 
 Clips: 0.1 s of 16 kHz 16-bit tone (3.3 kB) each; all sizes share one set of shards (hard links).
@@ -147,7 +148,8 @@ def export_baseline(ref: str, into: Path) -> Path:
 
 
 class CountingS3Server:
-    """moto's S3 server on a loopback port, counting the requests it serves by HTTP method."""
+    """moto's S3 server on a loopback port, counting the requests it serves by HTTP method, those on the corpus's
+    shards apart (`GET corpus`)."""
 
     def __init__(self) -> None:
         import logging
@@ -160,7 +162,8 @@ class CountingS3Server:
         app = DomainDispatcherApplication(create_backend_app)
 
         def counted(environ: dict, start_response: Any) -> Any:
-            self.requests[environ["REQUEST_METHOD"]] += 1
+            corpus = "/scale/shard-" in environ["PATH_INFO"]
+            self.requests[f"{environ['REQUEST_METHOD']}{' corpus' if corpus else ''}"] += 1
             return app(environ, start_response)
 
         with socket.socket() as probe:
@@ -187,7 +190,9 @@ def s3_run(work: Path, items: int, mode: str, code: Path | None) -> dict:
         before = dict(server.requests)
         result = run_measure("s3://corpus/scale/corpus.yaml", f"s3://corpus/out-{mode}", mode, code, server.storage_options)
         result["requests"] = {method: count - before.get(method, 0) for method, count in server.requests.items()}
-        result["get_requests_per_item"] = round(result["requests"].get("GET", 0) / items, 4)
+        gets = result["requests"].get("GET", 0) + result["requests"].get("GET corpus", 0)
+        result["get_requests_per_item"] = round(gets / items, 4)
+        result["corpus_get_requests_per_item"] = round(result["requests"].get("GET corpus", 0) / items, 4)
     finally:
         server.server.shutdown()
     return result
@@ -230,16 +235,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| code | mode | items | wall s | items/s | first batch s | driver peak RSS MB | GET/item | load (1 min) |",
+    lines = ["| code | mode | items | wall s | items/s | first batch s | driver peak RSS MB | GET/item (shards) | load (1 min) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "failed" in r:
             lines.append(f"| {r['code']} | {r['mode']} | {r['items']:,} | FAILED | | | | | {r['load_avg_1m']:.1f} |")
             continue
         lines.append(f"| {r['code']} | {r['mode']} | {r['items']:,} | {r['wall_s']:.1f} | {r['items_per_s']:,.0f} "
-                     f"| {r['first_batch_s']:.1f} | {r['driver_peak_rss_mb']:,.0f} | {r.get('get_requests_per_item', '')} "
+                     f"| {r['first_batch_s']:.1f} | {r['driver_peak_rss_mb']:,.0f} | {_gets(r)} "
                      f"| {r['load_avg_1m']:.1f} |")
     return "\n".join(lines)
+
+
+def _gets(result: dict) -> str:
+    if "get_requests_per_item" not in result:
+        return ""
+    return f"{result['get_requests_per_item']} ({result['corpus_get_requests_per_item']})"
 
 
 if __name__ == "__main__":

@@ -77,10 +77,10 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     wall = time.perf_counter() - started
     processed = sum(commit.rows for commit in commits.values())
     audio_seconds = sum(commit.audio_seconds for commit in commits.values())
-    errors = store.error_counts()
+    rows, errors = store.counts()
     summary = {
         "corpus": manifest.name, "job_id": job_id, "model": identity, "output": args.output, "dry_run": args.dry_run,
-        "items": store.count_rows(), "errors": sum(errors.values()), "error_codes": dict(sorted(errors.items())),
+        "items": rows, "errors": sum(errors.values()), "error_codes": dict(sorted(errors.items())),
         "items_this_run": processed, "shards_skipped": len(done), "shards_written": len(commits),
         "audio_seconds_this_run": round(audio_seconds, 3), "wall_s": round(wall, 3),
         "items_per_s": round(processed / wall, 3), "x_real_time": round(audio_seconds / wall, 3),

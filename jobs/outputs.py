@@ -101,22 +101,15 @@ class OutputStore:
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_bytes_atomically(self.fs, f"{self.dir}/_SUCCESS.json", json.dumps(summary, indent=2).encode())
 
-    def error_counts(self) -> Counter[str]:
-        """Rows with each error code over every part file, read one file's `error` column at a time."""
-        counts: Counter[str] = Counter()
+    def counts(self) -> tuple[int, Counter[str]]:
+        """Rows of every part file, and rows with each error code: one part file's `error` column at a time."""
+        rows, errors = 0, Counter()
         for shard in self.completed_shards():
             with self.fs.open(self.part_path(shard), "rb") as file:
-                column = pq.read_table(file, columns=["error"]).column("error").drop_null()
-            counts.update({entry["values"]: entry["counts"] for entry in column.value_counts().to_pylist()})
-        return counts
-
-    def count_rows(self) -> int:
-        """Rows of every part file (from the files' footers)."""
-        total = 0
-        for shard in self.completed_shards():
-            with self.fs.open(self.part_path(shard), "rb") as file:
-                total += pq.ParquetFile(file).metadata.num_rows
-        return total
+                column = pq.read_table(file, columns=["error"]).column("error")
+            rows += len(column)
+            errors.update({entry["values"]: entry["counts"] for entry in column.drop_null().value_counts().to_pylist()})
+        return rows, errors
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -24,10 +24,10 @@ from jobs.infer import parse_args, run
 from jobs.pipeline.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
 from jobs.outputs import OutputStore
 from jobs.pipeline.predict import actor_threads
-from jobs.pipeline.read import ReadPlan
+from jobs.pipeline.read import ReadPlan, TarShard
 from jobs.pipeline.settings import JobSettings
 from jobs.pipeline.write import ShardStaging
-from jobs.manifest import load_manifest
+from jobs.manifest import ItemListShard, load_manifest
 from nota_model.config import load_config
 from tests.test_infer import TINY_DECODING, tone, wav_bytes
 
@@ -214,3 +214,15 @@ def test_ray_data_keeps_its_progress_on_the_terminal_and_its_warnings_in_its_log
     info, warning = (logging.LogRecord("ray.data.nota_test", level, __file__, 1, marker, None, None)
                      for level in (logging.INFO, logging.WARNING))
     assert terminal and all(handler.filter(info) and not handler.filter(warning) for handler in terminal)
+
+
+def test_item_list_read_tasks_hold_whole_blocks_and_every_pending_row_once():
+    shards = [ItemListShard(number, number * 4, 4 if number < 5 else 3, None) for number in range(6)]  # 23 rows
+    plan = ReadPlan(pending=[shard for shard in shards if shard.number != 2], shards=6, items=23, pending_items=19)
+    tasks = plan.read_tasks(block_rows=6)
+    sizes = [sum(piece.stop - piece.start for piece in task) for task in tasks]
+    assert sizes == [6, 6, 6, 1]  # every task but the last a whole number of blocks
+    rows = [(piece.shard.number, index) for task in tasks for piece in task for index in range(piece.start, piece.stop)]
+    assert rows == [(shard.number, index) for shard in plan.pending for index in range(shard.rows)]
+    assert [len(task) for task in ReadPlan(pending=[TarShard(0, "a.tar", 1), TarShard(3, "b.tar", 1)], shards=4,
+                                           items=None, pending_items=None).read_tasks(6)] == [1, 1]  # a task per tar shard

@@ -315,6 +315,26 @@ def test_shard_reading_retries_transient_errors_and_keeps_an_unreadable_shard_as
     assert "denied" in got[2]["error_message"]
 
 
+def test_a_stream_cut_by_a_transient_error_restarts_past_the_items_already_given(tmp_path, monkeypatch):
+    shard, _ = shard_with_three_items(tmp_path)
+    monkeypatch.setattr(manifest_module.time, "sleep", lambda seconds: None)
+    real_stream = manifest_module._stream_shard
+    attempts = []
+
+    def reset_after_two_items(*args):
+        attempts.append(args)
+        for number, pair in enumerate(real_stream(*args)):
+            if number == 2 and len(attempts) == 1:
+                raise ConnectionResetError("reset")
+            yield pair
+
+    monkeypatch.setattr(manifest_module, "_stream_shard", reset_after_two_items)
+    got = list(manifest_module.shard_items(str(shard), shard.stat().st_size, {}))
+
+    assert [item["id"] for item, _ in got] == ["a", "b", "c"] and len(attempts) == 2
+    assert all(data == read_item_bytes(item, {}) for item, data in got)
+
+
 def test_seed_annotation_json_imports_as_an_item_list(tmp_path):
     seed = tmp_path / "seed" / "train.json"
     seed.parent.mkdir()
