@@ -35,6 +35,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def measure(manifest: str, output: str, mode: str, storage_options: str) -> None
     from jobs.infer import parse_args, run
     from jobs.outputs import read_predictions
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="warning")
     ray.data.DataContext.get_current().enable_progress_bars = False
     argv = ["--manifest", manifest, "--model", "tiny", "--output", output, "--batch-size", "32", "--no-score",
             "--storage-options", storage_options]
@@ -183,12 +184,13 @@ def s3_run(work: Path, items: int, mode: str, code: Path | None) -> dict:
     server = CountingS3Server()
     try:
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
-        fs.mkdir("corpus")
+        bucket = f"corpus-{uuid.uuid4().hex[:8]}"  # moto keeps buckets across servers in one process
+        fs.mkdir(bucket)
         for shard in write_shards(work / "shards", items // ITEMS_PER_SHARD):
-            fs.put_file(str(shard), f"corpus/scale/{shard.name}")
-        fs.pipe("corpus/scale/corpus.yaml", b"name: scale\ntask: asr\nshards: shard-?????.tar\n")
+            fs.put_file(str(shard), f"{bucket}/scale/{shard.name}")
+        fs.pipe(f"{bucket}/scale/corpus.yaml", b"name: scale\ntask: asr\nshards: shard-?????.tar\n")
         before = dict(server.requests)
-        result = run_measure("s3://corpus/scale/corpus.yaml", f"s3://corpus/out-{mode}", mode, code, server.storage_options)
+        result = run_measure(f"s3://{bucket}/scale/corpus.yaml", f"s3://{bucket}/out", mode, code, server.storage_options)
         result["requests"] = {method: count - before.get(method, 0) for method, count in server.requests.items()}
         gets = result["requests"].get("GET", 0) + result["requests"].get("GET corpus", 0)
         result["get_requests_per_item"] = round(gets / items, 4)
