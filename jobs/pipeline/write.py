@@ -5,7 +5,7 @@ folder, in a file named by the digest of their indices (a redone block overwrite
 cut differently overlaps it, and the merge keeps one row per index). The read task leaves a marker of the
 shard's item count there before the shard's last rows leave it. The writer that finds the shard complete
 merges its staged rows into `part-NNNNN.parquet` (one atomic write) and removes the staging: the part file
-appears whole or not at all, and a second writer that merges too writes the same rows.
+appears whole or not at all, and a second writer that merges too writes the same items.
 
     OUTPUT/NAME/_staging/part-NNNNN/items-N                     the shard has N items (from its read task)
     OUTPUT/NAME/_staging/part-NNNNN/rows-<digest>-<count>.parquet  one block's rows of the shard
