@@ -6,7 +6,7 @@ THIS IS A SIMULATION. No model runs and no GPU is used: for each node count N it
 machine, a local multi-node Ray (`ray.cluster_utils.Cluster`: a head node with no GPU and
 `--head-cpus` CPUs, and N worker nodes, each with a fake `num_gpus=1` and `--cpus-per-node` CPUs),
 and runs the real job (`jobs.infer.run`: the real manifest of small generated WAV files, real decode
-tasks, the real actor pool, `ShardCollector` and Parquet output) with a STUB model in place of the real
+tasks, the real actor pool, the write stage and Parquet output) with a STUB model in place of the real
 one: `SimulatedPredictor` (a `Predictor` subclass that loads no weights) answers "simulated" and
 sleeps `cost_s` per item of each batch. What it measures is the job's orchestration (one actor per GPU
 node, every item exactly once, how the work spreads over the actors), not model speed. All nodes share

@@ -3,9 +3,11 @@
     python -m jobs.infer --manifest M --model CONFIG_OR_PRESET [--checkpoint C] --output URL
 
 Runs on the current Ray cluster (`RAY_ADDRESS`, as under `ray job submit`) or starts a local one.
-Stages: work items (driver) -> read and decode audio (CPU tasks) -> the model (an actor pool: one
-actor per GPU in the model's half dtype, or CPU actors) -> Parquet files, one per input shard, written
-by the driver as soon as a shard is complete. A rerun with the same output skips complete shards.
+Stages, all on the cluster: read and decode (a read task per input shard: a tar shard streamed front to
+back, or rows of an item list) -> the model (an actor pool: one actor per GPU in the model's half dtype,
+or CPU actors; `--dry-run`: no model) -> write (rows staged per shard; a shard's Parquet file committed
+whole once complete). The driver plans the read tasks from shard URLs and gets a few numbers per block.
+A rerun with the same output skips complete shards.
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from jobs import logs, report
 from jobs.manifest import load_manifest
 from jobs.outputs import OutputStore
-from jobs.pipeline.collect import ShardCollector
-from jobs.pipeline.dataset import CPU_NODE_DECODE_CPUS, build_dataset
-from jobs.pipeline.predict import Predictor
+from jobs.pipeline.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
+from jobs.pipeline.predict import DRY_RUN_IDENTITY, Predictor
+from jobs.pipeline.read import ReadPlan
 from jobs.pipeline.settings import JobSettings
+from jobs.pipeline.write import Commit, ShardStaging
 from jobs.score import add_scoring_arguments, score
 from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
@@ -50,36 +52,37 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     manifest = load_manifest(args.manifest, storage_options)
     long_audio = [f"audio.long_audio={args.long_audio}"] if args.long_audio else []
     config = load_config(args.model, parse_overrides([*args.set, *long_audio]))
-    identity = model_identity(config, args.checkpoint)
+    identity = DRY_RUN_IDENTITY if args.dry_run else model_identity(config, args.checkpoint)
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), args.batch_size)
     store = OutputStore(args.output, manifest.name, storage_options)
     store.claim({"model": identity, "decoding": settings.decoding, "long_audio": config.audio.long_audio})
 
-    items = manifest.work_items()
     done = store.completed_shards()
-    pending = items.filter(pa.compute.invert(pa.compute.is_in(items["shard"], pa.array(sorted(done), pa.int32()))))
-    log.info("job_start", corpus=manifest.name, model=identity, items=items.num_rows, pending=pending.num_rows,
-             shards_done=len(done), ray=ray.cluster_resources())
-    logs.headline(f"nota-batch job {job_id}: {manifest.name}, {pending.num_rows} of {items.num_rows} items to run, "
-                  f"model {identity}", sys.stderr)
-    untrained = random_parts(config, args.checkpoint)
+    plan = ReadPlan.of(manifest, done)
+    staging = ShardStaging(store)
+    staging.remove()  # rows staged by an interrupted run: their shards are read again
+    log.info("job_start", corpus=manifest.name, model=identity, shards=plan.shards, items=plan.items,
+             pending_items=plan.pending_items, shards_done=len(done), ray=ray.cluster_resources())
+    logs.headline(f"nota-batch job {job_id}: {manifest.name}, {plan.describe()} to run, model {identity}", sys.stderr)
+    untrained = [] if args.dry_run else random_parts(config, args.checkpoint)
     if untrained:
         log.warning("random_weights", parts=untrained, meaning="the text of this run is MEANINGLESS")
-    collector = ShardCollector(store, dict(zip(*np.unique(pending["shard"].to_numpy(), return_counts=True))))
-    audio_seconds, processed = 0.0, 0
-    if pending.num_rows:
-        for batch in build_dataset(pending, manifest, config, args, settings, predictor, predictor_kwargs).iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                collector.add(row)
-                processed += 1
-                audio_seconds += row["audio_seconds"] or 0.0
-    collector.finish(pending, settings)
+    commits: dict[int, Commit] = {}
+    if plan.pending:
+        results = build_dataset(plan, manifest, config, args, settings, staging, predictor, predictor_kwargs)
+        for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+            for result in batch.filter(pc.is_valid(batch["committed_rows"])).to_pylist():
+                commits[result["shard"]] = Commit(result["committed_rows"], result["committed_audio_seconds"])
+    commits |= finish_shards(plan, manifest, staging, settings)
+    staging.remove()
     wall = time.perf_counter() - started
-    errors = [e for e in store.read_column("error") if e is not None]
+    processed = sum(commit.rows for commit in commits.values())
+    audio_seconds = sum(commit.audio_seconds for commit in commits.values())
+    rows, errors = store.counts()
     summary = {
-        "corpus": manifest.name, "job_id": job_id, "model": identity, "output": args.output,
-        "items": items.num_rows, "errors": len(errors), "error_codes": {c: errors.count(c) for c in sorted(set(errors))},
-        "items_this_run": processed, "shards_skipped": len(done), "shards_written": len(collector.written),
+        "corpus": manifest.name, "job_id": job_id, "model": identity, "output": args.output, "dry_run": args.dry_run,
+        "items": rows, "errors": sum(errors.values()), "error_codes": dict(sorted(errors.items())),
+        "items_this_run": processed, "shards_skipped": len(done), "shards_written": len(commits),
         "audio_seconds_this_run": round(audio_seconds, 3), "wall_s": round(wall, 3),
         "items_per_s": round(processed / wall, 3), "x_real_time": round(audio_seconds / wall, 3),
         "finished_at": datetime.now(UTC).isoformat(),
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     }
     store.write_summary(summary)
     log.info("job_done", **summary)
-    if not args.no_score:
+    if not args.no_score and not args.dry_run:
         summary["metrics"] = f"{store.url.rstrip('/')}/{manifest.name}/_scores"
         summary["groups"] = score(f"{store.url.rstrip('/')}/{manifest.name}", summary["metrics"], args.references,
                                   args.spice_lib, storage_options=storage_options)
@@ -131,6 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--job-id", help="default: the Ray job submission id, else a fresh one")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="read and decode every item and write its row (audio seconds, sample rate, channels, errors; no text) "
+        "without loading a model; the output is marked `dry-run` and never mixes with a model's",
+    )
     parser.add_argument("--no-score", action="store_true", help="skip scoring the corpus at the end (OUTPUT/NAME/_scores)")
     add_scoring_arguments(parser)
     return parser.parse_args(argv)

@@ -1,9 +1,13 @@
 """Corpus manifests: what a batch job reads, as a table of work items; and the tool that makes them.
 
 A manifest (YAML, see manifests/README.md) names a corpus, its default task and prompt, and its input:
-an item list (JSONL or Parquet) or a glob of WebDataset tar shards. `Manifest.work_items()` enumerates
-it into one work item per input row or tar key, invalid ones included, so nothing is lost silently;
-`read_item_bytes` reads one item's audio (a whole file, or a byte range of a tar) with retries.
+an item list (JSONL or Parquet) or a glob of WebDataset tar shards, cut into numbered input shards:
+`Manifest.shard_files()` (tar shards: URLs and sizes) or `Manifest.item_list_shards()` (row ranges of the
+list). `shard_items` streams one tar shard (its items with their audio bytes, as the members pass) and
+`item_list_rows` reads the rows of one item-list shard; `WorkItemChecks` turns them into work items (one per
+input row or tar key, invalid ones included, so nothing is lost silently). `Manifest.work_items()` enumerates
+the whole corpus into one table (`validate`); `read_item_bytes` reads one item's audio (a whole file, or a
+byte range of a tar) with retries.
 
 Usage:
   python -m jobs.manifest validate MANIFEST
@@ -24,8 +28,9 @@ import sys
 import tarfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -51,9 +56,8 @@ AUDIO_EXTENSIONS = frozenset({"wav", "flac", "mp3", "ogg"})
 ITEM_LIST_SUFFIXES = (".jsonl", ".parquet")
 SEED_TASKS = {"audiocaption": "aac", "audiocaption_v2": "aac"}
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)
-LISTING_THREADS = 32
-# Reads while listing a tar are 512-byte headers and small .json/.txt members: fetch little ahead.
-LISTING_BLOCK_SIZE = 1 << 14
+# A tar shard is read front to back in requests of this size: one request for a shard up to 64 MB.
+STREAM_BLOCK_SIZE = 64 << 20
 
 WORK_ITEM_SCHEMA = pa.schema(
     [
@@ -145,26 +149,47 @@ class Manifest(BaseModel):
             yield name, _redacted(value) if name == "storage_options" else value
 
     def work_items(self) -> pa.Table:
-        """One work item per item-list row or tar key, in (shard, index) order, as a WORK_ITEM_SCHEMA table."""
-        table = _WorkItems(self)
+        """One work item per item-list row or tar key, in (shard, index) order, as a WORK_ITEM_SCHEMA table: the
+        whole corpus in one process (ids checked unique across it), for `validate` and training."""
+        checks = WorkItemChecks(self)
         if self.items is not None:
-            base = _parent(self.items)
-            for number, row in enumerate(_read_item_list(self.items, self.storage_options)):
-                item = _list_item(row, number, base)
-                table.add(item, number // self.items_per_shard, number % self.items_per_shard, self.items)
+            shards = [(shard, item_list_rows(self, shard)) for shard in self.item_list_shards()]
+            items = (checks.work_item(item, shard.number, index, self.items)
+                     for shard, rows in shards for index, item in enumerate(rows))
         else:
-            for shard, (url, items) in enumerate(self._listed_shards()):
-                for index, item in enumerate(items):
-                    table.add(item, shard, index, url)
-        return table.to_arrow()
+            items = (checks.work_item(item, shard, index, url)
+                     for shard, (url, size) in enumerate(self.shard_files())
+                     for index, (item, _) in enumerate(shard_items(url, size, self.storage_options)))
+        return pa.Table.from_pylist(list(items), schema=WORK_ITEM_SCHEMA)
 
-    def _listed_shards(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    def shard_files(self) -> list[tuple[str, int]]:
+        """The tar shards (URL, size), sorted: shard N is the Nth."""
         shards = _glob(self.shards, self.storage_options)
         if not shards:
             raise ManifestError(f"shards: {self.shards} matches no file; check the glob and the credentials")
-        with ThreadPoolExecutor(max_workers=min(LISTING_THREADS, len(shards))) as pool:
-            listed = pool.map(lambda shard: _shard_items(*shard, self.storage_options), shards)
-            yield from zip((url for url, _ in shards), listed)
+        return shards
+
+    def item_list_shards(self) -> list[ItemListShard]:
+        """The item list cut into shards of `items_per_shard` rows. A JSONL list is read once for the byte offset
+        of each shard's first row; a Parquet list's row counts are in its footer."""
+        if self.items.endswith(".parquet"):
+            total = _parquet_rows(self.items, self.storage_options)
+            offsets: list[int | None] = [None] * -(-total // self.items_per_shard)
+        else:
+            total, offsets = _jsonl_shard_offsets(self.items, self.items_per_shard, self.storage_options)
+        return [ItemListShard(number, number * self.items_per_shard,
+                              min(self.items_per_shard, total - number * self.items_per_shard), offset)
+                for number, offset in enumerate(offsets)]
+
+
+@dataclass(frozen=True)
+class ItemListShard:
+    """Rows [first_row, first_row + rows) of an item list; `offset`: the byte offset of its first row in a JSONL list."""
+
+    number: int
+    first_row: int
+    rows: int
+    offset: int | None
 
 
 def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
@@ -293,21 +318,20 @@ class _Fields(BaseModel):
     _check_prompt = field_validator("prompt")(_require_placeholder)
 
 
-class _WorkItems:
-    """Work-item columns in order. Applies the manifest's defaults and the checks that span the corpus."""
+class WorkItemChecks:
+    """Makes work items (WORK_ITEM_SCHEMA fields): applies the manifest's defaults and the checks that span
+    the items it has seen (ids are unique among them)."""
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
-        self.columns: dict[str, list[Any]] = {name: [] for name in WORK_ITEM_SCHEMA.names}
         self.ids: set[str] = set()
 
-    def add(self, item: dict[str, Any], shard: int, index: int, source: str) -> None:
+    def work_item(self, item: dict[str, Any], shard: int, index: int, source: str) -> dict[str, Any]:
         item = {**item, "shard": shard, "index": index, "source": source, **self._defaults(item)}
         if item.get("error") is None:
             item.update(self._problem(item))
         self.ids.add(item["id"])
-        for name, column in self.columns.items():
-            column.append(item.get(name))
+        return {name: item.get(name) for name in WORK_ITEM_SCHEMA.names}
 
     def _defaults(self, item: dict[str, Any]) -> dict[str, Any]:
         """The manifest's task; its prompt only for items of its task; a reference as a list."""
@@ -322,9 +346,6 @@ class _WorkItems:
             return {"error": "missing_reference", "error_message": "the manifest requires references; this has none"}
         return {}
 
-    def to_arrow(self) -> pa.Table:
-        return pa.table(self.columns, schema=WORK_ITEM_SCHEMA)
-
 
 def _as_list(reference: str | list[str] | None) -> list[str] | None:
     return [reference] if isinstance(reference, str) else reference or None
@@ -338,17 +359,59 @@ def _invalid(item_id: str, message: str, code: str = "invalid_item", audio: str 
     return {"id": item_id, "audio": audio, "error": code, "error_message": message}
 
 
-def _read_item_list(url: str, storage_options: Mapping[str, Any]) -> Iterator[str | dict[str, Any]]:
-    """JSONL lines as text (each parsed on its own, so one bad line is one invalid item), or Parquet rows."""
+def item_list_rows(manifest: Manifest, shard: ItemListShard) -> Iterator[dict[str, Any]]:
+    """The items of one item-list shard (before `WorkItemChecks`)."""
+    base = _parent(manifest.items)
+    rows = _read_item_list(manifest.items, manifest.storage_options, shard)
+    for number, row in enumerate(rows, shard.first_row):
+        yield _list_item(row, number, base)
+
+
+def _read_item_list(url: str, storage_options: Mapping[str, Any], shard: ItemListShard) -> Iterator[str | dict[str, Any]]:
+    """The shard's JSONL lines as text (each parsed on its own, so one bad line is one invalid item), or Parquet rows."""
+    with _item_list(url, storage_options) as file:
+        if url.endswith(".parquet"):
+            yield from _parquet_slice(pq.ParquetFile(file), shard.first_row, shard.rows)
+        else:
+            file.seek(shard.offset)
+            lines = (line.decode("utf-8", errors="replace") for line in file if line.strip())
+            yield from (line for _, line in zip(range(shard.rows), lines))
+
+
+def _parquet_slice(file: pq.ParquetFile, first: int, rows: int) -> Iterator[dict[str, Any]]:
+    start = 0
+    for group in range(file.num_row_groups):
+        size = file.metadata.row_group(group).num_rows
+        if start + size > first and start < first + rows:
+            table = file.read_row_group(group)
+            yield from table.slice(max(0, first - start), first + rows - max(first, start)).to_pylist()
+        start += size
+
+
+def _parquet_rows(url: str, storage_options: Mapping[str, Any]) -> int:
+    with _item_list(url, storage_options) as file:
+        return pq.ParquetFile(file).metadata.num_rows
+
+
+def _jsonl_shard_offsets(url: str, rows_per_shard: int, storage_options: Mapping[str, Any]) -> tuple[int, list[int]]:
+    """Non-blank lines of a JSONL list, and the byte offset of every `rows_per_shard`th."""
+    rows, position, offsets = 0, 0, []
+    with _item_list(url, storage_options) as file:
+        for line in file:
+            if line.strip():
+                if rows % rows_per_shard == 0:
+                    offsets.append(position)
+                rows += 1
+            position += len(line)
+    return rows, offsets
+
+
+@contextmanager
+def _item_list(url: str, storage_options: Mapping[str, Any]) -> Iterator[IO[bytes]]:
+    """The item list open for reading; read errors are ManifestErrors."""
     try:
         with fsspec.open(url, "rb", **storage_options) as file:
-            if url.endswith(".parquet"):
-                for batch in pq.ParquetFile(file).iter_batches():
-                    yield from batch.to_pylist()
-            else:
-                for line in file:
-                    if line.strip():
-                        yield line.decode("utf-8", errors="replace")
+            yield file
     except FileNotFoundError:
         raise ManifestError(f"items: {url} does not exist; check the path") from None
     except (*_IO_ERRORS, pa.ArrowInvalid) as err:
@@ -380,60 +443,88 @@ def _id_of(data: Any) -> str | None:
     return str(item_id) if isinstance(item_id, (str, int)) and not isinstance(item_id, bool) and item_id != "" else None
 
 
-def _shard_items(url: str, size: int, storage_options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The items of one tar shard; a shard that cannot be read at all is one `unreadable_shard` item."""
-    try:
-        return _retrying(lambda: _list_shard(url, size, storage_options), url)
-    except _IO_ERRORS as err:
-        return [_invalid(f"{url}#unreadable", f"cannot read shard {url}: {err}", "unreadable_shard", url)]
+def shard_items(url: str, size: int, storage_options: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+    """The items of one tar shard with their audio bytes (None for an invalid item), read as one sequential
+    stream. A transient error restarts the stream past the items already given (after 0.5, 1 and 2 s); a shard
+    that cannot be read (further) is one more item, `unreadable_shard`."""
+    given = 0
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            for number, pair in enumerate(_stream_shard(url, size, storage_options)):
+                if number >= given:
+                    given += 1
+                    yield pair
+            return
+        except _IO_ERRORS as err:
+            if delay is None or not _is_transient(err):
+                yield _invalid(f"{url}#unreadable", f"cannot read shard {url}: {err}", "unreadable_shard", url), None
+                return
+            _log.warning("transient error on %s, retrying in %.1f s: %s", url, delay, err)
+            time.sleep(delay)
 
 
-def _list_shard(url: str, size: int, storage_options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Headers are read and audio data skipped by seeking; small .json/.txt members are read. Members listed
-    before any damage are items; the damage is one more item, `corrupt_shard`."""
-    groups: dict[str, dict[str, Any]] = {}
+def _stream_shard(url: str, size: int, storage_options: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+    """Members are read front to back and grouped by key as they pass (WebDataset keeps a key's members
+    together): a key's item is given when the next key starts. Items before any damage are given; the damage
+    is one more item, `corrupt_shard`."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    try:
-        with fs.open(path, "rb", block_size=LISTING_BLOCK_SIZE) as file, tarfile.open(fileobj=file, mode="r:") as tar:
-            damage = _read_members(tar, file, size, groups)
-    except tarfile.TarError as err:
-        damage = f"not a whole tar: {err}"
-    items = [_group_item(url, key, members) for key, members in groups.items()]
+    with fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE) as file:
+        try:
+            with tarfile.open(fileobj=file, mode="r:") as tar:
+                damage = yield from _items_by_key(url, tar, file, size)
+        except tarfile.TarError as err:
+            damage = f"not a whole tar: {err}"
     if damage:
         message = f"{url}: {damage}; any items after it are lost: rebuild the shard"
-        items.append(_invalid(f"{url}#corrupt", message, "corrupt_shard", url))
-    return items
+        yield _invalid(f"{url}#corrupt", message, "corrupt_shard", url), None
 
 
-def _read_members(tar: tarfile.TarFile, file: IO[bytes], size: int, groups: dict[str, dict[str, Any]]) -> str | None:
-    """Group the members by key into `groups`: audio members as TarInfo, .json/.txt as bytes. Returns what is
-    damaged, if anything (tarfile itself stops silently at a cut or garbled header)."""
+def _items_by_key(url: str, tar: tarfile.TarFile, file: IO[bytes], size: int) -> Generator[tuple[dict[str, Any], bytes | None], None, str | None]:
+    """Audio members are kept as TarInfo, .json/.txt as bytes. Returns what is damaged, if anything (tarfile
+    itself stops silently at a cut or garbled header)."""
     files: dict[str, tarfile.TarInfo] = {}
+    key, group, damage = None, {}, None
     for member in tar:
         link = member.islnk() or member.issym()
         if not (member.isfile() or link):
             continue
         if member.offset_data + member.size > size:
-            return f"member {member.name} is cut: the shard ends at byte {size}"
+            damage = f"member {member.name} is cut: the shard ends at byte {size}"
+            break
         match = _MEMBER_NAME.match(member.name)
-        key, ext = (match["key"], match["ext"].lower()) if match else (member.name, "")
+        member_key, ext = (match["key"], match["ext"].lower()) if match else (member.name, "")
         if link and ext not in AUDIO_EXTENSIONS:
             continue
-        group = groups.setdefault(key, {})
+        if member_key != key:
+            if group:
+                yield _item_with_audio(url, key, group, tar, files)
+            key, group = member_key, {}
         if ext in AUDIO_EXTENSIONS:
             group[ext] = member
         else:
             group[ext] = tar.extractfile(member).read() if ext in ("json", "txt") else None
         if not link:
             files[member.name] = member
-    for group in groups.values():
-        for ext, member in group.items():
-            if isinstance(member, tarfile.TarInfo) and (member.islnk() or member.issym()):
-                group[ext] = _link_target(member, files)
-    file.seek(tar.offset)
-    if file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-        return f"no end-of-archive marker at byte {tar.offset}: the shard is cut or garbled there"
-    return None
+    else:
+        file.seek(tar.offset)
+        if file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            damage = f"no end-of-archive marker at byte {tar.offset}: the shard is cut or garbled there"
+    if group:
+        yield _item_with_audio(url, key, group, tar, files)
+    return damage
+
+
+def _item_with_audio(url: str, key: str, group: dict[str, Any], tar: tarfile.TarFile,
+                     files: dict[str, tarfile.TarInfo]) -> tuple[dict[str, Any], bytes | None]:
+    """A key's item and its audio bytes. A link member reads as the earlier audio member it points at."""
+    for ext, member in group.items():
+        if isinstance(member, tarfile.TarInfo) and (member.islnk() or member.issym()):
+            group[ext] = _link_target(member, files)
+    item = _group_item(url, key, group)
+    if item.get("error") is not None:
+        return item, None
+    audio = next(member for ext, member in group.items() if ext in AUDIO_EXTENSIONS)
+    return item, tar.extractfile(audio).read()
 
 
 def _link_target(link: tarfile.TarInfo, files: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo | str:

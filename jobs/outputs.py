@@ -4,6 +4,7 @@ Layout under the output URL: a folder per corpus; every file carries all columns
 DuckDB, pandas and Spark read `OUTPUT/**/*.parquet` (or the folder) directly:
 
     OUTPUT/NAME/part-00000.parquet   one file per input shard, complete or absent
+    OUTPUT/NAME/_staging/            rows of shards not yet complete (jobs.pipeline.write), removed on commit
     OUTPUT/NAME/_RUN.json            model identity and decoding the files were made with
     OUTPUT/NAME/_SUCCESS.json        summary of the last run that finished
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections import Counter
 from typing import Any
 
 import fsspec
@@ -80,12 +81,14 @@ class OutputStore:
         return f"{self.dir}/part-{shard:05d}.parquet"
 
     def completed_shards(self) -> set[int]:
+        self.fs.invalidate_cache(self.dir)  # s3fs keeps listings: the cluster writes the part files
         names = (path.rsplit("/", 1)[-1] for path in self.fs.ls(self.dir, detail=False))
         return {int(match[1]) for name in names if (match := PART_NAME.fullmatch(name))}
 
-    def write_shard(self, shard: int, rows: list[dict[str, Any]]) -> None:
-        table = pa.Table.from_pylist(sorted(rows, key=lambda row: row["index"]), schema=OUTPUT_SCHEMA)
-        write_bytes_atomically(self.fs, self.part_path(shard), parquet_bytes(table))
+    def write_shard(self, shard: int, rows: pa.Table | list[dict[str, Any]]) -> None:
+        """The shard's part file, rows in index order, in one atomic write."""
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        write_bytes_atomically(self.fs, self.part_path(shard), parquet_bytes(table.sort_by("index")))
 
     def claim(self, run: dict[str, Any]) -> None:
         """Record what this output is made with, or refuse to mix in results of another model or decoding."""
@@ -103,13 +106,15 @@ class OutputStore:
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_bytes_atomically(self.fs, f"{self.dir}/_SUCCESS.json", json.dumps(summary, indent=2).encode())
 
-    def read_column(self, name: str) -> list[Any]:
-        """One column of every part file (for the run summary)."""
-        return [value for shard in sorted(self.completed_shards()) for value in self._column(shard, name)]
-
-    def _column(self, shard: int, name: str) -> Iterable[Any]:
-        with self.fs.open(self.part_path(shard), "rb") as file:
-            return pq.read_table(file, columns=[name]).column(name).to_pylist()
+    def counts(self) -> tuple[int, Counter[str]]:
+        """Rows of every part file, and rows with each error code: one part file's `error` column at a time."""
+        rows, errors = 0, Counter()
+        for shard in self.completed_shards():
+            with self.fs.open(self.part_path(shard), "rb") as file:
+                column = pq.read_table(file, columns=["error"]).column("error")
+            rows += len(column)
+            errors.update({entry["values"]: entry["counts"] for entry in column.drop_null().value_counts().to_pylist()})
+        return rows, errors
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

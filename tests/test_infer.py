@@ -2,9 +2,11 @@
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
@@ -166,19 +168,74 @@ def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, co
     assert all(row["audio"].startswith("s3://infer-corpora/s3corpus/shard-") for row in rows)
 
 
-def test_a_late_copy_of_a_written_shards_row_never_rewrites_it(tmp_path):
-    from jobs.pipeline.collect import ShardCollector
-    from jobs.pipeline.settings import JobSettings
+def test_a_shard_is_committed_whole_once_and_a_late_or_redone_copy_never_duplicates(tmp_path):
     from jobs.outputs import OutputStore
+    from jobs.pipeline.settings import JobSettings
+    from jobs.pipeline.write import ShardStaging, finish_shard, write_rows
 
-    store = OutputStore(str(tmp_path), "late")
-    collector = ShardCollector(store, {0: 2})
+    staging = ShardStaging(OutputStore(str(tmp_path), "late"))
     row = {name: None for name in OUTPUT_SCHEMA.names} | {"id": "a", "corpus": "late", "shard": 0, "index": 0}
-    collector.add(row)
-    collector.add(row | {"id": "b", "index": 1})
-    collector.add(row | {"text": "redone"})  # a retried task's copy arriving after the shard was written
-    collector.finish(pq.read_table(store.part_path(0)).slice(0, 0), JobSettings("late", "job", "m", "{}"))
-    assert [r["id"] for r in pq.read_table(store.part_path(0)).to_pylist()] == ["a", "b"]
+    rows = [row, row | {"id": "b", "index": 1}, row | {"id": "c", "index": 2}]
+    block = lambda *picked: pa.Table.from_pylist(list(picked), schema=OUTPUT_SCHEMA)  # noqa: E731
+    part = Path(staging.store.part_path(0))
+
+    assert write_rows(block(rows[0], rows[1]), staging).to_pylist() == [
+        {"shard": 0, "staged_rows": 2, "committed_rows": None, "committed_audio_seconds": None}]
+    staging.expect(0, 3)  # the read task's count arrives before the shard's last rows
+    write_rows(block(rows[0], rows[1]), staging)  # a redone block: the same file again
+    write_rows(block(rows[1] | {"text": "redone, cut differently"}), staging)  # overlaps the first
+    assert not part.exists()
+    assert write_rows(block(rows[2]), staging).to_pylist()[0]["committed_rows"] == 3
+    assert [r["id"] for r in pq.read_table(part).to_pylist()] == ["a", "b", "c"]
+    assert staging.staged_shards() == []
+
+    write_rows(block(rows[1] | {"text": "late"}), staging)  # a late copy after the commit stays staged ...
+    assert finish_shard(staging, 0, [], JobSettings("late", "job", "m", "{}")) is None  # ... and is dropped
+    assert [r["text"] for r in pq.read_table(part).to_pylist()] == [None, None, None] and staging.staged_shards() == []
+
+
+def test_items_the_pipeline_never_returned_get_a_lost_row(tmp_path):
+    from jobs.outputs import OutputStore
+    from jobs.pipeline.settings import JobSettings
+    from jobs.pipeline.write import ShardStaging, finish_shard, write_rows
+
+    staging = ShardStaging(OutputStore(str(tmp_path), "lost"))
+    items = [{"id": f"i{index}", "shard": 4, "index": index, "source": "s", "audio": "a", "task": "asr", "prompt": None,
+              "reference": None} for index in range(3)]
+    staging.expect(4, 3)
+    write_rows(pa.Table.from_pylist([{name: None for name in OUTPUT_SCHEMA.names} | items[1] | {"corpus": "lost"}],
+                                    schema=OUTPUT_SCHEMA), staging)
+    commit = finish_shard(staging, 4, items, JobSettings("lost", "job", "m", "{}"))
+    assert commit is not None and commit.rows == 3
+    got = pq.read_table(staging.store.part_path(4)).to_pylist()
+    assert [(r["id"], r["error"]) for r in got] == [("i0", "lost"), ("i1", None), ("i2", "lost")]
+
+
+def test_a_dry_run_reads_and_decodes_every_item_without_a_model_and_never_mixes_with_a_real_run(local_ray, tmp_path):
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    for index in range(5):
+        (audio_dir / f"clip{index}.wav").write_bytes(wav_bytes(tone(0.5 + index, 8000 * (1 + index % 2), 1 + index % 2), 8000 * (1 + index % 2)))
+    (audio_dir / "broken.wav").write_bytes(b"RIFF not really")
+    manifest = build_shards(audio_dir, None, "dry", "asr", str(tmp_path / "shards" / "dry"), 3)
+    last = tmp_path / "shards" / "dry-00001.tar"
+    with tarfile.open(last) as tar:
+        second_audio = [member for member in tar.getmembers() if member.name.endswith(".wav")][1]
+    last.write_bytes(last.read_bytes()[:second_audio.offset_data + 100])  # one item before the damage
+
+    summary = run(job_args(Path(manifest), tmp_path / "out", "--dry-run"))
+
+    rows = [row for part in sorted((tmp_path / "out" / "dry").glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+    assert [(row["shard"], row["index"], row["id"], row["error"]) for row in rows] == [
+        (0, 0, "broken", "not_audio"), (0, 1, "clip0", None), (0, 2, "clip1", None),
+        (1, 0, "clip2", None), (1, 1, f"{last}#corrupt", "corrupt_shard")]
+    assert summary["dry_run"] and summary["items"] == 5 and summary["error_codes"] == {"corrupt_shard": 1, "not_audio": 1}
+    clip1 = rows[2]
+    assert clip1["audio_seconds"] == pytest.approx(1.5) and clip1["sample_rate"] == 16000 and clip1["channels"] == 2
+    assert all(row["text"] is None and row["model"] == "dry-run" and row["model_s"] is None for row in rows)
+    assert not (tmp_path / "out" / "dry" / "_staging").exists()
+    with pytest.raises(OutputMismatchError, match="dry-run"):
+        run(job_args(Path(manifest), tmp_path / "out"))
 
 
 def test_decoding_ships_the_models_features_and_the_actor_uses_them():

@@ -22,9 +22,12 @@ from ray.data._internal.logging import get_log_directory
 from jobs import logs
 from jobs.infer import parse_args, run
 from jobs.pipeline.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
+from jobs.outputs import OutputStore
 from jobs.pipeline.predict import actor_threads
+from jobs.pipeline.read import ReadPlan, TarShard
 from jobs.pipeline.settings import JobSettings
-from jobs.manifest import load_manifest
+from jobs.pipeline.write import ShardStaging
+from jobs.manifest import ItemListShard, load_manifest
 from nota_model.config import load_config
 from tests.test_infer import TINY_DECODING, tone, wav_bytes
 
@@ -112,7 +115,7 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(undisturbed, t
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait()
-    written_before = len(list(output.glob("faults/part-*.parquet")))
+    written_before = settled_part_count(output)
     assert 1 <= written_before < 24
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -124,6 +127,20 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(undisturbed, t
     rows = rows_by_id(output)
     assert sorted(rows) == sorted(f"clip{index}" for index in range(96))
     assert {i: rows[i]["text"] for i in undisturbed} == {i: r["text"] for i, r in undisturbed.items()}
+
+
+def settled_part_count(output: Path, quiet_s: float = 3.0, timeout: float = 60) -> int:
+    """Part files once none has appeared for `quiet_s`: the write tasks a killed driver had started may still
+    commit the shards they complete."""
+    count, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = len(list(output.glob("faults/part-*.parquet")))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.2)
+    return count
 
 
 def _wait_for_predictor_pid(timeout: float = 120) -> int:
@@ -178,9 +195,10 @@ def test_building_the_dataset_makes_no_deprecated_call(local_ray, tmp_path):
     manifest = load_manifest(str(write_corpus(tmp_path, 4)))
     args = parse_args(job_argv(tmp_path / "corpus.yaml", tmp_path / "out"))
     settings = JobSettings(manifest.name, "job-warnings", "tiny", "{}")
+    staging = ShardStaging(OutputStore(str(tmp_path / "out"), manifest.name))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_dataset(manifest.work_items(), manifest, load_config("tiny"), args, settings)
+        build_dataset(ReadPlan.of(manifest, set()), manifest, load_config("tiny"), args, settings, staging)
     # Ray's own DataContext deprecations name Ray's files; a deprecated call of ours names jobs/ (its stacklevel)
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if Path(w.filename).is_relative_to(JOBS)]
     assert ours == []
@@ -196,3 +214,15 @@ def test_ray_data_keeps_its_progress_on_the_terminal_and_its_warnings_in_its_log
     info, warning = (logging.LogRecord("ray.data.nota_test", level, __file__, 1, marker, None, None)
                      for level in (logging.INFO, logging.WARNING))
     assert terminal and all(handler.filter(info) and not handler.filter(warning) for handler in terminal)
+
+
+def test_item_list_read_tasks_hold_whole_blocks_and_every_pending_row_once():
+    shards = [ItemListShard(number, number * 4, 4 if number < 5 else 3, None) for number in range(6)]  # 23 rows
+    plan = ReadPlan(pending=[shard for shard in shards if shard.number != 2], shards=6, items=23, pending_items=19)
+    tasks = plan.read_tasks(block_rows=6)
+    sizes = [sum(piece.stop - piece.start for piece in task) for task in tasks]
+    assert sizes == [6, 6, 6, 1]  # every task but the last a whole number of blocks
+    rows = [(piece.shard.number, index) for task in tasks for piece in task for index in range(piece.start, piece.stop)]
+    assert rows == [(shard.number, index) for shard in plan.pending for index in range(shard.rows)]
+    assert [len(task) for task in ReadPlan(pending=[TarShard(0, "a.tar", 1), TarShard(3, "b.tar", 1)], shards=4,
+                                           items=None, pending_items=None).read_tasks(6)] == [1, 1]  # a task per tar shard

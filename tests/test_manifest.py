@@ -293,26 +293,46 @@ def test_a_link_member_reads_as_the_audio_member_it_points_at_or_is_an_invalid_i
     assert "k4.wav is a link to gone.wav" in got[3]["error_message"]
 
 
-def test_shard_listing_retries_transient_errors_and_keeps_an_unreadable_shard_as_one_item(tmp_path, monkeypatch):
+def test_shard_reading_retries_transient_errors_and_keeps_an_unreadable_shard_as_one_item(tmp_path, monkeypatch):
     build_shards(audio_folder(tmp_path), None, "mine", "asr", str(tmp_path / "mine"), items_per_shard=2)
     manifest = load_manifest(str(tmp_path / "mine.yaml"))
     monkeypatch.setattr(manifest_module.time, "sleep", lambda seconds: None)
-    real_list = manifest_module._list_shard
+    real_stream = manifest_module._stream_shard
     failures = {str(tmp_path / "mine-00000.tar"): [ConnectionResetError("reset")],
                 str(tmp_path / "mine-00001.tar"): [PermissionError("denied")]}
 
-    def flaky_list(url, *args):
+    def flaky_stream(url, *args):
         if failures[url]:
             raise failures[url].pop()
-        return real_list(url, *args)
+        return real_stream(url, *args)
 
-    monkeypatch.setattr(manifest_module, "_list_shard", flaky_list)
+    monkeypatch.setattr(manifest_module, "_stream_shard", flaky_stream)
     got = rows(manifest.work_items())
 
     assert [(row["id"], row["shard"], row["error"]) for row in got] == [
         ("a", 0, None), ("b", 0, None), (f"{tmp_path / 'mine-00001.tar'}#unreadable", 1, "unreadable_shard")
     ]
     assert "denied" in got[2]["error_message"]
+
+
+def test_a_stream_cut_by_a_transient_error_restarts_past_the_items_already_given(tmp_path, monkeypatch):
+    shard, _ = shard_with_three_items(tmp_path)
+    monkeypatch.setattr(manifest_module.time, "sleep", lambda seconds: None)
+    real_stream = manifest_module._stream_shard
+    attempts = []
+
+    def reset_after_two_items(*args):
+        attempts.append(args)
+        for number, pair in enumerate(real_stream(*args)):
+            if number == 2 and len(attempts) == 1:
+                raise ConnectionResetError("reset")
+            yield pair
+
+    monkeypatch.setattr(manifest_module, "_stream_shard", reset_after_two_items)
+    got = list(manifest_module.shard_items(str(shard), shard.stat().st_size, {}))
+
+    assert [item["id"] for item, _ in got] == ["a", "b", "c"] and len(attempts) == 2
+    assert all(data == read_item_bytes(item, {}) for item, data in got)
 
 
 def test_seed_annotation_json_imports_as_an_item_list(tmp_path):

@@ -1,4 +1,5 @@
-"""The Ray Data pipeline of a run: decode tasks feeding the model's actor pool, and the resources each gets."""
+"""The Ray Data pipeline of a run: read tasks (read and decode) feeding the model's actor pool (or the dry run's
+rows), then the write stage; the resources each gets; and the end-of-run finish of shards left incomplete."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import ray
 
 from jobs.manifest import Manifest
-from jobs.pipeline.decode import MAX_CLIP_BYTES, decode_audio_batch
-from jobs.pipeline.predict import Predictor
+from jobs.pipeline.decode import MAX_CLIP_BYTES
+from jobs.pipeline.predict import Predictor, dry_run_rows
+from jobs.pipeline.read import CorpusDatasource, InputShard, ListSlice, ReadContext, ReadPlan, TarShard, shard_work_items
 from jobs.pipeline.settings import JobSettings
+from jobs.pipeline.write import Commit, ShardStaging, finish_shard, write_rows
 from nota_model.config import ModelConfig
 
 BLOCKS_PER_ACTOR = 4
@@ -24,36 +26,61 @@ CPU_NODE_DECODE_CPUS = 0.25
 ACTOR_START_TIMEOUT_S = 900
 
 
-def build_dataset(pending: pa.Table, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings,
-                  predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
+def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings,
+                  staging: ShardStaging, predictor: type[Predictor] = Predictor,
+                  predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
+    """Rows of the write stage's results (`write.WRITE_RESULT_SCHEMA`): a few per block, no item data."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
     pool = args.pool_size or max(gpus, 1)
-    sizing = resource_sizing(on_gpu, pool, args.cpus_per_actor, args.decode_cpus)
-    block_rows = decode_block_rows(pending.num_rows, args.batch_size, pool)
+    # A dry run has no model: reading and decoding are the work, a CPU each.
+    sizing = (ResourceSizing(0.0, args.decode_cpus or 1.0) if args.dry_run
+              else resource_sizing(on_gpu, pool, args.cpus_per_actor, args.decode_cpus))
+    block_rows = decode_block_rows(plan.pending_items, args.batch_size, pool)
     context = ray.data.DataContext.get_current()
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
     # all. Set before the first dataset is made: a dataset keeps a copy of the context it was made in.
     context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
-    blocks = [pending.slice(start, block_rows) for start in range(0, pending.num_rows, block_rows)]
-    decoded = ray.data.from_arrow(blocks).map_batches(
-        decode_audio_batch,
-        batch_size=block_rows,
-        batch_format="pyarrow",
-        fn_kwargs={"audio": config.audio, "storage_options": manifest.storage_options, "features_for": config},
-        num_cpus=sizing.decode_cpus,
-    )
-    return decoded.map_batches(
-        predictor,
-        batch_size=args.batch_size,
-        batch_format="pyarrow",
-        fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings, **(predictor_kwargs or {})},
-        compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
-        num_gpus=1 if on_gpu else 0,
-        num_cpus=sizing.actor_cpus,
-    )  # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1, max_task_retries=-1)
+    tasks = plan.read_tasks(block_rows)
+    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging))
+    # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
+    # minimum parallelism (200), and the model's batches cut from the pieces would not be full.
+    decoded = ray.data.read_datasource(source, num_cpus=sizing.decode_cpus, override_num_blocks=len(tasks))
+    if args.dry_run:
+        rows = decoded.map_batches(dry_run_rows, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": settings},
+                                   num_cpus=sizing.decode_cpus)
+    else:
+        rows = decoded.map_batches(
+            predictor,
+            batch_size=args.batch_size,
+            batch_format="pyarrow",
+            fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings, **(predictor_kwargs or {})},
+            compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
+            num_gpus=1 if on_gpu else 0,
+            num_cpus=sizing.actor_cpus,
+        )  # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1, max_task_retries=-1)
+    # The write stage stages a decode block's worth of rows at a time: few files a shard, and shards committed
+    # as the stream goes.
+    return rows.map_batches(write_rows, batch_size=block_rows, batch_format="pyarrow",
+                            fn_kwargs={"staging": staging}, num_cpus=sizing.decode_cpus)
+
+
+def finish_shards(plan: ReadPlan, manifest: Manifest, staging: ShardStaging, settings: JobSettings) -> dict[int, Commit]:
+    """Shards with staging left after the run, each finished by a Ray task (`write.finish_shard`): the commits
+    of those that were incomplete."""
+    pending = {shard.number: shard for shard in plan.pending}
+    shards = [number for number in staging.staged_shards() if number in pending]
+    finished = ray.get([_finish_shard.remote(pending[number], manifest, staging, settings) for number in shards])
+    return {shard: commit for shard, commit in zip(shards, finished) if commit is not None}
+
+
+@ray.remote(num_cpus=0.25)
+def _finish_shard(shard: InputShard, manifest: Manifest, staging: ShardStaging, settings: JobSettings) -> Commit | None:
+    piece = shard if isinstance(shard, TarShard) else ListSlice(shard, 0, shard.rows)
+    items = (item for item, _ in shard_work_items(piece, manifest, with_audio=False))
+    return finish_shard(staging, shard.number, items, settings)
 
 
 @dataclass(frozen=True)
@@ -76,8 +103,10 @@ def resource_sizing(on_gpu: bool, pool: int, actor_cpus: float | None, decode_cp
     return ResourceSizing(actor_cpus, decode_cpus)
 
 
-def decode_block_rows(items: int, batch_size: int, pool: int) -> int:
+def decode_block_rows(items: int | None, batch_size: int, pool: int) -> int:
     """Rows of a decode block: a whole number of model batches, up to BATCHES_PER_BLOCK, and few enough
-    that a small corpus still gives several blocks to each starting actor."""
+    that a small corpus (`items`, when known) still gives several blocks to each starting actor."""
+    if items is None:
+        return batch_size * BATCHES_PER_BLOCK
     batches = -(-items // (BLOCKS_PER_ACTOR * pool * batch_size))
     return batch_size * max(1, min(BATCHES_PER_BLOCK, batches))

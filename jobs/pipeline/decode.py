@@ -1,5 +1,5 @@
-"""The decode stage: read each work item's audio and decode it to the model's waveform and input features,
-on CPU tasks (the model actor then only runs forwards)."""
+"""The decode stage: each work item's audio bytes decoded, in the read tasks, to the model's waveform, its
+pieces and their input features (the model actor then only runs forwards)."""
 
 from __future__ import annotations
 
@@ -26,18 +26,19 @@ DECODED_SCHEMA = (
 MAX_CLIP_BYTES = 30 * 16000 * 4 + (3000 * 128 + 3001 * 64) * 4
 
 
-def decode_audio_batch(batch: pa.Table, audio: AudioConfig, storage_options: dict[str, Any],
-                       features_for: ModelConfig | None = None) -> pa.Table:
-    """Read and decode each work item's audio (and compute its features for the model `features_for`). Rows
-    leave sorted by duration, so that the model's batches hold clips of similar length."""
-    rows = []
-    for item in batch.to_pylist():
-        try:
-            data = read_item_bytes(item, storage_options) if item["error"] is None else None
-        except AudioError as err:
-            item.update(error=err.code, error_message=err.message)
-            data = None
-        rows.append(decode_item(item, data, audio, features_for))
+def read_item_audio(item: dict[str, Any], storage_options: dict[str, Any]) -> bytes | None:
+    """The bytes of an item-list item's audio file (one request), or None with the item's error set."""
+    if item["error"] is not None:
+        return None
+    try:
+        return read_item_bytes(item, storage_options)
+    except AudioError as err:
+        item.update(error=err.code, error_message=err.message)
+        return None
+
+
+def decoded_block(rows: list[dict[str, Any]]) -> pa.Table:
+    """Decoded items as one block, sorted by duration, so that the model's batches hold clips of similar length."""
     rows.sort(key=lambda row: json.loads(row["clip"])["seconds"] if row["clip"] else 0.0)
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 

@@ -38,6 +38,42 @@ def worker_name(device: object) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:node={node}:gpu={gpus}:{device}"
 
 
+DRY_RUN_IDENTITY = "dry-run"
+
+
+def output_row(item: dict[str, Any], settings: JobSettings, model_identity: str, worker: str) -> dict[str, Any]:
+    """A decoded item's output row before the model answers: what its audio is, who makes the row."""
+    clip = json.loads(item["clip"]) if item["clip"] else {}
+    return {
+        **item,
+        "corpus": settings.corpus,
+        "text": None,
+        "segments": None,
+        "audio_seconds": clip.get("original_seconds"),
+        "truncated": clip.get("truncated"),
+        "sample_rate": clip.get("original_sample_rate"),
+        "channels": clip.get("original_channels"),
+        "model": model_identity,
+        "decoding": settings.decoding,
+        "output_tokens": None,
+        "ttft_s": None,
+        "tpot_s": None,
+        "batch_size": None,
+        "model_s": None,
+        "actor_cpu_s": None,
+        "worker": worker,
+        "job_id": settings.job_id,
+        "created_at": datetime.now(UTC),
+    }
+
+
+def dry_run_rows(batch: pa.Table, settings: JobSettings) -> pa.Table:
+    """The dry run's stage in place of the model: each decoded item's row, text null (`model`: dry-run)."""
+    worker = worker_name(DRY_RUN_IDENTITY)
+    rows = [output_row(item, settings, DRY_RUN_IDENTITY, worker) for item in batch.drop_columns(["waveform", "features"]).to_pylist()]
+    return pa.Table.from_pylist([{k: row[k] for k in OUTPUT_SCHEMA.names} for row in rows], schema=OUTPUT_SCHEMA)
+
+
 class Predictor:
     """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor. It takes the features the decode
     tasks computed (computing them itself for rows without), and records in each row `actor_cpu_s`: its
@@ -113,28 +149,8 @@ class Predictor:
             )
 
     def _output_row(self, item: dict[str, Any]) -> dict[str, Any]:
+        row = output_row(item, self.settings, self.loaded.identity, self.worker)
         clip = json.loads(item["clip"]) if item["clip"] else {}
-        row = {
-            **item,
-            "corpus": self.settings.corpus,
-            "text": None,
-            "segments": None,
-            "audio_seconds": clip.get("original_seconds"),
-            "truncated": clip.get("truncated"),
-            "sample_rate": clip.get("original_sample_rate"),
-            "channels": clip.get("original_channels"),
-            "model": self.loaded.identity,
-            "decoding": self.settings.decoding,
-            "output_tokens": None,
-            "ttft_s": None,
-            "tpot_s": None,
-            "batch_size": None,
-            "model_s": None,
-            "actor_cpu_s": None,
-            "worker": self.worker,
-            "job_id": self.settings.job_id,
-            "created_at": datetime.now(UTC),
-        }
         if item["waveform"] is not None:
             waveform = np.frombuffer(item["waveform"], dtype=np.float32)
             fields = {k: v for k, v in clip.items() if k != "waveform"}
