@@ -58,6 +58,9 @@ def _notes(groups: Sequence[dict[str, Any]]) -> list[str]:
         if group["errors"]:
             codes = ", ".join(f"{code} {count}" for code, count in group["error_codes"].items())
             notes.append(f"- {name}: {group['errors']} of {group['items']} items had errors ({codes}), left out of quality metrics.")
+        if group.get("segmented_items"):
+            notes.append(f"- {name}: {group['segmented_items']} of {group['items']} items were long recordings, cut into "
+                         "pieces and scored on the stitched text.")
         notes += [f"- {name}: **{metric} unavailable**: {reason}" for metric, reason in group["unavailable"].items()]
     return [*notes, ""] if notes else []
 

@@ -14,6 +14,7 @@ from jobs.metrics import corpus_wer
 from jobs.packs import build
 from jobs.pipeline.decode import decode_item
 from jobs.samples import default_dest, fetch_librivox
+from jobs.scoring.pipeline import score_predictions
 from nota_model import load_audio, load_config, load_model, segment
 from nota_model.audio import SAMPLE_RATE, AudioClip, prepare_waveform
 from nota_model.config import AudioConfig, DecodingConfig
@@ -184,6 +185,8 @@ def test_the_job_segments_long_recordings_into_one_row_each(local_ray, long_corp
     assert (silence["text"], silence["segments"], silence["ttft_s"]) == ("", [], None)
     assert short["segments"] == [{"start": 0.0, "end": 5.0, "text": short["text"]}]
     assert json.loads((tmp_path / "out/long/_RUN.json").read_text())["long_audio"] == "segment"
+    groups = {group["task"]: group for group in score_predictions(str(tmp_path / "out"), distributed=False).groups}
+    assert (groups["asr"]["segmented_items"], groups["aac"]["segmented_items"]) == (2, 1)  # speech and silence; sounds
 
 
 @pytest.mark.parametrize("mode", ["segment", "truncate"])

@@ -13,7 +13,9 @@ from jobs.metrics import EDIT_COLUMNS, edit_counts, transcript
 
 GROUP_KEYS = ("corpus", "task", "model")
 READ_COLUMNS = ["id", *GROUP_KEYS, "error", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
-                "model_s", "created_at", "worker", "job_id"]
+                "model_s", "created_at", "worker", "job_id", "segments"]
+# A piece shorter than the item's audio by more than this was cut from a long recording.
+WHOLE_CLIP_TOLERANCE_S = 0.01
 CAPTION_FAILURES = (OSError, RuntimeError)
 
 
@@ -31,6 +33,7 @@ def item_table(block: pa.Table, references: dict[tuple[str | None, str], list[st
         **keys,
         "error": block["error"],
         "scored": scored,
+        "segmented": _segmented(block),
         "audio_seconds": pc.fill_null(pc.if_else(succeeded, block["audio_seconds"], 0.0), 0.0),
         "modelled": modelled,
         "worker": pc.fill_null(block["worker"], "unknown"),
@@ -46,6 +49,20 @@ def item_table(block: pa.Table, references: dict[tuple[str | None, str], list[st
         **_captions(block, pc.and_(scored, pc.equal(keys["task"], "aac"))),
     }
     return pa.table(columns)
+
+
+def _segmented(block: pa.Table) -> pa.Array:
+    """Whether each item was a long recording cut into pieces: none (silence), several, or one piece shorter
+    than the item (a recording of one piece is the whole clip). Outputs written before long recordings were
+    segmented have no `segments`: none of their items was."""
+    if "segments" not in block.column_names:
+        return pa.array(np.zeros(block.num_rows, dtype=bool))
+    segments = block["segments"]
+    pieces = pc.fill_null(pc.list_value_length(segments), 1)
+    first = pc.list_element(pc.if_else(pc.greater(pieces, 0), segments, pa.scalar([{"start": 0.0, "end": 0.0}], segments.type)), 0)
+    span = pc.subtract(pc.struct_field(first, "end"), pc.struct_field(first, "start"))
+    shorter = pc.less(span, pc.subtract(block["audio_seconds"], WHOLE_CLIP_TOLERANCE_S))
+    return pc.fill_null(pc.or_(pc.not_equal(pieces, 1), pc.and_(pc.is_valid(segments), shorter)), False)
 
 
 def _asr_edits(block: pa.Table, chosen: pa.Array) -> dict[str, np.ndarray]:

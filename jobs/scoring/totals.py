@@ -76,6 +76,7 @@ class GroupTotals:
     error_codes: Counter = field(default_factory=Counter)
     succeeded: int = 0
     scored: int = 0
+    segmented: int = 0
     audio_seconds: float = 0.0
     edits: Counter = field(default_factory=Counter)
     document_frequency: NgramCounts = field(default_factory=NgramCounts)
@@ -94,6 +95,7 @@ class GroupTotals:
             error_codes=Counter(errors),
             succeeded=items.num_rows - len(errors),
             scored=pc.sum(items["scored"]).as_py() or 0,
+            segmented=pc.sum(items["segmented"]).as_py() or 0,
             audio_seconds=pc.sum(items["audio_seconds"]).as_py() or 0.0,
             edits=Counter({name: pc.sum(items[name]).as_py() or 0 for name in EDIT_COLUMNS}),
             document_frequency=NgramCounts.of(document_frequency(dict(enumerate(captioned["caption_refs"].to_pylist())))),
@@ -106,7 +108,8 @@ class GroupTotals:
     def merge(self, other: GroupTotals) -> GroupTotals:
         return GroupTotals(
             self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
-            self.scored + other.scored, self.audio_seconds + other.audio_seconds, self.edits + other.edits,
+            self.scored + other.scored, self.segmented + other.segmented, self.audio_seconds + other.audio_seconds,
+            self.edits + other.edits,
             self.document_frequency.merge(other.document_frequency),
             self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
             {job: _span(self.spans.get(job), other.spans.get(job)) for job in self.spans | other.spans},
@@ -130,6 +133,7 @@ class GroupTotals:
             "errors": self.items - self.succeeded,
             "error_codes": dict(sorted(self.error_codes.items())),
             "scored_items": self.scored if quality else 0,
+            "segmented_items": self.segmented,
             "audio_seconds": self.audio_seconds,
             "quality": quality,
             "unavailable": unavailable,
