@@ -5,6 +5,7 @@ import shutil
 from datetime import timedelta
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from matplotlib import cbook
 from pycocoevalcap.cider.cider import Cider
@@ -13,8 +14,9 @@ from jobs import captions
 from jobs.captions import cider_d_items, document_frequency, meteor_from_statistics, meteor_statistics
 from jobs.outputs import OutputStore
 from jobs.score import long_rows, score, score_rows
-from jobs.scoring.ngrams import NgramCounts
+from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.pipeline import score_table
+from jobs.scoring.totals import split
 from tests.test_score import SPEECH, T0, row, speech_rows
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
@@ -86,8 +88,6 @@ def metrics(group: dict) -> dict:
 
 
 def pa_table(shards):
-    import pyarrow as pa
-
     from jobs.outputs import OUTPUT_SCHEMA
 
     return pa.Table.from_pylist([r for shard in shards for r in shard], schema=OUTPUT_SCHEMA)
@@ -108,9 +108,23 @@ def test_distributed_captioning_gives_the_in_process_cider_d_and_meteor(local_ra
     assert distributed["unavailable"].keys() == {"spice", "spider"}
 
 
-def test_ngram_counts_merge_and_look_up_as_the_frequency_dicts_add_up():
-    first, second = document_frequency(blocks(GTS, range(2))[0]), document_frequency(blocks(GTS, range(2, 4))[0])
-    merged = NgramCounts.of(first).merge(NgramCounts.of(second))
+def caption_items(group: str, gts: dict, res: dict) -> pa.Table:
+    """Stage 1's captioning columns for already tokenized captions."""
+    return pa.table({"corpus": [group] * len(res), "task": ["aac"] * len(res), "model": ["m"] * len(res),
+                     "caption_refs": list(gts.values()), "caption_hyp": [hyp for (hyp,) in res.values()]})
+
+
+def test_document_frequencies_merged_by_hash_range_are_the_frequency_dicts_added_up():
+    first, second = blocks(GTS, range(2), range(2, 4))
+    parts = pa.concat_tables([caption_items("a", first, blocks(RES, range(2))[0]),
+                              caption_items("a", second, blocks(RES, range(2, 4))[0]),
+                              caption_items("b", second, blocks(RES, range(2, 4))[0])])
+    parts = pa.concat_tables([frequency_parts(parts.slice(0, 2)), frequency_parts(parts.slice(2))])
+    merged = [merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()]
+    assert len({row["range"] for row in parts.to_pylist()}) > 1 and all(table.num_rows == 1 for table in merged)
+    frequencies = DocumentFrequencies(merged)
+    first, second = document_frequency(first), document_frequency(second)
     expected = {ngram: first.get(ngram, 0.0) + second.get(ngram, 0.0) for ngram in first | second}
-    assert len(merged) == len(expected)
-    assert merged.lookup([*expected, ("no", "such", "ngram")]) == expected
+    assert frequencies.lookup(("a", "aac", "m"), [*expected, ("no", "such", "ngram")]) == expected
+    assert frequencies.lookup(("b", "aac", "m"), expected) == second
+    assert len(frequencies) == len(expected) + len(second)

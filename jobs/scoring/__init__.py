@@ -2,10 +2,13 @@
 
 1. items (`items.item_table`): per block of prediction rows, each item's scoring fields: group keys,
    word and character edit counts (ASR), PTB-tokenized captions (captioning), speed fields;
-2. totals (`totals.Totals`): a mergeable accumulator of sums, counts, exact value distributions,
-   job spans and CIDEr-D document frequencies, per (corpus, task, model) and worker; one per block,
-   merged by a Ray Data aggregate, summarised where it is merged;
-3. captions (`captions.CaptionTotals`): per block, each item's CIDEr-D (with the corpus's document
+2. totals (`totals.Totals`): a mergeable accumulator of sums, counts, exact value distributions and
+   job spans, per (corpus, task, model) and worker; one per block, merged by a Ray Data aggregate,
+   summarised where it is merged;
+3. frequencies (`frequencies.frequency_parts`, `merge_parts`): CIDEr-D's document frequencies of each
+   captioning group, counted per block and merged per n-gram hash range by a Ray Data groupby; they
+   stay in the object store;
+4. captions (`captions.CaptionTotals`): per block, each item's CIDEr-D (with the group's document
    frequencies), METEOR statistics and SPICE; summed, then the corpus METEOR;
-4. `pipeline.score_predictions` runs them and returns the groups jobs.score writes.
+5. `pipeline.score_predictions` runs them and returns the groups jobs.score writes.
 """

@@ -1,24 +1,25 @@
 """Stage 3: captioning quality per block: each item's CIDEr-D with the whole group's document
-frequencies, METEOR's per-item statistics and SPICE's per-item F-scores; summed, then the corpus METEOR."""
+frequencies (frequencies.py), METEOR's per-item statistics and SPICE's per-item F-scores; summed, then
+the corpus METEOR."""
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from functools import reduce
+from functools import partial, reduce
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import ray
 from pycocoevalcap.cider.cider_scorer import precook
 
 from jobs.captions import CaptionScores, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
+from jobs.scoring.frequencies import DocumentFrequencies
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
-from jobs.scoring.ngrams import NgramCounts
+from jobs.scoring.ngrams import Ngram
 from jobs.scoring.totals import split
-
-Frequencies = dict[tuple[str, ...], tuple[NgramCounts, int]]  # group -> CIDEr-D document frequencies, scored items
 
 
 @dataclass
@@ -31,13 +32,15 @@ class CaptionTotals:
     spice_failure: str | None = None
 
     @classmethod
-    def of(cls, items: pa.Table, frequencies: NgramCounts, corpus_items: int, spice_lib: str | None) -> CaptionTotals:
+    def of(cls, items: pa.Table, frequencies: Callable[[Iterable[Ngram]], dict[Ngram, float]], corpus_items: int,
+           spice_lib: str | None) -> CaptionTotals:
+        """`frequencies` looks up the group's document frequencies of n-grams; `corpus_items`: the group's size."""
         gts = dict(enumerate(items["caption_refs"].to_pylist()))
         res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
         statistics, meteor_failure = meteor_statistics(gts, res)
         f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
         ngrams = {ngram for captions in (*gts.values(), *res.values()) for caption in captions for ngram in precook(caption)}
-        cider_d = sum(cider_d_items(gts, res, frequencies.lookup(ngrams), corpus_items))
+        cider_d = sum(cider_d_items(gts, res, frequencies(ngrams), corpus_items))
         return cls(len(res), cider_d, statistics or [], meteor_failure, sum(f_scores or []), spice_failure)
 
     def merge(self, other: CaptionTotals) -> CaptionTotals:
@@ -55,9 +58,11 @@ class CaptionsByGroup(dict):
     """CaptionTotals by (corpus, task, model)."""
 
     @classmethod
-    def of(cls, items: pa.Table, frequencies: Frequencies, spice_lib: str | None) -> CaptionsByGroup:
-        return cls({key: CaptionTotals.of(rows, *frequencies[key], spice_lib)
-                    for key, rows in split(items, list(GROUP_KEYS)).items() if key in frequencies})
+    def of(cls, items: pa.Table, frequencies: DocumentFrequencies, corpus_items: dict[tuple[str, ...], int],
+           spice_lib: str | None) -> CaptionsByGroup:
+        """The totals of the groups in `corpus_items` (group -> its scored items)."""
+        return cls({key: CaptionTotals.of(rows, partial(frequencies.lookup, key), corpus_items[key], spice_lib)
+                    for key, rows in split(items, list(GROUP_KEYS)).items() if key in corpus_items})
 
     def merge(self, other: CaptionsByGroup) -> CaptionsByGroup:
         return CaptionsByGroup(merge_by_key(self, other))
@@ -74,22 +79,19 @@ class CaptionsByGroup(dict):
 
 class CaptionScorer:
     """A Ray Data actor that scores blocks of captioned items (`CaptionsByGroup`, pickled, one row a
-    block). It lives for the whole stage, so the corpus's document frequencies are unpickled once and
-    its METEOR JVM, slow to start, serves every block it gets."""
+    block). It lives for the whole stage, so it maps the document frequencies' merged parts (object
+    references to Arrow blocks of frequencies.PARTS_SCHEMA) once, in place in the object store, and its
+    METEOR JVM, slow to start, serves every block it gets."""
 
-    def __init__(self, frequencies: Frequencies, spice_lib: str | None):
-        self.frequencies, self.spice_lib = frequencies, spice_lib
+    def __init__(self, frequencies: list[ray.ObjectRef], corpus_items: dict[tuple[str, ...], int], spice_lib: str | None):
+        self.frequencies = DocumentFrequencies(ray.get(frequencies))
+        self.corpus_items, self.spice_lib = corpus_items, spice_lib
 
     def __call__(self, items: pa.Table) -> pa.Table:
-        totals = CaptionsByGroup.of(items, self.frequencies, self.spice_lib)
+        totals = CaptionsByGroup.of(items, self.frequencies, self.corpus_items, self.spice_lib)
         return pa.table({"captions": pa.array([pickle.dumps(totals)], pa.binary())})
 
 
 def merged_captions(block: pa.Table) -> CaptionsByGroup:
     """The CaptionsByGroup of a block of CaptionScorer rows, merged."""
     return reduce(CaptionsByGroup.merge, map(pickle.loads, block["captions"].to_pylist()), CaptionsByGroup())
-
-
-def captioned(items: pa.Table) -> pa.Table:
-    """The items with a tokenized hypothesis: those the caption metrics score."""
-    return items.filter(pc.is_valid(items["caption_hyp"]))

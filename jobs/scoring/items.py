@@ -51,6 +51,11 @@ def item_table(block: pa.Table, references: dict[tuple[str | None, str], list[st
     return pa.table(columns)
 
 
+def captioned(items: pa.Table) -> pa.Table:
+    """The items with a tokenized hypothesis: those the caption metrics score."""
+    return items.filter(pc.is_valid(items["caption_hyp"]))
+
+
 def _segmented(block: pa.Table) -> pa.Array:
     """Whether each item was a long recording cut into pieces: none (silence), several, or one piece shorter
     than the item (a recording of one piece is the whole clip). Outputs written before long recordings were

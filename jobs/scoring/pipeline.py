@@ -14,8 +14,9 @@ import pyarrow.fs
 import ray
 
 from jobs.outputs import prediction_files, read_predictions
-from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, captioned, merged_captions
-from jobs.scoring.items import READ_COLUMNS, item_table
+from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, merged_captions
+from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
+from jobs.scoring.items import READ_COLUMNS, captioned, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.totals import Summary, Totals
 from nota_model.errors import NotaError
@@ -56,9 +57,12 @@ def score_predictions(
     summary = _aggregate(items, Totals.of, Totals.summary)
     if not summary.captions:
         return summary
+    frequencies = items.map_batches(frequency_parts, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH).groupby(
+        RANGE_KEYS).map_groups(merge_parts, batch_format="pyarrow").materialize()
     scored = items.map_batches(captioned, batch_format="pyarrow", batch_size=None).map_batches(
         CaptionScorer, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH, concurrency=(1, _cluster_cpus()),
-        fn_constructor_kwargs={"frequencies": summary.captions, "spice_lib": spice_lib})
+        fn_constructor_kwargs={"frequencies": frequencies.to_arrow_refs(), "corpus_items": summary.captions,
+                               "spice_lib": spice_lib})
     return _with_captions(summary, _aggregate(scored, merged_captions, CaptionsByGroup.quality))
 
 
@@ -66,7 +70,8 @@ def score_table(table: pa.Table, references: dict | None = None, spice_lib: str 
     """The stages over one table in this process."""
     items = item_table(table, references)
     summary = Totals.of(items).summary()
-    return _with_captions(summary, CaptionsByGroup.of(captioned(items), summary.captions, spice_lib).quality())
+    frequencies = DocumentFrequencies([frequency_parts(items)])  # one block: its parts are already merged
+    return _with_captions(summary, CaptionsByGroup.of(captioned(items), frequencies, summary.captions, spice_lib).quality())
 
 
 def _cluster_cpus() -> int:

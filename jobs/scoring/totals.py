@@ -1,8 +1,8 @@
 """Stage 2: a mergeable accumulator of everything the groups' figures need, and their summary.
 
 Only sums, counts, exact value distributions (distinct values and their counts: each item carries its
-batch's latency, so there are at most as many values as batches), distinct batches per worker, job
-spans and CIDEr-D document frequencies. Percentiles are exact: numpy's over the expanded distribution.
+batch's latency, so there are at most as many values as batches), distinct batches per worker and job
+spans. (CIDEr-D's document frequencies, which grow with the corpus, are merged apart: frequencies.py.) Percentiles are exact: numpy's over the expanded distribution.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib import cbook
 
-from jobs.captions import document_frequency
 from jobs.metrics import EDIT_COLUMNS, word_errors
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
-from jobs.scoring.ngrams import NgramCounts
 from jobs.throughput import Speed, speed
 
 LATENCIES = ("ttft_s", "tpot_s")
@@ -79,7 +77,6 @@ class GroupTotals:
     segmented: int = 0
     audio_seconds: float = 0.0
     edits: Counter = field(default_factory=Counter)
-    document_frequency: NgramCounts = field(default_factory=NgramCounts)
     caption_failure: str | None = None
     workers: dict[str, WorkerTotals] = field(default_factory=dict)
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # job -> first start, last end
@@ -87,7 +84,6 @@ class GroupTotals:
     @classmethod
     def of(cls, items: pa.Table) -> GroupTotals:
         errors = items["error"].drop_null().to_pylist()
-        captioned = items.filter(pc.is_valid(items["caption_hyp"]))
         failures = items["caption_failure"].drop_null()
         modelled = items.filter(items["modelled"])
         return cls(
@@ -98,7 +94,6 @@ class GroupTotals:
             segmented=pc.sum(items["segmented"]).as_py() or 0,
             audio_seconds=pc.sum(items["audio_seconds"]).as_py() or 0.0,
             edits=Counter({name: pc.sum(items[name]).as_py() or 0 for name in EDIT_COLUMNS}),
-            document_frequency=NgramCounts.of(document_frequency(dict(enumerate(captioned["caption_refs"].to_pylist())))),
             caption_failure=failures[0].as_py() if len(failures) else None,
             workers={worker: WorkerTotals.of(rows) for worker, rows in split(modelled, ["worker"]).items()},
             spans={job: (pc.min(rows["start_s"]).as_py(), pc.max(rows["end_s"]).as_py())
@@ -109,9 +104,7 @@ class GroupTotals:
         return GroupTotals(
             self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
             self.scored + other.scored, self.segmented + other.segmented, self.audio_seconds + other.audio_seconds,
-            self.edits + other.edits,
-            self.document_frequency.merge(other.document_frequency),
-            self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
+            self.edits + other.edits, self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
             {job: _span(self.spans.get(job), other.spans.get(job)) for job in self.spans | other.spans},
         )
 
@@ -176,7 +169,7 @@ class Totals(dict):
         return Summary(
             groups=[self[key].summary(key) for key in keys],
             latency={key: self[key].latency_boxes() for key in keys},
-            captions={key: (self[key].document_frequency, self[key].scored) for key in keys
+            captions={key: self[key].scored for key in keys
                       if key[1] == "aac" and self[key].scored and not self[key].caption_failure},
         )
 
@@ -185,7 +178,7 @@ class Totals(dict):
 class Summary:
     groups: list[dict[str, Any]]  # as jobs.score reports them
     latency: dict[tuple[str, ...], dict[str, dict[str, Any]]]  # box-plot statistics by group and latency
-    captions: dict[tuple[str, ...], tuple[NgramCounts, int]]  # captioning groups: document frequencies, items
+    captions: dict[tuple[str, ...], int]  # the captioning groups the caption metrics score: their items
 
 
 def split(table: pa.Table, keys: list[str]) -> dict[tuple[str, ...] | str, pa.Table]:

@@ -1,0 +1,88 @@
+"""CIDEr-D's document frequencies over all of a group's references: counted per block, merged per hash
+range, looked up per block.
+
+1. `frequency_parts`: per block, each captioning group's document frequencies (pycocoevalcap's, over
+   the block's items), one row per hash range (PARTS_SCHEMA);
+2. `merge_parts`: the rows of one group and range added up into one: on the cluster a Ray Data groupby,
+   so no process holds more than one range of one group, and the driver none;
+3. `DocumentFrequencies`: the merged rows read in place, looked up range by range. On the cluster the
+   merged rows stay in the object store, where the scorers of a node share them without a copy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.captions import document_frequency
+from jobs.scoring.items import GROUP_KEYS, captioned
+from jobs.scoring.ngrams import Ngram, NgramCounts, hashes, range_of
+from jobs.scoring.totals import split
+
+RANGE_KEYS = [*GROUP_KEYS, "range"]
+PARTS_SCHEMA = pa.schema(
+    [pa.field(key, pa.string(), nullable=False) for key in GROUP_KEYS]
+    + [
+        pa.field("range", pa.int32(), nullable=False),  # the n-gram hashes' leading bits (ngrams.range_of)
+        pa.field("hashes", pa.large_binary(), nullable=False),  # sorted 16-byte hashes, end to end
+        pa.field("counts", pa.large_binary(), nullable=False),  # their counts, float64
+    ]
+)
+
+
+def frequency_parts(items: pa.Table) -> pa.Table:
+    """The document frequencies of the block's captioned items, by group and hash range."""
+    rows = []
+    for key, group in split(captioned(items), list(GROUP_KEYS)).items():
+        counts = NgramCounts.of(document_frequency(dict(enumerate(group["caption_refs"].to_pylist()))))
+        rows += [_row(key, number, part) for number, part in counts.ranges()]
+    return pa.Table.from_pylist(rows, schema=PARTS_SCHEMA)
+
+
+def merge_parts(parts: pa.Table) -> pa.Table:
+    """Rows of one group and range, added up into one row."""
+    key = tuple(parts[name][0].as_py() for name in GROUP_KEYS)
+    merged = NgramCounts.merged([_counts(parts, i) for i in range(parts.num_rows)])
+    return pa.Table.from_pylist([_row(key, parts["range"][0].as_py(), merged)], schema=PARTS_SCHEMA)
+
+
+class DocumentFrequencies:
+    """Merged parts (one row per group and range), looked up in place."""
+
+    def __init__(self, tables: Iterable[pa.Table]):
+        self.ranges: dict[tuple[str, ...], dict[int, NgramCounts]] = defaultdict(dict)
+        for table in tables:
+            for i, (key, number) in enumerate(zip(_group_keys(table), table["range"].to_pylist())):
+                self.ranges[key][number] = _counts(table, i)
+
+    def lookup(self, key: tuple[str, ...], ngrams: Iterable[Ngram]) -> dict[Ngram, float]:
+        """The counts of those of `ngrams` that occur in the group's references (the others count 0, as in
+        pycocoevalcap)."""
+        ngrams = list(ngrams)
+        keys = hashes(ngrams)
+        numbers = range_of(keys)
+        found = {}
+        for number in np.unique(numbers):
+            chosen = np.flatnonzero(numbers == number)
+            hit, counts = self.ranges[key].get(int(number), NgramCounts()).counts_of(keys[chosen])
+            found.update(zip((ngrams[i] for i in chosen[hit]), counts.tolist()))
+        return found
+
+    def __len__(self) -> int:
+        return sum(len(part) for parts in self.ranges.values() for part in parts.values())
+
+
+def _row(key: tuple[str, ...], number: int, counts: NgramCounts) -> dict:
+    keys, values = counts.to_bytes()
+    return {**dict(zip(GROUP_KEYS, key)), "range": number, "hashes": keys, "counts": values}
+
+
+def _counts(parts: pa.Table, i: int) -> NgramCounts:
+    return NgramCounts.from_bytes(parts["hashes"][i].as_buffer(), parts["counts"][i].as_buffer())
+
+
+def _group_keys(table: pa.Table) -> list[tuple[str, ...]]:
+    return list(zip(*(table[name].to_pylist() for name in GROUP_KEYS)))
