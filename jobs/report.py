@@ -47,7 +47,8 @@ DEFINITIONS = """## How these are computed
   SPIDEr = (CIDEr-D + SPICE) / 2.
 - items/s and x real time: items (audio seconds) over the wall time from a job's first model batch to
   its last, summed over jobs; start-up and model loading are not in it. Per worker: over busy time.
-- ttft/tpot: each item's batch figures (encoders included in ttft); percentiles over items.
+- ttft/tpot: each item's batch figures (encoders included in ttft); percentiles over items, exact (not
+  a sketch): the values are merged across blocks as distinct values with their counts, at most one a batch.
 """
 
 

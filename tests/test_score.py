@@ -76,6 +76,7 @@ def test_score_writes_metrics_json_report_and_charts(tmp_path):
     report = (tmp_path / "scores/report.md").read_text()
     assert "| speech | asr | m1 | 4 | 1 | 33.3 |" in report
     assert "1 of 4 items had errors (not_audio 1), left out of quality metrics" in report
+    assert "percentiles over items, exact (not\n  a sketch)" in report
     for chart in ("quality", "speed", "latency"):
         assert f"![charts/{chart}.png](charts/{chart}.png)" in report
         assert (tmp_path / f"scores/charts/{chart}.png").read_bytes().startswith(b"\x89PNG")
