@@ -11,8 +11,10 @@ Items with an `error` are counted and left out of quality metrics.
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
 
 Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `metrics.json`, `report.md`
-and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference`) replaces the rows'
-references. `--submission` writes the seed's submission CSV (`testset_id,text`) per corpus there.
+and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
+replaces the rows' references: read as an Arrow table (on the cluster by a Ray task, so the driver
+holds only its ObjectRef) and joined to each block on (corpus, id), else on id alone
+(jobs.scoring.references). `--submission` writes the seed's submission CSV (`testset_id,text`) per corpus there.
 """
 
 from __future__ import annotations
