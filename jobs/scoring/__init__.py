@@ -1,8 +1,8 @@
 """The scorer's stages, distributed with Ray Data or run in-process on a small input, with the same code.
+With `--references`, stage 1 first replaces the rows' references by a per-block join (`references`).
 
 1. items (`items.item_table`): per block of prediction rows, each item's scoring fields: group keys,
-   word and character edit counts (ASR), PTB-tokenized captions (captioning), speed fields; with
-   `--references`, the rows' references first replaced by a per-block join (`references.referenced`);
+   word and character edit counts (ASR), PTB-tokenized captions (captioning), speed fields;
 2. totals (`totals.Totals`): a mergeable accumulator of sums, counts, exact value distributions,
    job spans and CIDEr-D document frequencies, per (corpus, task, model) and worker; one per block,
    merged by a Ray Data aggregate, summarised where it is merged;
