@@ -158,7 +158,7 @@ def run_measure(predictions: Path, output: Path, code: Path | None, distributed:
                           env={"RAY_ADDRESS": "local", **os.environ, "PYTHONPATH": str(code or here)})
     if done.returncode != 0:
         raise RuntimeError(f"scoring {predictions} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith('{"wall_s"')][-1])  # Ray may print after it
 
 
 def main(argv: list[str] | None = None) -> None:
