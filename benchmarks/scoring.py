@@ -2,7 +2,8 @@
 scorer and by the distributed one, in one run on the same machine.
 
     python -m benchmarks.scoring [--sizes 200000,2000000] [--tasks asr,aac] [--baseline-sizes 200000]
-                                 [--in-process-sizes 200000] [--baseline-ref 3185eef] [--data DIR] [--output bench.json]
+                                 [--in-process-sizes 200000] [--baseline-ref 3185eef] [--references]
+                                 [--data DIR] [--output bench.json]
 
 Rows are written as the job writes them (OUTPUT_SCHEMA, 10 000 rows a part file, batches of 8 that
 share their timing, two workers, 12-word transcripts or five captions an item). Each measurement runs
@@ -12,7 +13,8 @@ jobs.score as it runs by default (Ray Data above its in-process threshold); "in-
 same code into one process. It starts its own
 local Ray (RAY_ADDRESS=local) unless RAY_ADDRESS names one. Today's scorer is
 the in-process one of `--baseline-ref` (the last commit before the distributed scorer), exported with
-`git archive` and run from there.
+`git archive` and run from there. `--references` also writes each set's references as a JSONL of `id`,
+`corpus`, `reference` (one line a row) and scores with `--references` pointing at it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs.outputs import OUTPUT_SCHEMA, parquet_bytes
 
@@ -107,14 +110,27 @@ def generate(root: Path, task: str, rows: int, seed: int = 16) -> Path:
     return folder
 
 
-def measure(predictions: str, output: str, distributed: bool | None = None) -> None:
+def write_references(predictions: Path) -> Path:
+    """The references of a generated set, one JSONL line a row, beside it (kept: a second run reuses them)."""
+    path = predictions / "references.jsonl"
+    if not path.exists():
+        with open(path.with_suffix(".tmp"), "w") as file:
+            for part in sorted(predictions.glob("*/part-*.parquet")):
+                for row in pq.read_table(part, columns=["id", "corpus", "reference"]).to_pylist():
+                    file.write(json.dumps(row) + "\n")
+        path.with_suffix(".tmp").rename(path)
+    return path
+
+
+def measure(predictions: str, output: str, distributed: bool | None = None, references: str | None = None) -> None:
     """Score once in this process and print wall time and this process's peak RSS (JSON);
     `distributed` as jobs.score takes it (today's scorer has no such choice: None)."""
     import jobs.score
     from jobs.score import score
 
     started = time.perf_counter()
-    groups = score(predictions, output) if distributed is None else score(predictions, output, distributed=distributed)
+    choice = {} if distributed is None else {"distributed": distributed}
+    groups = score(predictions, output, references, **choice)
     print(json.dumps({
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -131,16 +147,18 @@ def export_baseline(ref: str, into: Path) -> Path:
     return into
 
 
-def run_measure(predictions: Path, output: Path, code: Path | None, distributed: bool | None = None) -> dict:
+def run_measure(predictions: Path, output: Path, code: Path | None, distributed: bool | None = None,
+                references: Path | None = None) -> dict:
     """One measurement in a fresh process, run from `code` (another tree's `jobs` first on the path)
     or from here."""
     here = Path(__file__).resolve().parents[1]
-    call = f"import runpy; runpy.run_path({__file__!r})['measure']({str(predictions)!r}, {str(output)!r}, {distributed!r})"
+    arguments = ", ".join(map(repr, [str(predictions), str(output), distributed, references and str(references)]))
+    call = f"import runpy; runpy.run_path({__file__!r})['measure']({arguments})"
     done = subprocess.run([sys.executable, "-c", call], cwd=code or here, capture_output=True, text=True,
                           env={"RAY_ADDRESS": "local", **os.environ, "PYTHONPATH": str(code or here)})
     if done.returncode != 0:
         raise RuntimeError(f"scoring {predictions} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith('{"wall_s"')][-1])  # Ray may print after it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-process-sizes", default="", help="sizes the new scorer also runs in one process (forced)")
     parser.add_argument("--tasks", default="asr,aac")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument("--references", action="store_true", help="score with --references: a JSONL of the rows' references")
     parser.add_argument("--data", help="where generated rows are kept (default: a temporary folder)")
     parser.add_argument("--output", help="also write the results here (JSON)")
     args = parser.parse_args(argv)
@@ -163,11 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         for task in args.tasks.split(","):
             for rows in sizes:
                 predictions = generate(data, task, rows)
+                references = write_references(predictions) if args.references else None
                 scorers = [("distributed", None, None)] + ([("in-process", None, False)] if rows in in_process_sizes else [])
                 scorers += [("today", baseline, None)] if rows in baseline_sizes else []
                 for name, code, distributed in scorers:
-                    result = run_measure(predictions, Path(tmp, f"scores-{task}-{rows}-{name}"), code, distributed)
-                    result |= {"task": task, "rows": rows, "scorer": name, "rows_per_s": rows / result["wall_s"],
+                    result = run_measure(predictions, Path(tmp, f"scores-{task}-{rows}-{name}"), code, distributed, references)
+                    result |= {"task": task, "rows": rows, "scorer": name, "references": args.references, "rows_per_s": rows / result["wall_s"],
                                "load_avg_1m": os.getloadavg()[0]}
                     if name == "today":
                         result["same_as_distributed"] = same_outputs(Path(tmp, f"scores-{task}-{rows}-distributed"),
@@ -182,8 +202,6 @@ def main(argv: list[str] | None = None) -> None:
 def same_outputs(new: Path, old: Path) -> dict:
     """Whether two scorers wrote the same report figures and charts, and the largest relative difference
     between their metrics.parquet values."""
-    import pyarrow.parquet as pq
-
     values = [{(r["worker"], r["metric"]): r["value"] for r in pq.read_table(d / "metrics.parquet").to_pylist()} for d in (new, old)]
     shared = [k for k in values[1] if values[1][k] is not None and values[0].get(k) is not None]
     return {

@@ -11,8 +11,10 @@ Items with an `error` are counted and left out of quality metrics.
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
 
 Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `metrics.json`, `report.md`
-and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference`) replaces the rows'
-references. `--submission` writes the seed's submission CSV (`testset_id,text`) per corpus there.
+and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
+replaces the rows' references: read as an Arrow table (on the cluster by a Ray task, so the driver
+holds only its ObjectRef) and joined to each block on (corpus, id), else on id alone
+(jobs.scoring.references). `--submission` writes the seed's submission CSV (`testset_id,text`) per corpus there.
 """
 
 from __future__ import annotations
@@ -30,12 +32,10 @@ from typing import IO, Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs import report
-from jobs.manifest import load_manifest
 from jobs.outputs import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions
-from jobs.scoring.items import GROUP_KEYS, lookup
+from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.pipeline import score_predictions, score_table
 from nota_model.errors import NotaError
 from nota_model.storage import write_atomically, write_bytes_atomically
@@ -96,23 +96,6 @@ def _flat_speed(speed: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def load_references(url: str, storage_options: dict[str, Any]) -> dict[tuple[str | None, str], list[str]]:
-    """References by (corpus, id) from a manifest, or from a JSONL/Parquet of `id`, `reference` (and
-    maybe `corpus`; without it, by (None, id))."""
-    if url.endswith((".yaml", ".yml")):
-        manifest = load_manifest(url, storage_options)
-        return lookup(manifest.work_items().select(["id", "reference"]).to_pylist(), manifest.name)
-    return lookup(_read_table(url, storage_options))
-
-
-def _read_table(url: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
-    with fsspec.open(url, "rb", **storage_options) as file:
-        data = file.read()
-    if url.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-
-
 def submission_csv(rows: Sequence[dict[str, Any]]) -> str:
     """The seed's submission format: `testset_id,text`, in corpus order; an item with an error has empty text."""
     buffer = io.StringIO()
@@ -139,8 +122,7 @@ def score(
     """Score, write metrics, JSON, report (and submission CSVs); return the groups. `distributed`: on
     Ray Data (True), in this process (False), or by the input's size (None)."""
     options = storage_options or {}
-    found = load_references(references, options) if references else None
-    summary = score_predictions(predictions, options, found, spice_lib, distributed)
+    summary = score_predictions(predictions, options, references, spice_lib, distributed)
     groups = summary.groups
     fs, root = fsspec.core.url_to_fs(output, **options)
     fs.makedirs(root, exist_ok=True)

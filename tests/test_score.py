@@ -4,6 +4,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -11,6 +12,8 @@ from jobs import captions
 from jobs.outputs import OUTPUT_SCHEMA, OutputStore
 from jobs.rescore import COMPARISON_SCHEMA, rescore
 from jobs.score import METRICS_SCHEMA, main, score, score_rows, submission_csv
+from jobs.scoring.references import REFERENCE_SCHEMA, read_references, referenced
+from nota_model.errors import NotaError
 from tests.s3 import moto_server, s3_filesystem
 
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
@@ -92,6 +95,69 @@ def test_references_from_a_manifest_replace_the_rows(tmp_path):
     assert without["quality"] == {} and "pass --references" in without["unavailable"]["quality"]
     (group,) = score(predictions, str(tmp_path / "b"), references=str(tmp_path / "speech.yaml"))
     assert group["quality"]["wer"] == pytest.approx(3 / 9)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_references_from_jsonl_with_and_without_corpus_and_parquet_lists(tmp_path):
+    jsonl = write_jsonl(tmp_path / "refs.jsonl", [{"id": "a", "reference": "one", "extra": 1},
+                                                 {"id": 7, "corpus": "c", "reference": ["two", "three"]}])
+    assert read_references(jsonl, {}).to_pylist() == [{"corpus": None, "id": "a", "reference": ["one"]},
+                                                      {"corpus": "c", "id": "7", "reference": ["two", "three"]}]
+    pq.write_table(pa.table({"id": ["a", "b"], "reference": [["x", "y"], None]}), tmp_path / "lists.parquet")
+    assert read_references(str(tmp_path / "lists.parquet"), {}).to_pylist() == [{"corpus": None, "id": "a", "reference": ["x", "y"]}]
+    pq.write_table(pa.table({"corpus": ["c"], "id": ["a"], "reference": ["x"]}), tmp_path / "strings.parquet")
+    assert read_references(str(tmp_path / "strings.parquet"), {}).to_pylist() == [{"corpus": "c", "id": "a", "reference": ["x"]}]
+    assert read_references(str(tmp_path / "lists.parquet"), {}).schema == REFERENCE_SCHEMA
+
+
+def test_references_keep_the_last_of_a_repeated_key(tmp_path):
+    jsonl = write_jsonl(tmp_path / "refs.jsonl", [{"id": "a", "reference": "first"}, {"id": "a", "corpus": "c", "reference": "other"},
+                                                 {"id": "a", "reference": "last"}])
+    assert sorted(read_references(jsonl, {}).to_pylist(), key=str) == [
+        {"corpus": "c", "id": "a", "reference": ["other"]}, {"corpus": None, "id": "a", "reference": ["last"]}]
+
+
+def test_references_without_id_or_reference_are_a_clear_error(tmp_path):
+    with pytest.raises(NotaError, match="line 2: no reference"):
+        read_references(write_jsonl(tmp_path / "refs.jsonl", [{"id": "a", "reference": "x"}, {"id": "b", "text": "y"}]), {})
+    pq.write_table(pa.table({"reference": ["x"]}), tmp_path / "refs.parquet")
+    with pytest.raises(NotaError, match="no id"):
+        read_references(str(tmp_path / "refs.parquet"), {})
+
+
+def test_references_join_prefers_corpus_and_id_keeps_unmatched_rows_and_the_row_order():
+    references = pa.Table.from_pylist([
+        {"corpus": None, "id": "u2", "reference": ["any corpus"]}, {"corpus": "speech", "id": "u2", "reference": ["speech's"]},
+        {"corpus": None, "id": "u0", "reference": ["u0 anywhere"]}, {"corpus": "other", "id": "u5", "reference": ["not this corpus"]},
+    ], schema=REFERENCE_SCHEMA)
+    block = pa.Table.from_pylist([  # in no particular order, one id twice in two corpora
+        {"corpus": "speech", "id": "u5", "reference": ["own 5"]}, {"corpus": "speech", "id": "u2", "reference": None},
+        {"corpus": "speech", "id": "u9", "reference": ["own 9"]}, {"corpus": "music", "id": "u2", "reference": ["own"]},
+        {"corpus": None, "id": "u0", "reference": None}, {"corpus": "speech", "id": "u1", "reference": None},
+    ], schema=REFERENCE_SCHEMA)  # the columns the join reads, typed as in OUTPUT_SCHEMA
+    assert referenced(block, references).to_pylist() == [["own 5"], ["speech's"], ["own 9"], ["any corpus"], ["u0 anywhere"], None]
+    assert referenced(block.slice(0, 0), references).to_pylist() == []
+
+
+def test_distributed_scoring_with_references_gives_the_in_process_groups(local_ray, tmp_path):
+    rows = [r | {"reference": None} for r in speech_rows([hyp for _, hyp in SPEECH])]
+    store = OutputStore(str(tmp_path / "predictions"), "speech")
+    for shard, part in enumerate([rows[:2], rows[2:]]):
+        store.write_shard(shard, [r | {"shard": shard} for r in part])
+    references = write_jsonl(tmp_path / "refs.jsonl", [
+        {"id": "utt-0", "corpus": "speech", "reference": SPEECH[0][0]}, {"id": "utt-0", "reference": "not these words"},
+        {"id": "utt-1", "reference": [SPEECH[1][0]]}, {"id": "utt-2", "corpus": "speech", "reference": SPEECH[2][0]}])
+    (distributed,) = score(str(tmp_path / "predictions"), str(tmp_path / "a"), references=references, distributed=True)
+    (in_process,) = score(str(tmp_path / "predictions"), str(tmp_path / "b"), references=references, distributed=False)
+    assert distributed["quality"] == in_process["quality"] and in_process["quality"]["wer"] == pytest.approx(3 / 9)
+    assert (distributed["items"], distributed["scored_items"]) == (in_process["items"], in_process["scored_items"]) == (4, 3)
+    with pytest.raises(NotaError, match="line 1: no id"):
+        score(str(tmp_path / "predictions"), str(tmp_path / "c"), references=write_jsonl(tmp_path / "bad.jsonl", [{"reference": "x"}]),
+              distributed=True)
 
 
 def test_submission_csv_is_the_seeds_format_in_corpus_order():

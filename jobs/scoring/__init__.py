@@ -1,4 +1,5 @@
 """The scorer's stages, distributed with Ray Data or run in-process on a small input, with the same code.
+With `--references`, stage 1 first replaces the rows' references by a per-block join (`references`).
 
 1. items (`items.item_table`): per block of prediction rows, each item's scoring fields: group keys,
    word and character edit counts (ASR), PTB-tokenized captions (captioning), speed fields;

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.captions import tokenize
 from jobs.metrics import EDIT_COLUMNS, edit_counts, transcript
+from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")
 READ_COLUMNS = ["id", *GROUP_KEYS, "error", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
@@ -19,11 +18,12 @@ WHOLE_CLIP_TOLERANCE_S = 0.01
 CAPTION_FAILURES = (OSError, RuntimeError)
 
 
-def item_table(block: pa.Table, references: dict[tuple[str | None, str], list[str]] | None = None) -> pa.Table:
+def item_table(block: pa.Table, references: pa.Table | None = None) -> pa.Table:
     """One row per item: group keys ('' for null), error, whether it is scored, edit counts (ASR),
-    tokenized captions (captioning), and the speed fields of items the model answered."""
-    if references:
-        block = block.set_column(block.schema.get_field_index("reference"), "reference", _referenced(block, references))
+    tokenized captions (captioning), and the speed fields of items the model answered. `references`
+    (REFERENCE_SCHEMA) replace the rows' own where they match (references.referenced)."""
+    if references is not None:
+        block = block.set_column(block.schema.get_field_index("reference"), "reference", referenced(block, references))
     keys = {key: pc.fill_null(block[key], "") for key in GROUP_KEYS}
     succeeded = pc.is_null(block["error"])
     scored = pc.and_(succeeded, pc.fill_null(pc.greater(pc.list_value_length(block["reference"]), 0), False))
@@ -100,17 +100,3 @@ def _captions(block: pa.Table, chosen: pa.Array) -> dict[str, pa.Array]:
             refs[i], hyps[i] = gts.get(k), res.get(k, [None])[0]
     return {"caption_refs": pa.array(refs, pa.list_(pa.string())), "caption_hyp": pa.array(hyps, pa.string()),
             "caption_failure": pa.array(failure, pa.string())}
-
-
-def _referenced(block: pa.Table, references: dict[tuple[str | None, str], list[str]]) -> pa.Array:
-    """The rows' references, replaced by those found by (corpus, id), else by id alone."""
-    current = block["reference"].to_pylist()
-    found = [references.get((corpus, item), references.get((None, item)))
-             for corpus, item in zip(block["corpus"].to_pylist(), block["id"].to_pylist())]
-    return pa.array([new if new is not None else old for new, old in zip(found, current)], pa.list_(pa.string()))
-
-
-def lookup(rows: list[dict[str, Any]], corpus: str | None = None) -> dict[tuple[str | None, str], list[str]]:
-    """A reference lookup from rows of `id`, `reference` and maybe `corpus` (or the given corpus)."""
-    return {(row.get("corpus", corpus), row["id"]): [row["reference"]] if isinstance(row["reference"], str) else list(row["reference"])
-            for row in rows}

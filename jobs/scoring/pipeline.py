@@ -18,6 +18,7 @@ from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, merged_caption
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.items import READ_COLUMNS, captioned, item_table
 from jobs.scoring.merged import Merged
+from jobs.scoring.references import read_references
 from jobs.scoring.totals import Summary, Totals
 from nota_model.errors import NotaError
 
@@ -31,12 +32,13 @@ ITEMS_PER_BATCH = 10_000  # a map task's share: about 0.6 s of ASR work on one c
 def score_predictions(
     url: str,
     storage_options: dict[str, Any] | None = None,
-    references: dict | None = None,
+    references: str | None = None,
     spice_lib: str | None = None,
     distributed: bool | None = None,
 ) -> Summary:
     """The groups and latency statistics of every prediction under `url`; `distributed` None decides
-    by the input's size. `references` replaces the rows' references ((corpus or None, id) -> list)."""
+    by the input's size. `references`: a URL whose references replace the rows' (references.read_references),
+    read in this process, or on the cluster by a Ray task whose table the map tasks share."""
     options = storage_options or {}
     fs, root = fsspec.core.url_to_fs(url, **options)
     files = prediction_files(fs, root)
@@ -45,15 +47,17 @@ def score_predictions(
     if distributed is None:
         distributed = sum(info.get("size") or 0 for info in files.values()) > IN_PROCESS_BYTES
     if not distributed:
-        return score_table(read_predictions(url, options, READ_COLUMNS), references, spice_lib)
+        found = read_references(references, options) if references else None
+        return score_table(read_predictions(url, options, READ_COLUMNS), found, spice_lib)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+    found = _read_references_on_cluster(references, options) if references else None
     # a read task per part file: by default Ray Data reads small inputs (200 000 rows here) as one block,
     # so one task would score them all
     dataset = ray.data.read_parquet(sorted(files), filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
                                     columns=READ_COLUMNS, override_num_blocks=len(files))
-    items = dataset.map_batches(item_table, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH,
-                                fn_kwargs={"references": references}).materialize()
+    items = dataset.map_batches(_shared_item_table, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH,
+                                fn_kwargs={"references": found}).materialize()
     summary = _aggregate(items, Totals.of, Totals.summary)
     if not summary.captions:
         return summary
@@ -66,12 +70,33 @@ def score_predictions(
     return _with_captions(summary, _aggregate(scored, merged_captions, CaptionsByGroup.quality))
 
 
-def score_table(table: pa.Table, references: dict | None = None, spice_lib: str | None = None) -> Summary:
+def score_table(table: pa.Table, references: pa.Table | None = None, spice_lib: str | None = None) -> Summary:
     """The stages over one table in this process."""
     items = item_table(table, references)
     summary = Totals.of(items).summary()
     frequencies = DocumentFrequencies([frequency_parts(items)])  # one block: its parts are already merged
     return _with_captions(summary, CaptionsByGroup.of(captioned(items), frequencies, summary.captions, spice_lib).quality())
+
+
+def _read_references_on_cluster(url: str, options: dict[str, Any]) -> ray.ObjectRef:
+    """The references table, read by a Ray task and left in the object store; waits for the read, so
+    that a bad file fails here with its own error."""
+    count, table = ray.remote(num_returns=2)(_counted_references).remote(url, options)
+    try:
+        ray.get(count)
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None
+    return table
+
+
+def _counted_references(url: str, options: dict[str, Any]) -> tuple[int, pa.Table]:
+    table = read_references(url, options)
+    return len(table), table
+
+
+def _shared_item_table(block: pa.Table, references: ray.ObjectRef | None) -> pa.Table:
+    """item_table with the references from the object store (zero-copy: Arrow buffers are not unpickled)."""
+    return item_table(block, None if references is None else ray.get(references))
 
 
 def _cluster_cpus() -> int:
