@@ -1,16 +1,17 @@
 """The scorer at scale: generated prediction rows (speech recognition and captioning), scored by today's
-scorer and by the distributed one, in one run on the same machine.
+scorer and by the new one, in one run on the same machine.
 
     python -m benchmarks.scoring [--sizes 200000,2000000] [--tasks asr,aac] [--baseline-sizes 200000]
-                                 [--in-process-sizes 200000] [--baseline-ref 3185eef] [--references]
-                                 [--data DIR] [--output bench.json]
+                                 [--in-process-sizes 200000] [--ray-data-sizes 200000] [--baseline-ref 3185eef]
+                                 [--references] [--data DIR] [--output bench.json]
 
 Rows are written as the job writes them (OUTPUT_SCHEMA, 10 000 rows a part file, batches of 8 that
 share their timing, two workers, 12-word transcripts or five captions an item). Each measurement runs
 in a fresh Python process that scores one prediction set and reports its wall time and its own peak
-RSS: the driver's, since the distributed scorer's Ray workers are other processes. "distributed" is
-jobs.score as it runs by default (Ray Data above its in-process threshold); "in-process" forces the
-same code into one process. It starts its own
+RSS: the driver's, since the scorer's Ray workers are other processes. "new" is jobs.score as it runs
+by default (Ray Data where one core would take longer than jobs.scoring.sizing.IN_PROCESS_S; `ray_data`
+in the results says which it chose); "in-process" and "ray-data" force the same code into one process
+or onto Ray Data. It starts its own
 local Ray (RAY_ADDRESS=local) unless RAY_ADDRESS names one. Today's scorer is
 the in-process one of `--baseline-ref` (the last commit before the distributed scorer), exported with
 `git archive` and run from there. `--references` also writes each set's references as a JSONL of `id`,
@@ -125,6 +126,8 @@ def write_references(predictions: Path) -> Path:
 def measure(predictions: str, output: str, distributed: bool | None = None, references: str | None = None) -> None:
     """Score once in this process and print wall time and this process's peak RSS (JSON);
     `distributed` as jobs.score takes it (today's scorer has no such choice: None)."""
+    import ray
+
     import jobs.score
     from jobs.score import score
 
@@ -136,6 +139,7 @@ def measure(predictions: str, output: str, distributed: bool | None = None, refe
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "quality": groups[0]["quality"],
         "scorer_code": jobs.score.__file__,
+        "ray_data": ray.is_initialized(),
     }))
 
 
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="200000,2000000")
     parser.add_argument("--baseline-sizes", default="200000", help="sizes today's scorer also runs (empty: none)")
     parser.add_argument("--in-process-sizes", default="", help="sizes the new scorer also runs in one process (forced)")
+    parser.add_argument("--ray-data-sizes", default="", help="sizes the new scorer also runs on Ray Data (forced)")
     parser.add_argument("--tasks", default="asr,aac")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument("--references", action="store_true", help="score with --references: a JSONL of the rows' references")
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     baseline_sizes = {int(s) for s in args.baseline_sizes.split(",") if s}
-    in_process_sizes = {int(s) for s in args.in_process_sizes.split(",") if s}
+    forced = {name: {int(s) for s in sizes.split(",") if s}
+              for name, sizes in (("in-process", args.in_process_sizes), ("ray-data", args.ray_data_sizes))}
     with tempfile.TemporaryDirectory(prefix="nota-bench-scoring-") as tmp:
         data = Path(args.data or tmp).resolve()
         baseline = export_baseline(args.baseline_ref, Path(tmp, "baseline").resolve()) if baseline_sizes else None
@@ -183,14 +189,14 @@ def main(argv: list[str] | None = None) -> None:
             for rows in sizes:
                 predictions = generate(data, task, rows)
                 references = write_references(predictions) if args.references else None
-                scorers = [("distributed", None, None)] + ([("in-process", None, False)] if rows in in_process_sizes else [])
+                scorers = [("new", None, None)] + [(name, None, name == "ray-data") for name in forced if rows in forced[name]]
                 scorers += [("today", baseline, None)] if rows in baseline_sizes else []
                 for name, code, distributed in scorers:
                     result = run_measure(predictions, Path(tmp, f"scores-{task}-{rows}-{name}"), code, distributed, references)
                     result |= {"task": task, "rows": rows, "scorer": name, "references": args.references, "rows_per_s": rows / result["wall_s"],
                                "load_avg_1m": os.getloadavg()[0]}
                     if name == "today":
-                        result["same_as_distributed"] = same_outputs(Path(tmp, f"scores-{task}-{rows}-distributed"),
+                        result["same_as_new"] = same_outputs(Path(tmp, f"scores-{task}-{rows}-new"),
                                                                      Path(tmp, f"scores-{task}-{rows}-today"))
                     print(json.dumps(result), flush=True)
                     results.append(result)
@@ -206,6 +212,7 @@ def same_outputs(new: Path, old: Path) -> dict:
     shared = [k for k in values[1] if values[1][k] is not None and values[0].get(k) is not None]
     return {
         "same_metrics": values[0].keys() == values[1].keys(),
+        "metrics_only_in_new": sorted(metric for _, metric in values[0].keys() - values[1].keys()),
         "max_relative_difference": max((abs(values[0][k] - values[1][k]) / max(abs(values[1][k]), 1e-300) for k in shared), default=0.0),
         "same_report": _report_figures(new) == _report_figures(old),
         "same_charts": all((new / c).read_bytes() == (old / c).read_bytes() for c in ("charts/quality.png", "charts/speed.png", "charts/latency.png")
@@ -219,9 +226,10 @@ def _report_figures(scores: Path) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | rows | scorer | wall s | rows/s | driver peak RSS MB | load (1 min) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | rows | scorer | ran | wall s | rows/s | driver peak RSS MB | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['task']} | {r['rows']:,} | {r['scorer']} | {r['wall_s']:.1f} | {r['rows_per_s']:,.0f} "
+        ran = "Ray Data" if r.get("ray_data") else "one process"
+        lines.append(f"| {r['task']} | {r['rows']:,} | {r['scorer']} | {ran} | {r['wall_s']:.1f} | {r['rows_per_s']:,.0f} "
                      f"| {r['peak_rss_mb']:,.0f} | {r['load_avg_1m']:.1f} |")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ same groups from the same rows, however they are split into blocks."""
 import shutil
 from datetime import timedelta
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -12,10 +13,11 @@ from pycocoevalcap.cider.cider import Cider
 
 from jobs import captions
 from jobs.captions import cider_d_items, document_frequency, meteor_from_statistics, meteor_statistics
-from jobs.outputs import OutputStore
+from jobs.outputs import OutputStore, prediction_files
 from jobs.score import long_rows, score, score_rows
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.pipeline import score_table
+from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
 from tests.test_score import SPEECH, T0, row, speech_rows
 
@@ -128,3 +130,17 @@ def test_document_frequencies_merged_by_hash_range_are_the_frequency_dicts_added
     assert frequencies.lookup(("a", "aac", "m"), [*expected, ("no", "such", "ngram")]) == expected
     assert frequencies.lookup(("b", "aac", "m"), expected) == second
     assert len(frequencies) == len(expected) + len(second)
+
+
+def test_the_work_estimate_reads_rows_and_tasks_from_sampled_footers(tmp_path):
+    store = OutputStore(str(tmp_path), "speech")
+    speech = speech_rows([hyp for _, hyp in SPEECH])
+    for shard in range(40):
+        store.write_shard(shard, [r | {"id": f"{shard}-{r['id']}", "shard": shard} for r in speech])
+    fs, root = fsspec.core.url_to_fs(str(tmp_path))
+    files = prediction_files(fs, root)
+    assert single_process_seconds(fs, files) == pytest.approx(40 * len(speech) * ASR_ROW_S, rel=0.05)
+    captions = [r | {"task": "aac"} for r in speech]
+    store.write_shard(0, [r | {"shard": 0} for r in captions])  # a file of captions costs a captioning row's time a row
+    with_captions = single_process_seconds(fs, prediction_files(fs, root))
+    assert with_captions > 40 * len(speech) * ASR_ROW_S + len(speech) * (CAPTION_ROW_S - ASR_ROW_S) * 0.9

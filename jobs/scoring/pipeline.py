@@ -5,28 +5,27 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from functools import reduce
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.fs
 import ray
 
-from jobs.outputs import prediction_files, read_predictions
+from jobs.outputs import OUTPUT_SCHEMA, prediction_files
 from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.items import READ_COLUMNS, captioned, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.references import read_references
-from jobs.scoring.totals import Summary, Totals
+from jobs.scoring.sizing import IN_PROCESS_S, single_process_seconds
+from jobs.scoring.totals import Summary, Totals, split
 from nota_model.errors import NotaError
 
-# Parquet up to this size (about 110 000 ASR rows) is scored in this process: Ray Data costs a fixed
-# start-up (on a loaded 2-core machine, 11 s of ray.init and 16 s for 10 000 ASR rows that take 0.7 s
-# here), and ASR work is about 55 CPU-microseconds a row, so in-process wins below some 10^5 rows.
-IN_PROCESS_BYTES = 8 * 2**20
-ITEMS_PER_BATCH = 10_000  # a map task's share: about 0.6 s of ASR work on one core, results streamed as they come
+ITEMS_PER_BATCH = 10_000  # a block: about 0.6 s of ASR work on one core, a single PTB tokenizer run for its captions
 
 
 def score_predictions(
@@ -37,7 +36,7 @@ def score_predictions(
     distributed: bool | None = None,
 ) -> Summary:
     """The groups and latency statistics of every prediction under `url`; `distributed` None decides
-    by the input's size. `references`: a URL whose references replace the rows' (references.read_references),
+    by the input's work (sizing.single_process_seconds). `references`: a URL whose references replace the rows' (references.read_references),
     read in this process, or on the cluster by a Ray task whose table the map tasks share."""
     options = storage_options or {}
     fs, root = fsspec.core.url_to_fs(url, **options)
@@ -45,10 +44,10 @@ def score_predictions(
     if not files:
         raise NotaError(f"{url} holds no prediction files (part-NNNNN.parquet): check the --predictions URL")
     if distributed is None:
-        distributed = sum(info.get("size") or 0 for info in files.values()) > IN_PROCESS_BYTES
+        distributed = single_process_seconds(fs, files) > IN_PROCESS_S
     if not distributed:
         found = read_references(references, options) if references else None
-        return score_table(read_predictions(url, options, READ_COLUMNS), found, spice_lib)
+        return score_blocks(_blocks(fs, sorted(files)), found, spice_lib)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     found = _read_references_on_cluster(references, options) if references else None
@@ -72,10 +71,39 @@ def score_predictions(
 
 def score_table(table: pa.Table, references: pa.Table | None = None, spice_lib: str | None = None) -> Summary:
     """The stages over one table in this process."""
-    items = item_table(table, references)
-    summary = Totals.of(items).summary()
-    frequencies = DocumentFrequencies([frequency_parts(items)])  # one block: its parts are already merged
-    return _with_captions(summary, CaptionsByGroup.of(captioned(items), frequencies, summary.captions, spice_lib).quality())
+    return score_blocks([table], references, spice_lib)
+
+
+def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None, spice_lib: str | None = None) -> Summary:
+    """The stages in this process, a block at a time, as on the cluster: only the totals, the document
+    frequencies and the captioned items are kept between blocks."""
+    totals, parts, captioned_blocks = Totals(), [], []
+    for block in blocks:
+        items = item_table(block, references)
+        totals = totals.merge(Totals.of(items))
+        parts.append(frequency_parts(items))
+        captioned_blocks.append(captioned(items))
+    summary = totals.summary()
+    if not summary.captions:
+        return summary
+    parts = pa.concat_tables(parts)
+    frequencies = DocumentFrequencies([merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()])
+    captions = (CaptionsByGroup.of(items, frequencies, summary.captions, spice_lib) for items in captioned_blocks)
+    return _with_captions(summary, reduce(CaptionsByGroup.merge, captions, CaptionsByGroup()).quality())
+
+
+def _blocks(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[pa.Table]:
+    """The part files' rows in blocks of about ITEMS_PER_BATCH, read as they are needed."""
+    batches = ds.dataset(paths, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs).to_batches(
+        columns=READ_COLUMNS, batch_size=ITEMS_PER_BATCH)
+    pending: list[pa.RecordBatch] = []
+    for batch in batches:
+        pending.append(batch)
+        if sum(len(b) for b in pending) >= ITEMS_PER_BATCH:
+            yield pa.Table.from_batches(pending)
+            pending = []
+    if pending:
+        yield pa.Table.from_batches(pending)
 
 
 def _read_references_on_cluster(url: str, options: dict[str, Any]) -> ray.ObjectRef:
