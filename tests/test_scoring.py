@@ -43,7 +43,10 @@ def test_cider_d_in_blocks_with_corpus_frequencies_is_pycocoevalcaps_per_item():
 
 
 @java
-def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score():
+@pytest.mark.parametrize("lines_at_once", [1, 3, 64])
+def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeypatch, lines_at_once):
+    monkeypatch.setattr(captions, "METEOR_LINES_AT_ONCE", lines_at_once)
+    assert meteor_statistics(GTS, RES)[0] == [captions._meteor_scorer()._stat(RES[i][0], GTS[i]) for i in RES]
     expected, _ = captions._meteor_scorer().compute_score(GTS, RES)  # pycocoevalcap's own, on the same JVM
     statistics = [line for gts, res in zip(blocks(GTS, range(1), range(1, 4)), blocks(RES, range(1), range(1, 4)))
                   for line in meteor_statistics(gts, res)[0]]
