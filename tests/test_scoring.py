@@ -16,6 +16,7 @@ from jobs.captions import cider_d_items, document_frequency, meteor_from_statist
 from jobs.outputs import OutputStore, prediction_files
 from jobs.score import long_rows, score, score_rows
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
+from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.pipeline import score_table
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
@@ -133,6 +134,9 @@ def test_document_frequencies_merged_by_hash_range_are_the_frequency_dicts_added
     assert frequencies.lookup(("a", "aac", "m"), [*expected, ("no", "such", "ngram")]) == expected
     assert frequencies.lookup(("b", "aac", "m"), expected) == second
     assert len(frequencies) == len(expected) + len(second)
+    key, number = tuple(merged[0][name][0].as_py() for name in GROUP_KEYS), merged[0]["range"][0].as_py()
+    data = merged[0]["hashes"].chunk(0).buffers()[2]
+    assert data.address <= DocumentFrequencies(merged).ranges[key][number].hashes.ctypes.data < data.address + data.size  # in place
 
 
 def test_the_work_estimate_reads_rows_and_tasks_from_sampled_footers(tmp_path):

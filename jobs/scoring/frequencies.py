@@ -12,7 +12,7 @@ range, looked up per block.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +45,7 @@ def frequency_parts(items: pa.Table) -> pa.Table:
 def merge_parts(parts: pa.Table) -> pa.Table:
     """Rows of one group and range, added up into one row."""
     key = tuple(parts[name][0].as_py() for name in GROUP_KEYS)
-    merged = NgramCounts.merged([_counts(parts, i) for i in range(parts.num_rows)])
+    merged = NgramCounts.merged(list(_tables(parts)))
     return pa.Table.from_pylist([_row(key, parts["range"][0].as_py(), merged)], schema=PARTS_SCHEMA)
 
 
@@ -55,8 +55,8 @@ class DocumentFrequencies:
     def __init__(self, tables: Iterable[pa.Table]):
         self.ranges: dict[tuple[str, ...], dict[int, NgramCounts]] = defaultdict(dict)
         for table in tables:
-            for i, (key, number) in enumerate(zip(_group_keys(table), table["range"].to_pylist())):
-                self.ranges[key][number] = _counts(table, i)
+            for key, number, counts in zip(_group_keys(table), table["range"].to_pylist(), _tables(table)):
+                self.ranges[key][number] = counts
 
     def lookup(self, key: tuple[str, ...], ngrams: Iterable[Ngram]) -> dict[Ngram, float]:
         """The counts of those of `ngrams` that occur in the group's references (the others count 0, as in
@@ -80,8 +80,19 @@ def _row(key: tuple[str, ...], number: int, counts: NgramCounts) -> dict:
     return {**dict(zip(GROUP_KEYS, key)), "range": number, "hashes": keys, "counts": values}
 
 
-def _counts(parts: pa.Table, i: int) -> NgramCounts:
-    return NgramCounts.from_bytes(parts["hashes"][i].as_buffer(), parts["counts"][i].as_buffer())
+def _tables(parts: pa.Table) -> Iterator[NgramCounts]:
+    """Each row's table, read in place."""
+    for keys, counts in zip(_values(parts["hashes"]), _values(parts["counts"])):
+        yield NgramCounts.from_bytes(keys, counts)
+
+
+def _values(column: pa.ChunkedArray) -> Iterator[pa.Buffer]:
+    """Each value of a large_binary column as a view of its bytes (a scalar's `as_buffer` copies them)."""
+    for chunk in column.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = chunk.buffers()[2] or pa.py_buffer(b"")
+        for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+            yield data.slice(start, end - start)
 
 
 def _group_keys(table: pa.Table) -> list[tuple[str, ...]]:
