@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 HASH = np.dtype("S16")  # a fixed 16-byte string: ordered, so np.unique and np.searchsorted apply
 COUNT = np.dtype(np.float64)  # pycocoevalcap counts in floats
@@ -49,7 +50,7 @@ class NgramCounts:
         return cls(keys[order], counts[order])
 
     @classmethod
-    def from_bytes(cls, keys: memoryview | bytes, counts: memoryview | bytes) -> NgramCounts:
+    def from_bytes(cls, keys: pa.Buffer | bytes, counts: pa.Buffer | bytes) -> NgramCounts:
         """The table `to_bytes` gave, read in place (no copy)."""
         return cls(np.frombuffer(keys, HASH), np.frombuffer(counts, COUNT))
 
@@ -78,12 +79,6 @@ class NgramCounts:
         where = np.minimum(np.searchsorted(self.hashes, keys), len(self.hashes) - 1)
         found = self.hashes[where] == keys
         return found, self.counts[where[found]]
-
-    def lookup(self, ngrams: Iterable[Ngram]) -> dict[Ngram, float]:
-        """The counts of those of `ngrams` that occur (the others count 0, as in pycocoevalcap)."""
-        ngrams = list(ngrams)
-        found, counts = self.counts_of(hashes(ngrams))
-        return dict(zip((ngram for ngram, hit in zip(ngrams, found) if hit), counts.tolist()))
 
     def __len__(self) -> int:
         return len(self.hashes)
