@@ -62,10 +62,13 @@ def score_predictions(
         return summary
     frequencies = items.map_batches(frequency_parts, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH).groupby(
         RANGE_KEYS).map_groups(merge_parts, batch_format="pyarrow").materialize()
-    # a fixed pool, one actor a CPU up to one a block (an autoscaling one stayed at one actor), materialized
-    # before the aggregate, which would otherwise hold a CPU while the actors run
-    actors = max(1, min(_cluster_cpus(), items.num_blocks()))
-    scored = items.map_batches(captioned, batch_format="pyarrow", batch_size=None).map_batches(
+    # blocks of ITEMS_PER_BATCH (the item map's output blocks hold up to 128 MB, some 125 000 captioned
+    # items), scored by a fixed pool of one actor a CPU up to one a block (an autoscaling pool stayed at
+    # one actor), materialized before the aggregate, which would otherwise hold a CPU while the actors run
+    blocks = items.map_batches(captioned, batch_format="pyarrow", batch_size=None).repartition(
+        target_num_rows_per_block=ITEMS_PER_BATCH).materialize()
+    actors = max(1, min(_cluster_cpus(), blocks.num_blocks()))
+    scored = blocks.map_batches(
         CaptionScorer, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH, concurrency=actors,
         fn_constructor_kwargs={"frequencies": frequencies.to_arrow_refs(), "corpus_items": summary.captions,
                                "spice_lib": spice_lib}).materialize()
