@@ -177,10 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="where generated rows are kept (default: a temporary folder)")
     parser.add_argument("--output", help="also write the results here (JSON)")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    baseline_sizes = {int(s) for s in args.baseline_sizes.split(",") if s}
-    forced = {name: {int(s) for s in sizes.split(",") if s}
-              for name, sizes in (("in-process", args.in_process_sizes), ("ray-data", args.ray_data_sizes))}
+    sizes, baseline_sizes = _sizes(args.sizes), set(_sizes(args.baseline_sizes))
+    forced = {"in-process": set(_sizes(args.in_process_sizes)), "ray-data": set(_sizes(args.ray_data_sizes))}
     with tempfile.TemporaryDirectory(prefix="nota-bench-scoring-") as tmp:
         data = Path(args.data or tmp).resolve()
         baseline = export_baseline(args.baseline_ref, Path(tmp, "baseline").resolve()) if baseline_sizes else None
@@ -203,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(size) for size in text.split(",") if size]
 
 
 def same_outputs(new: Path, old: Path) -> dict:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +45,7 @@ METEOR_LINES_AT_ONCE = 64  # their answers, some 60 bytes each, stay well inside
 NO_JAVA = "caption metrics need Java, starting with the PTB tokenizer behind CIDEr-D: install Java 17"
 
 Captions = dict[int, list[str]]  # item index -> its captions
+Ngram = tuple[str, ...]
 T = TypeVar("T")
 
 
@@ -65,7 +66,8 @@ def caption_scores(
     through the same steps the distributed scorer runs block by block."""
     _check(references, hypotheses)
     gts, res = tokenize(references, hypotheses)
-    cider_d = float(np.mean(cider_d_items(gts, res, document_frequency(gts), len(gts))))
+    frequencies = document_frequency(gts)
+    cider_d = float(np.mean(cider_d_items(gts, res, lambda _: frequencies, len(gts))))
     statistics, meteor_reason = meteor_statistics(gts, res)
     meteor, meteor_reason = meteor_from_statistics(statistics) if statistics is not None else (None, meteor_reason)
     f_scores, spice_reason = spice_f_scores(gts, res, spice_lib)
@@ -128,14 +130,17 @@ def document_frequency(gts: Captions) -> dict[tuple[str, ...], float]:
     return scorer.document_frequency
 
 
-def cider_d_items(gts: Captions, res: Captions, frequencies: dict[tuple[str, ...], float], corpus_items: int) -> list[float]:
-    """Each item's CIDEr-D, by pycocoevalcap's scorer, for items of a corpus of `corpus_items` items
-    whose document frequencies are `frequencies`; the corpus CIDEr-D is their mean."""
+def cider_d_items(gts: Captions, res: Captions, frequencies: Callable[[set[Ngram]], Mapping[Ngram, float]],
+                  corpus_items: int) -> list[float]:
+    """Each item's CIDEr-D, by pycocoevalcap's scorer, for items of a corpus of `corpus_items` items;
+    `frequencies` gives the corpus's document frequencies of the n-grams the items hold (those it leaves
+    out count 0). The corpus CIDEr-D is the items' mean."""
     scorer = CiderScorer()
-    scorer.document_frequency = defaultdict(float, frequencies)
     scorer.crefs = _CorpusSized(corpus_items)  # compute_cider takes log(len(crefs)) as the IDF's numerator
     for i in res:
         scorer += (res[i][0], gts[i])
+    cooked = [*scorer.ctest, *(ref for refs in scorer.crefs for ref in refs)]
+    scorer.document_frequency = defaultdict(float, frequencies({ngram for counts in cooked for ngram in counts}))
     return [float(score) for score in scorer.compute_cider()]
 
 

@@ -5,20 +5,18 @@ the corpus METEOR."""
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial, reduce
 from typing import Any
 
 import pyarrow as pa
 import ray
-from pycocoevalcap.cider.cider_scorer import precook
 
-from jobs.captions import CaptionScores, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
+from jobs.captions import CaptionScores, Ngram, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
 from jobs.scoring.frequencies import DocumentFrequencies
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
-from jobs.scoring.ngrams import Ngram
 from jobs.scoring.totals import split
 
 
@@ -32,15 +30,14 @@ class CaptionTotals:
     spice_failure: str | None = None
 
     @classmethod
-    def of(cls, items: pa.Table, frequencies: Callable[[Iterable[Ngram]], dict[Ngram, float]], corpus_items: int,
+    def of(cls, items: pa.Table, frequencies: Callable[[set[Ngram]], dict[Ngram, float]], corpus_items: int,
            spice_lib: str | None) -> CaptionTotals:
         """`frequencies` looks up the group's document frequencies of n-grams; `corpus_items`: the group's size."""
         gts = dict(enumerate(items["caption_refs"].to_pylist()))
         res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
         statistics, meteor_failure = meteor_statistics(gts, res)
         f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
-        ngrams = {ngram for captions in (*gts.values(), *res.values()) for caption in captions for ngram in precook(caption)}
-        cider_d = sum(cider_d_items(gts, res, frequencies(ngrams), corpus_items))
+        cider_d = sum(cider_d_items(gts, res, frequencies, corpus_items))
         return cls(len(res), cider_d, statistics or [], meteor_failure, sum(f_scores or []), spice_failure)
 
     def merge(self, other: CaptionTotals) -> CaptionTotals:

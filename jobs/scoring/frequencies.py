@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from jobs.captions import document_frequency
+from jobs.captions import Ngram, document_frequency
 from jobs.scoring.items import GROUP_KEYS, captioned
-from jobs.scoring.ngrams import Ngram, NgramCounts, hashes, range_of
+from jobs.scoring.ngrams import NgramCounts, hashes, range_of
 from jobs.scoring.totals import split
 
 RANGE_KEYS = [*GROUP_KEYS, "range"]
