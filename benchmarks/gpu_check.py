@@ -199,7 +199,7 @@ def job(ctx: Context) -> None:
 
 def model_phase(url: str) -> tuple[float, float]:
     """Epoch seconds from the first model batch's start to the last one's end, from the job's rows."""
-    from jobs.outputs import read_predictions
+    from jobs.predictions import read_predictions
 
     rows = read_predictions(url, columns=["created_at", "model_s"]).to_pylist()
     done = [row for row in rows if row["model_s"] is not None]
@@ -256,7 +256,7 @@ def training(ctx: Context) -> None:
     samples/s over the second half of the steps (the first half holds the warm-up)."""
     import ray
 
-    from jobs import train
+    from jobs.training import worker as train
 
     steps = 4 if ctx.quick else 20
     gpu = ctx.device == "cuda"

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.metrics import corpus_wer
+from jobs.metrics.wer import corpus_wer
 from jobs.samples import default_dest, fetch_cards, fetch_librivox
 from nota_model.audio import AudioClip, load_audio, prepare_waveform, whisper_features
 from nota_model.audio_context import stacked_log_mel, whisper_encoder_states

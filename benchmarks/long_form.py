@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.throughput import set_arguments, timed
-from jobs.metrics import corpus_wer
+from jobs.metrics.wer import corpus_wer
 from jobs.samples import build_long_form, default_dest
 from nota_model.audio import SAMPLE_RATE, load_audio
 from nota_model.config import AudioConfig

@@ -99,7 +99,7 @@ def measure(manifest: str, output: str, mode: str, storage_options: str) -> None
 
     from benchmarks.scaling import SimulatedPredictor
     from jobs.infer import parse_args, run
-    from jobs.outputs import read_predictions
+    from jobs.predictions import read_predictions
 
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="warning")
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -50,8 +50,8 @@ import ray
 import soundfile as sf
 
 from jobs.infer import parse_args, run
-from jobs.pipeline.predict import Predictor, worker_name
-from jobs.pipeline.settings import JobSettings
+from jobs.inference.predict import Predictor, worker_name
+from jobs.inference.settings import JobSettings
 from nota_model.build import LoadedModel
 from nota_model.config import ModelConfig
 from nota_model.decoding import GenerationOutput

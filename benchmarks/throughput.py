@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from jobs.metrics import corpus_wer
+from jobs.metrics.wer import corpus_wer
 from jobs.samples import default_dest, fetch_cards, fetch_librivox
 from nota_model.build import random_parts
 from nota_model.config import WhisperASRConfig, load_config

@@ -24,15 +24,16 @@ from typing import Any
 import pyarrow.compute as pc
 import ray
 
-from jobs import logs, report
-from jobs.manifest import load_manifest
-from jobs.outputs import OutputStore
-from jobs.pipeline.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
-from jobs.pipeline.predict import DRY_RUN_IDENTITY, Predictor
-from jobs.pipeline.read import ReadPlan
-from jobs.pipeline.settings import JobSettings
-from jobs.pipeline.write import Commit, ShardStaging
-from jobs.score import add_scoring_arguments, score
+from jobs import logs
+from jobs.corpus.manifest import load_manifest
+from jobs.inference.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
+from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
+from jobs.inference.read import ReadPlan
+from jobs.inference.settings import JobSettings
+from jobs.inference.write import Commit, ShardStaging
+from jobs.predictions import OutputStore
+from jobs.scoring import report
+from jobs.scoring.score import add_scoring_arguments, score
 from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
 from nota_model.transcribe import parse_overrides

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from jobs.captions import CaptionScores, Ngram, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
+from jobs.metrics.captions import CaptionScores, Ngram, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
 from jobs.scoring.frequencies import DocumentFrequencies
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key

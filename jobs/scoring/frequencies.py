@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from jobs.captions import Ngram, document_frequency
+from jobs.metrics.captions import Ngram, document_frequency
 from jobs.scoring.items import GROUP_KEYS, captioned
 from jobs.scoring.ngrams import NgramCounts, hashes, range_of
 from jobs.scoring.totals import split

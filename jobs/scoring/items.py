@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.captions import tokenize
-from jobs.metrics import EDIT_COLUMNS, edit_counts, transcript
+from jobs.metrics.captions import tokenize
+from jobs.metrics.wer import EDIT_COLUMNS, edit_counts, transcript
 from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")

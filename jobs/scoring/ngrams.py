@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from jobs.captions import Ngram
+from jobs.metrics.captions import Ngram
 
 HASH = np.dtype("S16")  # a fixed 16-byte string: ordered, so np.unique and np.searchsorted apply
 COUNT = np.dtype(np.float64)  # pycocoevalcap counts in floats

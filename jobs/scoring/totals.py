@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib import cbook
 
-from jobs.metrics import EDIT_COLUMNS, word_errors
+from jobs.metrics.speed import Speed, speed
+from jobs.metrics.wer import EDIT_COLUMNS, word_errors
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
-from jobs.throughput import Speed, speed
 
 LATENCIES = ("ttft_s", "tpot_s")
 NO_REFERENCE = "no item has a reference: pass --references with the corpus manifest"

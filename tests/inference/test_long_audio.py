@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 
 from jobs.infer import parse_args, run
-from jobs.metrics import corpus_wer
+from jobs.inference.decode import decode_item
+from jobs.metrics.wer import corpus_wer
 from jobs.packs import build
-from jobs.pipeline.decode import decode_item
 from jobs.samples import default_dest, fetch_librivox
 from jobs.scoring.pipeline import score_predictions
 from nota_model import load_audio, load_config, load_model, segment

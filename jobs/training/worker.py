@@ -51,7 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs import logs
-from jobs.manifest import Manifest, load_manifest, read_item_bytes
+from jobs.corpus.manifest import Manifest, load_manifest, read_item_bytes
 from nota_model.audio import AudioClip, load_audio
 from nota_model.build import load_model, save_trained
 from nota_model.checkpoint import load_into, read_checkpoint
@@ -529,8 +529,8 @@ class WorkerTrainer:
 
 def validation_scores(predictions: list[dict[str, Any]], validation: ValidationSection) -> dict[str, Any]:
     """WER/CER over the asr items, caption metrics over the aac items (None with a note where they cannot run)."""
-    from jobs.captions import caption_scores
-    from jobs.metrics import corpus_wer
+    from jobs.metrics.captions import caption_scores
+    from jobs.metrics.wer import corpus_wer
 
     scores: dict[str, Any] = {}
     good = [row for row in predictions if row["error"] is None]
@@ -762,7 +762,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     # Under `python -m jobs.train` this file is `__main__`, whose functions Ray would pickle by value:
     # use the importable module's, which workers import by name.
-    from jobs import train
+    from jobs.training import worker as train
 
     args = parse_args(argv)
     logs.configure(os.environ.get("RAY_JOB_SUBMISSION_ID") or "train")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from jobs.metrics import corpus_wer
+from jobs.metrics.wer import corpus_wer
 from jobs.packs import build
 from jobs.samples import default_dest, fetch_librivox
 from nota_model import load_audio, load_config, load_model

@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from jobs.normalizer import EnglishNormalizer
+from jobs.metrics.normalizer import EnglishNormalizer
 
 EDITS = ("substitutions", "deletions", "insertions", "hits")
 EDIT_COLUMNS = tuple(f"{unit}_{edit}" for unit in ("word", "char") for edit in EDITS)

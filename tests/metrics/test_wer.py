@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from jobs.metrics import EDITS, corpus_wer, edit_counts, normalize
-from jobs.normalizer import EnglishNormalizer
+from jobs.metrics.normalizer import EnglishNormalizer
+from jobs.metrics.wer import EDITS, corpus_wer, edit_counts, normalize
 
 # Texts the normalizer treats specially: numbers, currencies, contractions, titles, British spellings,
 # fillers, brackets, symbols, non-ASCII letters and digits, odd whitespace.

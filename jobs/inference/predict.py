@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from jobs.outputs import OUTPUT_SCHEMA
-from jobs.pipeline.settings import JobSettings
+from jobs.inference.settings import JobSettings
+from jobs.predictions import OUTPUT_SCHEMA
 from nota_model.audio import AudioClip
 from nota_model.build import load_model
 from nota_model.config import ModelConfig

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from jobs import manifest as manifest_module
-from jobs.manifest import (
+from jobs.corpus import manifest as manifest_module
+from jobs.corpus.manifest import (
     WORK_ITEM_SCHEMA,
     Manifest,
     ManifestError,
@@ -28,7 +28,7 @@ from nota_model.errors import AudioError
 from nota_model.storage import cache_dir
 from tests.s3 import moto_fixture, s3_filesystem
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "<Speech><SpeechHere></Speech> Say it."
 
 s3 = pytest.fixture(scope="module")(moto_fixture)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import captions
-from jobs.captions import caption_scores
+from jobs.metrics import captions
+from jobs.metrics.captions import caption_scores
 
 DOG = "a dog barks loudly outside"
 RAIN = "rain falls on the roof"

@@ -33,8 +33,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import report
-from jobs.outputs import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions
+from jobs.predictions import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions
+from jobs.scoring import report
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.pipeline import score_predictions, score_table
 from nota_model.errors import NotaError

@@ -16,11 +16,11 @@ import soundfile as sf
 import torch
 
 from jobs.samples import default_dest, fetch_librivox
-from jobs.train import SEED_FILE, STATE_FILE, VALIDATION_FILE, WEIGHTS_FILE, MetricsLogger, TrainConfig, load_train_config, run, storage
+from jobs.training.worker import SEED_FILE, STATE_FILE, VALIDATION_FILE, WEIGHTS_FILE, MetricsLogger, TrainConfig, load_train_config, run, storage
+from nota_model.audio import load_audio
 from nota_model.build import load_model
 from nota_model.checkpoint import read_state_dict
 from nota_model.config import DecodingConfig, load_config
-from nota_model.audio import load_audio
 from nota_model.errors import ConfigError
 from tests.s3 import CREDENTIALS, moto_server, s3_filesystem
 
@@ -170,7 +170,7 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_shipped_training_configs_are_valid():
-    for path in sorted(Path(__file__).parent.parent.glob("configs/train-*.yaml")):
+    for path in sorted(Path(__file__).parents[2].glob("configs/train-*.yaml")):
         config = load_train_config(str(path))
         assert config.model.load().model_kind == "nota", path
 

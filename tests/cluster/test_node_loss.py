@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 
 from jobs.infer import parse_args, run
-from tests.test_infer_cluster import job_argv, predictor_pids, rows_by_id, write_corpus
+from tests.cluster.test_infer_cluster import job_argv, predictor_pids, rows_by_id, write_corpus
 
 ITEMS = 4
 FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}  # noticed in 1 s, not 15
@@ -29,7 +29,7 @@ FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshol
 def test_the_model_actor_is_restarted_on_another_node_when_its_node_is_lost(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     child = subprocess.run([sys.executable, "-m", "tests.test_node_loss", str(tmp_path)], env=env, capture_output=True,
-                           text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+                           text=True, timeout=240, cwd=Path(__file__).resolve().parents[2])
     assert child.returncode == 0, child.stderr[-3000:]
     removed = json.loads((tmp_path / "removed.json").read_text())["node"]
     rows = rows_by_id(tmp_path / "out")

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.outputs import OUTPUT_SCHEMA, OutputStore, parquet_bytes
-from jobs.pipeline.settings import JobSettings
+from jobs.inference.settings import JobSettings
+from jobs.predictions import OUTPUT_SCHEMA, OutputStore, parquet_bytes
 from nota_model.storage import write_bytes_atomically
 
 WRITE_RESULT_SCHEMA = pa.schema(

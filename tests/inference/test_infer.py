@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from jobs.corpus.manifest import build_shards
 from jobs.infer import parse_args, run
-from jobs.manifest import build_shards
-from jobs.outputs import OUTPUT_SCHEMA, OutputMismatchError, read_predictions
-from jobs.pipeline.decode import decode_item
+from jobs.inference.decode import decode_item
+from jobs.predictions import OUTPUT_SCHEMA, OutputMismatchError, read_predictions
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
 from nota_model.features import ModelFeatures, compute_features
@@ -169,9 +169,9 @@ def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, co
 
 
 def test_a_shard_is_committed_whole_once_and_a_late_or_redone_copy_never_duplicates(tmp_path):
-    from jobs.outputs import OutputStore
-    from jobs.pipeline.settings import JobSettings
-    from jobs.pipeline.write import ShardStaging, finish_shard, write_rows
+    from jobs.inference.settings import JobSettings
+    from jobs.inference.write import ShardStaging, finish_shard, write_rows
+    from jobs.predictions import OutputStore
 
     staging = ShardStaging(OutputStore(str(tmp_path), "late"))
     row = {name: None for name in OUTPUT_SCHEMA.names} | {"id": "a", "corpus": "late", "shard": 0, "index": 0}
@@ -195,9 +195,9 @@ def test_a_shard_is_committed_whole_once_and_a_late_or_redone_copy_never_duplica
 
 
 def test_items_the_pipeline_never_returned_get_a_lost_row(tmp_path):
-    from jobs.outputs import OutputStore
-    from jobs.pipeline.settings import JobSettings
-    from jobs.pipeline.write import ShardStaging, finish_shard, write_rows
+    from jobs.inference.settings import JobSettings
+    from jobs.inference.write import ShardStaging, finish_shard, write_rows
+    from jobs.predictions import OutputStore
 
     staging = ShardStaging(OutputStore(str(tmp_path), "lost"))
     items = [{"id": f"i{index}", "shard": 4, "index": index, "source": "s", "audio": "a", "task": "asr", "prompt": None,

@@ -19,9 +19,9 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from jobs.manifest import ItemListShard, Manifest, WorkItemChecks, item_list_rows, shard_items
-from jobs.pipeline.decode import DECODED_SCHEMA, decode_item, decoded_block, read_item_audio
-from jobs.pipeline.write import ShardStaging
+from jobs.corpus.manifest import ItemListShard, Manifest, WorkItemChecks, item_list_rows, shard_items
+from jobs.inference.decode import DECODED_SCHEMA, decode_item, decoded_block, read_item_audio
+from jobs.inference.write import ShardStaging
 from nota_model.config import ModelConfig
 
 # An item-list read task holds up to about this many rows (fewer on a small corpus, for parallelism).

@@ -20,19 +20,19 @@ from ray._private.log import PlainRayHandler
 from ray.data._internal.logging import get_log_directory
 
 from jobs import logs
+from jobs.corpus.manifest import ItemListShard, load_manifest
 from jobs.infer import parse_args, run
-from jobs.pipeline.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
-from jobs.outputs import OutputStore
-from jobs.pipeline.predict import actor_threads
-from jobs.pipeline.read import ReadPlan, TarShard
-from jobs.pipeline.settings import JobSettings
-from jobs.pipeline.write import ShardStaging
-from jobs.manifest import ItemListShard, load_manifest
+from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
+from jobs.inference.predict import actor_threads
+from jobs.inference.read import ReadPlan, TarShard
+from jobs.inference.settings import JobSettings
+from jobs.inference.write import ShardStaging
+from jobs.predictions import OutputStore
 from nota_model.config import load_config
-from tests.test_infer import TINY_DECODING, tone, wav_bytes
+from tests.inference.test_infer import TINY_DECODING, tone, wav_bytes
 
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def write_corpus(root: Path, items: int) -> Path:

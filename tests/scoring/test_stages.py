@@ -11,16 +11,16 @@ import pytest
 from matplotlib import cbook
 from pycocoevalcap.cider.cider import Cider
 
-from jobs import captions
-from jobs.captions import cider_d_items, document_frequency, meteor_from_statistics, meteor_statistics
-from jobs.outputs import OutputStore, prediction_files
-from jobs.score import long_rows, score, score_rows
+from jobs.metrics import captions
+from jobs.metrics.captions import cider_d_items, document_frequency, meteor_from_statistics, meteor_statistics
+from jobs.predictions import OutputStore, prediction_files
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.pipeline import score_table
+from jobs.scoring.score import long_rows, score, score_rows
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
-from tests.test_score import SPEECH, T0, row, speech_rows
+from tests.scoring.test_score import SPEECH, T0, row, speech_rows
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
 GTS = {0: ["a dog barks loudly outside", "the dog is barking"], 1: ["rain falls on the roof"],
@@ -94,7 +94,7 @@ def metrics(group: dict) -> dict:
 
 
 def pa_table(shards):
-    from jobs.outputs import OUTPUT_SCHEMA
+    from jobs.predictions import OUTPUT_SCHEMA
 
     return pa.Table.from_pylist([r for shard in shards for r in shard], schema=OUTPUT_SCHEMA)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_infer import TINY_DECODING, tone, wav_bytes
+from tests.inference.test_infer import TINY_DECODING, tone, wav_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "cluster" / "local.sh"
 UP_TIMEOUT_S = 150
 JOB_TIMEOUT_S = 300

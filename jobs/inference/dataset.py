@@ -9,12 +9,12 @@ from typing import Any
 
 import ray
 
-from jobs.manifest import Manifest
-from jobs.pipeline.decode import MAX_CLIP_BYTES
-from jobs.pipeline.predict import Predictor, dry_run_rows
-from jobs.pipeline.read import CorpusDatasource, InputShard, ListSlice, ReadContext, ReadPlan, TarShard, shard_work_items
-from jobs.pipeline.settings import JobSettings
-from jobs.pipeline.write import Commit, ShardStaging, finish_shard, write_rows
+from jobs.corpus.manifest import Manifest
+from jobs.inference.decode import MAX_CLIP_BYTES
+from jobs.inference.predict import Predictor, dry_run_rows
+from jobs.inference.read import CorpusDatasource, InputShard, ListSlice, ReadContext, ReadPlan, TarShard, shard_work_items
+from jobs.inference.settings import JobSettings
+from jobs.inference.write import Commit, ShardStaging, finish_shard, write_rows
 from nota_model.config import ModelConfig
 
 BLOCKS_PER_ACTOR = 4
