@@ -9,6 +9,7 @@ from typing import Any
 
 import ray
 
+from jobs.inference.devices import ACTOR_MAX_RESTARTS
 from jobs.manifest import Manifest
 from jobs.pipeline.decode import MAX_CLIP_BYTES
 from jobs.pipeline.predict import Predictor, dry_run_rows
@@ -60,7 +61,11 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args:
             compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
             num_gpus=1 if on_gpu else 0,
             num_cpus=sizing.actor_cpus,
-        )  # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1, max_task_retries=-1)
+            # A lost actor (its node gone, or ended by a device failure: devices.end_actor) is restarted and its
+            # batches retried; an actor that keeps failing fails the job instead of looping on a broken GPU.
+            max_restarts=ACTOR_MAX_RESTARTS,
+            max_task_retries=-1,
+        )
     # The write stage stages a decode block's worth of rows at a time: few files a shard, and shards committed
     # as the stream goes.
     return rows.map_batches(write_rows, batch_size=block_rows, batch_format="pyarrow",
