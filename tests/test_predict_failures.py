@@ -101,3 +101,31 @@ def test_a_device_failure_ends_the_actor_process_for_ray_to_restart():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == DEVICE_FAILURE_EXIT_CODE and "still alive" not in done.stdout
     assert "ends on a device failure" in done.stderr and "CUDA error: illegal address" in done.stderr
+
+
+def overflowing_audio(model, monkeypatch, item: int) -> None:
+    """Item `item`'s audio tokens made infinite, as a float16 overflow would make its activations."""
+    real = model.audio_tokens
+
+    def audio_tokens(clips, features=None):
+        tokens = real(clips, features)
+        return [t * float("inf") if index == item else t for index, t in enumerate(tokens)]
+
+    monkeypatch.setattr(model, "audio_tokens", audio_tokens)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_non_finite_scores_are_marked_per_item(tiny, monkeypatch, beams):
+    overflowing_audio(tiny.model, monkeypatch, item=1)
+    clips = [make_clip(1.0, seed=0), make_clip(1.5, seed=1), make_clip(2.0, seed=2)]
+    decoding = tiny.model.config.decoding.model_copy(update={"num_beams": beams, "max_new_tokens": 3})
+    assert tiny.model.generate(clips, [tiny.model.prompt_for("asr")] * 3, decoding).non_finite == (False, True, False)
+
+
+def test_a_non_finite_item_is_an_error_row_naming_the_precision(tiny, monkeypatch):
+    overflowing_audio(tiny.model, monkeypatch, item=0)  # the model batch's first piece: the longest, item1
+    batch = rows(tiny.model, 2)
+    predictor(tiny, 8)._generate(batch)
+    assert [row["error"] for row in batch] == [None, "non_finite_logits"]
+    assert "inf or NaN running in float32" in batch[1]["error_message"] and batch[1].get("text") is None
+    assert batch[0]["text"] is not None

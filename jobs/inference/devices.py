@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import ray
 import torch
 
+from nota_model.precision import Capability, device_capability
+
 # Tests declare fake Ray GPUs on machines without CUDA (`ray.init(num_gpus=2)`); with this set to 1 in the
 # actors' environment, an actor given such a GPU runs on the CPU instead of failing.
 FAKE_GPUS_ENV = "NOTA_FAKE_GPUS"
@@ -73,3 +75,20 @@ def end_actor(err: DeviceFailure) -> None:
     print(f"nota-batch: model actor {os.getpid()} ends on a device failure, for Ray to restart it: {err.__cause__!r}",
           file=sys.stderr, flush=True)
     os._exit(DEVICE_FAILURE_EXIT_CODE)
+
+
+def uses_gpus(accelerator: str) -> bool:
+    """Whether the model actors ask for GPUs (`--accelerator`; auto: the cluster has GPUs now)."""
+    return accelerator == "gpu" or (accelerator == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def run_capability(on_gpu: bool) -> Capability:
+    """The compute capability the model actors will run on, for the precision `auto` means there (asked of a
+    GPU by a Ray task, which waits for a GPU node to join); None for CPU actors or fake GPUs. Each actor checks
+    that it runs in this precision (`Predictor`), so that no output mixes float16 and bfloat16 rows."""
+    return ray.get(_gpu_capability.remote()) if on_gpu else None
+
+
+@ray.remote(num_gpus=1, num_cpus=0)  # Ray ends a GPU task's worker after it (max_calls=1): no CUDA context stays
+def _gpu_capability() -> Capability:
+    return device_capability(actor_device())

@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from jobs.inference.devices import ACTOR_MAX_RESTARTS
+from jobs.inference.devices import ACTOR_MAX_RESTARTS, uses_gpus
 from jobs.manifest import Manifest
 from jobs.pipeline.decode import MAX_CLIP_BYTES
 from jobs.pipeline.predict import Predictor, dry_run_rows
@@ -32,7 +32,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args:
                   predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
     """Rows of the write stage's results (`write.WRITE_RESULT_SCHEMA`): a few per block, no item data."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
+    on_gpu = uses_gpus(args.accelerator)
     pool = args.pool_size or max(gpus, 1)
     # A dry run has no model: reading and decoding are the work, a CPU each.
     sizing = (ResourceSizing(0.0, args.decode_cpus or 1.0) if args.dry_run

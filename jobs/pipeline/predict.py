@@ -87,6 +87,12 @@ class Predictor:
         self.model = self.loaded.model
         self.settings = settings
         self.worker = worker_name(self.model.device)
+        if self.loaded.identity != settings.model_identity:
+            raise ConfigError(
+                f"this model actor runs {self.loaded.identity} but the run writes {settings.model_identity}: its GPU "
+                "differs from the one the run was planned on (bfloat16 from compute capability 8.0, float16 below); "
+                "set the model's dtype (--set dtype=float16) so that every GPU runs the same precision"
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
@@ -154,6 +160,11 @@ class Predictor:
         `model_s` on every row of the batch, whose work it is."""
         finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
         for row, answer in zip(rows, output.answers):
+            if answer.non_finite:
+                row.update(error="non_finite_logits", error_message=(
+                    f"the model's scores became inf or NaN running in {self.loaded.identity.rsplit('+', 1)[-1]} (an "
+                    "overflow): its text is garbage; run this model in float32 or bfloat16 (--set dtype=...)"))
+                continue
             ran = answer.batch_size is not None
             row.update(
                 text=answer.text,
