@@ -630,7 +630,7 @@ def _memory(device: torch.device) -> dict[str, float]:
     """Peak memory so far: the process's resident set; on a GPU, jobs.gpu_memory's figures."""
     memory = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
-        memory |= {key.replace("_bytes", "_gb"): value / 2**30 for key, value in gpu_memory(device).items() if value is not None}
+        memory |= {f"gpu_{key.removesuffix('_bytes')}_gb": value / 2**30 for key, value in gpu_memory(device).items() if value is not None}
     return memory
 
 

@@ -7,6 +7,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
@@ -32,7 +33,9 @@ from nota_model.model import NotaModel
 from nota_model.precision import Capability, ct2_compute_type, device_capability, float16_overflow_warning, resolve_dtype
 from nota_model.storage import resolve, sha256_of
 from nota_model.whisper_asr import WhisperASR, load_whisper_asr
-from nota_model.whisper_ct2 import WhisperCT2, load_whisper_ct2
+
+if TYPE_CHECKING:
+    from nota_model.whisper_ct2 import WhisperCT2
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +101,9 @@ def _nota_identity(name: str, checkpoint_sha256: str | None, precision: str) -> 
 
 def _load_whisper(config: WhisperASRConfig, device: torch.device, threads: int | None) -> LoadedModel:
     if config.engine == "ctranslate2":
+        # imported for its engine alone: the GPU check's image has no CTranslate2 (benchmarks/README.md)
+        from nota_model.whisper_ct2 import load_whisper_ct2
+
         model = load_whisper_ct2(config, device, threads)
     else:
         model = load_whisper_asr(config, str(resolve(config.path)), device, resolve_dtype(config.dtype, device_capability(device)))
