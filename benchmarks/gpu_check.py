@@ -144,11 +144,15 @@ def set_precision(model: Any, master: dict[str, Any], dtype_name: str) -> None:
     """The float32 weights back, then the precision as `load_model` sets it for that dtype."""
     import torch
 
-    from nota_model.build import precast_encoders
-
     model.float()
     model.load_state_dict(master)
-    dtype = getattr(torch, dtype_name)
+    cast_model(model, getattr(torch, dtype_name))
+
+
+def cast_model(model: Any, dtype: Any) -> None:
+    """The LLM and the encoders' matrices in `dtype`, as `load_model` casts them."""
+    from nota_model.build import precast_encoders
+
     model.llama_model.to(dtype)
     precast_encoders(model, dtype)
 
@@ -271,6 +275,12 @@ def efficiency(ctx: Context) -> None:
     results["batch1_comparison"] = comparison(results["batches"][0], seed)
     ctx.save(results)
     probe = replace(settings, repeats=1)
+    auto = model.dtype
+    cast_model(model, torch.float16)  # a V100's precision and kernels: float16, flash attention off
+    with flash_attention(ctx.device, False):
+        results["v100_emulation"] = [bench_batch_size(model, size, probe) | {"repeats": 1} for size in settings.batch_sizes[:2]]
+    cast_model(model, auto)
+    ctx.save(results)
     results |= {"largest_batch": settings.batch_sizes[-1], "largest_candidate": larger[-1]}
     for size in larger:  # the largest batch that fits: one timed run each, until memory runs out
         try:
@@ -660,6 +670,11 @@ def efficiency_md(results: dict[str, Any]) -> str:
              "(medians; synchronised).", "",
              table(["batch", "TTFT s", "TPOT s", "items/s", "output tokens/s", "peak memory GB", "peak reserved GB",
                     "NVML process GB", "repeats"], rows)]
+    if "v100_emulation" in results:
+        rows = [[b["batch_size"], b["ttft_s"]["median"], b["tpot_s"]["median"], b["items_per_s"]["median"], b["peak_memory_gb"]]
+                for b in results["v100_emulation"]]
+        parts += ["", "V100 emulation (float16, flash attention off, one run each):", "",
+                  table(["batch", "TTFT s", "TPOT s", "items/s", "peak memory GB"], rows)]
     if "largest_batch" in results:
         oom = results.get("out_of_memory_at")
         parts += ["", f"Largest batch that fits: {results['largest_batch']}"

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
 from benchmarks.batching import synthetic_clip
-from nota_model.audio import AudioClip
 from jobs.gpu_memory import gpu_memory
+from nota_model.audio import AudioClip
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import DecodingConfig, load_config
 from nota_model.decoding import GenerationOutput

@@ -55,11 +55,11 @@ from jobs.gpu_memory import gpu_memory
 from jobs.manifest import Manifest, load_manifest, read_item_bytes
 from nota_model.audio import AudioClip, load_audio
 from nota_model.build import load_model, save_trained
-from nota_model.precision import device_capability, needs_grad_scaler, training_autocast_dtype
 from nota_model.checkpoint import load_into, read_checkpoint
 from nota_model.config import DecodingConfig, NotaConfig, PromptConfig, load_config
 from nota_model.errors import AudioError, ConfigError
 from nota_model.model import NotaModel
+from nota_model.precision import device_capability, needs_grad_scaler, training_autocast_dtype
 from nota_model.storage import cache_dir
 from nota_model.training import (
     Example,

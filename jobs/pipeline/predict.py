@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-
 import torch
 
 from jobs.inference.devices import DeviceFailure, actor_device, end_actor, is_device_failure
@@ -78,9 +77,10 @@ def dry_run_rows(batch: pa.Table, settings: JobSettings) -> pa.Table:
 
 
 class Predictor:
-    """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor. It takes the features the decode
-    tasks computed (computing them itself for rows without), and records in each row `actor_cpu_s`: its
-    batch's CPU time on the actor's thread outside `model.generate`, per item."""
+    """The model in a Ray actor: one per GPU (on the GPU Ray assigned it, in the precision the run claimed) or
+    a CPU actor. It takes the features the decode tasks computed (computing them itself for rows without), and
+    records in each row `actor_cpu_s`: its batch's CPU time on the actor's thread outside `model.generate`,
+    per item."""
 
     def __init__(self, config: ModelConfig, checkpoint: str | None, settings: JobSettings):
         self.loaded = load_model(config, checkpoint=checkpoint, device=actor_device(), threads=actor_threads())
