@@ -279,6 +279,7 @@ def efficiency(ctx: Context) -> None:
     cast_model(model, torch.float16)  # a V100's precision and kernels: float16, flash attention off
     with flash_attention(ctx.device, False):
         results["v100_emulation"] = [bench_batch_size(model, size, probe) | {"repeats": 1} for size in settings.batch_sizes[:2]]
+    model.float()  # back to the run's own precision (random weights: the rounding on the way means nothing here)
     cast_model(model, auto)
     ctx.save(results)
     results |= {"largest_batch": settings.batch_sizes[-1], "largest_candidate": larger[-1]}
@@ -424,6 +425,102 @@ def training(ctx: Context) -> None:
     })
 
 
+# Step 3b (run after the efficiency bench): two training workers on one device, without Ray
+
+
+def two_workers(ctx: Context) -> None:
+    """Two processes training `tiny` on the one device with torch.distributed (gloo, which takes two ranks on
+    one GPU where NCCL refuses) and DistributedDataParallel: the precision `auto` gives the device, the
+    gradient scaler where the model is float16, finite losses, and the two ranks' trained weights equal after
+    the last step. Each rank writes its results; this process joins them."""
+    import torch.multiprocessing as multiprocessing
+
+    steps = 2 if ctx.quick else 10
+    port = free_port()
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=train_rank, args=(rank, port, ctx.device, steps, str(ctx.out))) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    ranks = [json.loads((ctx.out / "steps" / f"two_workers-rank{rank}.json").read_text()) for rank in range(2)
+             if (ctx.out / "steps" / f"two_workers-rank{rank}.json").exists()]
+    results = {"workers": 2, "backend": "gloo", "steps": steps, "ranks": ranks,
+               "exit_codes": [worker.exitcode for worker in workers]}
+    results["passed"] = (len(ranks) == 2 and all(worker.exitcode == 0 for worker in workers)
+                         and all(rank["losses_finite"] and rank["in_sync"] for rank in ranks))
+    ctx.save(results)
+    if not results["passed"]:
+        raise RuntimeError("two-worker training failed: see each rank's results and exit code")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_rank(rank: int, port: int, device: str, steps: int, out: str) -> None:
+    """One rank of `two_workers`."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks.batching import synthetic_clip
+    from nota_model.build import load_model
+    from nota_model.config import load_config
+    from nota_model.precision import device_capability, needs_grad_scaler, training_autocast_dtype
+    from nota_model.training import Example, answer_loss, batch_for, prepare_for_training
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = load_model(load_config("tiny"), device=device).model  # the same seed: the same weights on both ranks
+    trained = [p for name, p in model.named_parameters() if name in set(prepare_for_training(model))]
+    amp = training_autocast_dtype("auto", device_capability(model.device))
+
+    class Loss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, examples: list) -> torch.Tensor:
+            with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                return answer_loss(model, batch_for(model, examples))
+
+    module = torch.nn.parallel.DistributedDataParallel(Loss(), find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
+    scaler = torch.amp.GradScaler(model.device.type, enabled=needs_grad_scaler(amp, model.dtype))
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        clips = [synthetic_clip(1.0 + 0.5 * i, seed=100 * rank + 10 * step + i) for i in range(2)]
+        examples = [Example(clip, model.prompt_for("asr"), answer) for clip, answer in zip(clips, ("a tone", "two tones rising"))]
+        optimizer.zero_grad()
+        loss = module(examples)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    elapsed = time.perf_counter() - started
+    checksum = torch.stack([p.detach().double().sum() for p in trained]).to("cpu")
+    gathered = [torch.zeros_like(checksum) for _ in range(2)]
+    dist.all_gather(gathered, checksum)
+    memory = None
+    if model.device.type == "cuda":
+        from jobs.gpu_memory import gpu_memory
+
+        memory = gpu_memory(model.device)
+    result = {"rank": rank, "device": str(model.device), "model_dtype": str(model.dtype), "autocast": str(amp),
+              "grad_scaler": scaler.is_enabled(), "losses": losses, "losses_finite": all(map(math.isfinite, losses)),
+              "in_sync": bool(torch.equal(gathered[0], gathered[1])), "steps_per_s": steps / elapsed, "gpu_memory": memory}
+    Path(out, "steps", f"two_workers-rank{rank}.json").write_text(json.dumps(result, indent=1))
+    dist.destroy_process_group()
+
+
 # Step 5: the machine
 
 
@@ -490,10 +587,11 @@ STEPS = (
     Step("machine", "The machine", 20, machine),
     Step("correctness", "Correctness in float32, bfloat16 and float16 (flash attention off)", 150, correctness),
     Step("efficiency", "Efficiency (jobs.bench)", 110, efficiency),
+    Step("two_workers", "Training: two workers on one device (torch.distributed, no Ray)", 60, two_workers),
     Step("job", "The job (jobs.infer on a local Ray)", 150, job, needs=("ray", "ctranslate2")),
     Step("training", "Training (jobs.train)", 70, training, needs=("ray",)),
 )
-QUICK_STEP_S = 300  # per step in quick mode: generous, only a stuck step reaches it
+QUICK_STEP_S = 450  # per step in quick mode: generous (a loaded 2-core CI machine), only a stuck step reaches it
 
 
 def run_step(name: str, ctx: Context) -> int:
@@ -540,10 +638,9 @@ class StepRun:
 
 
 def step_environment(ctx: Context) -> dict[str, str]:
-    """The carried wheels first on the path (`gpu_wheels.install` put them on the parent's). Quick mode's steps
-    run side by side: one torch thread each, so that they do not oversubscribe the CPUs."""
-    path = os.pathsep.join([*(p for p in sys.path if p.startswith(str(ROOT / ".whl"))), os.environ.get("PYTHONPATH", "")])
-    return os.environ | {"PYTHONPATH": path} | ({"OMP_NUM_THREADS": "1"} if ctx.quick else {})
+    """The parent's environment (with the wheels `gpu_wheels.install` put first on PYTHONPATH). Quick mode's
+    steps run side by side: one torch thread each, so that they do not oversubscribe the CPUs."""
+    return os.environ | ({"OMP_NUM_THREADS": "1"} if ctx.quick else {})
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -711,8 +808,15 @@ def training_md(results: dict[str, Any]) -> str:
     return table(["", "value"], [[key, results.get(key)] for key in keys])
 
 
-SECTIONS = (("machine", machine_md), ("correctness", correctness_md), ("efficiency", efficiency_md), ("job", job_md),
-            ("training", training_md))  # in the steps' order
+def two_workers_md(results: dict[str, Any]) -> str:
+    rows = [[r["rank"], r["device"], r["model_dtype"], r["autocast"], r["grad_scaler"], r["losses"][-1], r["losses_finite"],
+             r["in_sync"], r["steps_per_s"], reserved_and_nvml_gb(r["gpu_memory"])[0]] for r in results["ranks"]]
+    return table(["rank", "device", "model dtype", "autocast", "grad scaler", "last loss", "losses finite", "weights in sync",
+                  "steps/s", "peak reserved GB"], rows)
+
+
+SECTIONS = (("machine", machine_md), ("correctness", correctness_md), ("efficiency", efficiency_md),
+            ("two_workers", two_workers_md), ("job", job_md), ("training", training_md))  # in the steps' order
 
 
 def main(argv: list[str] | None = None) -> int:

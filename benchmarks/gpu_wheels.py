@@ -5,7 +5,8 @@ rest of what `nota_model` imports (pydantic, structlog, soundfile, soxr, ...), a
 Here (with network): `python -m benchmarks.gpu_wheels` downloads, at the versions this environment pins, the
 wheels of WHEELS for x86-64 Linux and each CPython of PYTHONS into `.whl/` (git-ignored: the device tool's
 `carry` takes it along). There: `benchmarks.gpu_check` calls `install` before its steps, which unpacks the
-wheels that fit the running interpreter into `.whl/site-TAG/` and puts it first on the path.
+wheels that fit the running interpreter into `.whl-site/TAG/` and puts it first on the path (its own and
+its child processes').
 Ray and CTranslate2 are not carried (hundreds of MB): the check's steps that need them are skipped.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import subprocess
 import sys
 import zipfile
@@ -46,7 +48,7 @@ def download(folder: Path = FOLDER) -> int:
 
 def install(folder: Path = FOLDER) -> dict[str, object]:
     """Unpack the wheels of `folder` that fit this interpreter (the best-fitting one per distribution) into
-    `folder/site-TAG`, first on sys.path; returns what was done, for the check's report. Nothing to do
+    `FOLDER-site/TAG`, first on sys.path and PYTHONPATH; returns what was done, for the check's report. Nothing to do
     without the folder (then the environment's own packages serve)."""
     if not folder.is_dir():
         return {"folder": None, "note": f"no {folder.name}/ folder: the environment's own packages are used"}
@@ -57,11 +59,12 @@ def install(folder: Path = FOLDER) -> dict[str, object]:
         rank = min((ranks[tag] for tag in tags if tag in ranks), default=None)
         if rank is not None and (name not in best or rank < best[name][0]):
             best[name] = (rank, wheel)
-    site = folder / f"site-{next(iter(sys_tags())).interpreter}"
+    site = folder.parent / f"{folder.name}-site" / next(iter(sys_tags())).interpreter  # outside the carried folder
     for _, wheel in best.values():
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(site)
     sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))  # for child processes
     return {"folder": str(folder), "site": str(site), "installed": sorted(wheel.name for _, wheel in best.values())}
 
 

@@ -44,7 +44,7 @@ def test_the_model_steps_run_and_the_ray_steps_are_absent(quick):
     assert report["mode"] == "cpu-quick" and report["device"] == "cpu" and report["all_ok"] is True and report["concurrent"]
     assert [step["name"] for step in report["steps"]] == [step.name for step in STEPS]
     status = {step["name"]: step["status"] for step in report["steps"]}
-    assert status == {"machine": "ok", "correctness": "ok", "efficiency": "ok", "job": "absent", "training": "absent"}
+    assert status == {"machine": "ok", "correctness": "ok", "efficiency": "ok", "two_workers": "ok", "job": "absent", "training": "absent"}
     for step in report["steps"]:
         if step["status"] == "ok":
             assert step["reason"] is None and 0 < step["seconds"] <= step["budget_s"], step
@@ -82,6 +82,12 @@ def test_each_step_reports_its_measurements(quick):
     assert bench["seed_method"]["synchronised"] is False and bench["batch1_comparison"]["tpot_s"]["seed_published"] == 0.038
     assert steps["job"] == {} and steps["training"] == {}
 
+    two = steps["two_workers"]
+    assert two["passed"] is True and two["exit_codes"] == [0, 0] and [rank["rank"] for rank in two["ranks"]] == [0, 1]
+    for rank in two["ranks"]:
+        assert rank["in_sync"] and rank["losses_finite"] and len(rank["losses"]) == 2 and rank["grad_scaler"] is False
+    assert two["ranks"][0]["losses"] != two["ranks"][1]["losses"], "each rank trains on its own clips"
+
 
 def test_markdown_has_the_step_table_and_a_section_per_step_that_ran(quick):
     markdown = quick[2]
@@ -98,7 +104,9 @@ def test_wheels_that_fit_the_interpreter_are_unpacked_first_on_the_path(tmp_path
         with zipfile.ZipFile(tmp_path / f"{module}-1.0-{tag}.whl", "w") as wheel:
             wheel.writestr(f"{module}.py", "VALUE = 1\n")
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
     done = install(tmp_path)
+    assert os.environ["PYTHONPATH"] == os.pathsep.join([done["site"], "elsewhere"]) and tmp_path not in Path(done["site"]).parents
     assert done["installed"] == ["fits-1.0-py3-none-any.whl"] and sys.path[0] == done["site"]
     assert (Path(done["site"]) / "fits.py").exists() and not (Path(done["site"]) / "old.py").exists()
     assert install(tmp_path / "none")["folder"] is None
