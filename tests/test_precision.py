@@ -4,7 +4,10 @@ types, training's autocast and gradient scaler, the float16 warning for Qwen2, a
 import pytest
 import torch
 
+import jobs.pipeline.predict as predict
 import nota_model.build as build
+from jobs.outputs import OutputMismatchError, OutputStore
+from jobs.pipeline.settings import JobSettings
 from nota_model import load_config, load_model
 from nota_model.errors import ConfigError
 from nota_model.precision import (
@@ -86,3 +89,23 @@ def test_pre_cast_encoders_give_autocasts_tokens_bit_for_bit(tiny_config, monkey
     assert precast.speech_encoder.conv1.weight.dtype == torch.bfloat16 and autocast_only.speech_encoder.conv1.weight.dtype == torch.float32
     for cast, plain in zip(precast.audio_tokens(clips), autocast_only.audio_tokens(clips), strict=True):
         assert torch.equal(cast, plain)
+
+
+def test_an_output_claimed_in_one_precision_refuses_another(tiny_config, tmp_path):
+    store = OutputStore(str(tmp_path), "corpus")
+
+    def claim(capability):
+        store.claim({"model": build.model_identity(tiny_config, capability=capability), "decoding": "d", "long_audio": "segment"})
+
+    claim(None)
+    claim(None)  # the same precision resumes
+    with pytest.raises(OutputMismatchError, match="float32.*not .*bfloat16"):
+        claim(H200)
+
+
+def test_an_actor_refuses_another_precision_than_the_runs(tiny_config, local_ray, monkeypatch):
+    monkeypatch.setattr(predict, "actor_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(predict, "actor_threads", lambda: None)  # the test process keeps its threads
+    settings = JobSettings(corpus="c", job_id="j", model_identity="tiny+no-checkpoint+bfloat16", decoding="d")
+    with pytest.raises(ConfigError, match=r"runs tiny\+no-checkpoint\+float32 but the run writes tiny\+no-checkpoint\+bfloat16"):
+        predict.Predictor(tiny_config, None, settings)
