@@ -4,7 +4,7 @@
   frames (nota_model.features, what the decode tasks compute), and batched over 30 s (what an actor
   would run on an accelerator); CED's front end per clip. CPU time on one thread, real speech clips.
 - ced: a batch of clips of different lengths, one forward per distinct length (before) against one padded
-  forward (now); tokens compared exactly.
+  forward with a key mask (now); the largest difference of their tokens.
 - decoding: the LLM's dynamic against static KV cache, greedy, a fixed number of new tokens, on the
   prompt embeddings (encoders left out): the same tokens, and the time per token, for `tiny` and the
   real-size `nota-0.5b` architecture (random weights).
@@ -100,9 +100,9 @@ def ced_part() -> list[dict[str, Any]]:
         batched = encoder.encode_spectrograms(specs)
         one_ms = cpu_ms(lambda: [encoder.encode_spectrograms([spec]) for spec in specs], repeats=1)
         batch_ms = cpu_ms(lambda: encoder.encode_spectrograms(specs), repeats=1)
-    exact = all(torch.equal(a, b) for a, b in zip(alone, batched))
+    difference = max(float((a - b).abs().max()) for a, b in zip(alone, batched))
     return [{"what": "CED-Small, 8 clips of 2-10 s", "one_forward_per_length_ms": round(one_ms), "one_padded_forward_ms": round(batch_ms),
-             "tokens_equal_exactly": exact, "threads": torch.get_num_threads()}]
+             "max_abs_difference": difference, "threads": torch.get_num_threads()}]
 
 
 def decoding_part(new_tokens: dict[str, int], batch: int = 2) -> list[dict[str, Any]]:

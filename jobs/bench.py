@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
 from benchmarks.batching import synthetic_clip
+from jobs.gpu_memory import gpu_memory
 from nota_model.audio import AudioClip
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import DecodingConfig, load_config
@@ -106,6 +107,7 @@ def bench_batch_size(model: NotaModel | WhisperASR, batch_size: int, settings: B
         "peak_memory_bytes": peak,
         "peak_memory_gb": round(peak / 1e9, 3),
         "memory_kind": memory_kind,
+        "gpu_memory": gpu_memory(model.device) if model.device.type == "cuda" else None,
     }
 
 

@@ -26,6 +26,7 @@ import ray
 
 from jobs import logs
 from jobs.corpus.manifest import load_manifest
+from jobs.inference.devices import run_capability, uses_gpus
 from jobs.inference.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
 from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
 from jobs.inference.read import ReadPlan
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     manifest = load_manifest(args.manifest, storage_options)
     long_audio = [f"audio.long_audio={args.long_audio}"] if args.long_audio else []
     config = load_config(args.model, parse_overrides([*args.set, *long_audio]))
-    identity = DRY_RUN_IDENTITY if args.dry_run else model_identity(config, args.checkpoint)
+    identity = DRY_RUN_IDENTITY if args.dry_run else model_identity(config, args.checkpoint, run_capability(uses_gpus(args.accelerator)))
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), args.batch_size)
     store = OutputStore(args.output, manifest.name, storage_options)
     store.claim({"model": identity, "decoding": settings.decoding, "long_audio": config.audio.long_audio})

@@ -7,6 +7,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
@@ -29,9 +30,12 @@ from nota_model.checkpoint import (
 from nota_model.config import AudioEncoderConfig, LLMConfig, ModelConfig, NotaConfig, SpeechEncoderConfig, WhisperASRConfig
 from nota_model.errors import ConfigError
 from nota_model.model import NotaModel
+from nota_model.precision import Capability, ct2_compute_type, device_capability, float16_overflow_warning, resolve_dtype
 from nota_model.storage import resolve, sha256_of
 from nota_model.whisper_asr import WhisperASR, load_whisper_asr
-from nota_model.whisper_ct2 import WhisperCT2, load_whisper_ct2
+
+if TYPE_CHECKING:
+    from nota_model.whisper_ct2 import WhisperCT2
 
 log = structlog.get_logger(__name__)
 
@@ -45,15 +49,16 @@ class LoadedModel:
     checkpoint_sha256: str | None
     checkpoint_report: LoadReport | None
     random_parts: tuple[str, ...] = ()  # parts built with random weights: their output means nothing
+    precision_warning: str | None = None  # `precision.float16_overflow_warning`
 
     def warning(self) -> str | None:
         """What a user must be told before reading this model's text, if anything."""
-        if not self.random_parts:
-            return None
-        return (
-            f"{self.identity}: {', '.join(self.random_parts)} have RANDOM weights, so the text is MEANINGLESS: "
-            "it shows the model runs, not what it hears. Give trained weights (config paths, --checkpoint)."
-        )
+        warnings = [self.precision_warning] if self.precision_warning else []
+        if self.random_parts:
+            warnings.insert(0, f"{self.identity}: {', '.join(self.random_parts)} have RANDOM weights, so the text is "
+                               "MEANINGLESS: it shows the model runs, not what it hears. Give trained weights (config "
+                               "paths, --checkpoint).")
+        return " ".join(warnings) or None
 
 
 def load_model(
@@ -71,32 +76,46 @@ def load_model(
     return _load_nota(config, checkpoint, device)
 
 
-def model_identity(config: ModelConfig, checkpoint: str | None = None) -> str:
-    """What output rows name as the model: the config's name and the checksum of the trained weights
-    (the NOTA checkpoint; the Whisper reference model's own weights)."""
+def model_identity(config: ModelConfig, checkpoint: str | None = None, capability: Capability = None) -> str:
+    """What output rows name as the model: the config's name, the checksum of the trained weights (the NOTA
+    checkpoint; the Whisper reference model's own weights) and the precision it runs in on a device of
+    `capability` (None: the CPU), so that float16 and int8 rows are never taken for one model's."""
     if isinstance(config, WhisperASRConfig):
         weights = resolve(config.path) / "model.safetensors"
         identity = f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
-        return f"{identity}+ctranslate2:{config.compute_type}" if config.engine == "ctranslate2" else identity
-    return _nota_identity(config.name, sha256_of(resolve(checkpoint)) if checkpoint else None)
+        return f"{identity}+{precision_tag(config, capability)}"
+    return _nota_identity(config.name, sha256_of(resolve(checkpoint)) if checkpoint else None, precision_tag(config, capability))
 
 
-def _nota_identity(name: str, checkpoint_sha256: str | None) -> str:
-    return f"{name}+ckpt:sha256:{checkpoint_sha256[:16]}" if checkpoint_sha256 else f"{name}+no-checkpoint"
+def precision_tag(config: ModelConfig, capability: Capability) -> str:
+    """The precision a model config runs in on a device: its torch dtype, or CTranslate2's compute type."""
+    if isinstance(config, WhisperASRConfig) and config.engine == "ctranslate2":
+        return f"ctranslate2:{ct2_compute_type(config.compute_type, capability)}"
+    return str(resolve_dtype(config.dtype, capability)).removeprefix("torch.")
+
+
+def _nota_identity(name: str, checkpoint_sha256: str | None, precision: str) -> str:
+    weights = f"ckpt:sha256:{checkpoint_sha256[:16]}" if checkpoint_sha256 else "no-checkpoint"
+    return f"{name}+{weights}+{precision}"
 
 
 def _load_whisper(config: WhisperASRConfig, device: torch.device, threads: int | None) -> LoadedModel:
     if config.engine == "ctranslate2":
+        # imported for its engine alone: the GPU check's image has no CTranslate2 (benchmarks/README.md)
+        from nota_model.whisper_ct2 import load_whisper_ct2
+
         model = load_whisper_ct2(config, device, threads)
     else:
-        model = load_whisper_asr(config, str(resolve(config.path)), device, resolve_dtype(config.dtype, device))
-    return LoadedModel(model=model, identity=model_identity(config), checkpoint_sha256=None, checkpoint_report=None)
+        model = load_whisper_asr(config, str(resolve(config.path)), device, resolve_dtype(config.dtype, device_capability(device)))
+    identity = model_identity(config, capability=device_capability(device))
+    return LoadedModel(model=model, identity=identity, checkpoint_sha256=None, checkpoint_report=None)
 
 
 def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device) -> LoadedModel:
     """Build the model on `device` and load `checkpoint` (a seed `.pth` or our
-    safetensors of the trained parameters) when given. As in the seed, the LLM takes the config's dtype
-    (float16 on GPU by default) while encoders and connector keep float32 weights under autocast."""
+    safetensors of the trained parameters) when given. The LLM takes the config's dtype (`precision.resolve_dtype`),
+    cast before it moves to the device; the frozen encoders' matrix weights are cast to it once here
+    (`precast_encoders`); the trained connector keeps float32 weights, under autocast."""
     torch.manual_seed(config.seed)
     speech_encoder = build_whisper_encoder(config.speech_encoder)
     ced = build_audio_encoder(config.audio_encoder)
@@ -110,10 +129,36 @@ def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device)
         check_trained_with(trained, config, source=checkpoint)
         report = load_into(model, trained.tensors, required=set(model.trained_state_dict()), source=checkpoint)
         log.info("checkpoint_loaded", checkpoint=checkpoint, sha256=sha, loaded=len(report.loaded), ignored=report.ignored)
+    capability = device_capability(device)
+    dtype = resolve_dtype(config.dtype, capability)
+    model.llama_model.to(dtype)
+    precast_encoders(model, dtype)
     model.to(device).eval()
-    model.llama_model.to(resolve_dtype(config.dtype, device))
-    identity = _nota_identity(config.name, sha)
-    return LoadedModel(model, identity, sha, report, random_parts=random_parts(config, checkpoint))
+    warning = float16_overflow_warning(model.llama_model.config.model_type, dtype)
+    if warning:
+        log.warning("float16_overflow_risk", model=config.name, message=warning)
+    identity = _nota_identity(config.name, sha, precision_tag(config, capability))
+    return LoadedModel(model, identity, sha, report, random_parts=random_parts(config, checkpoint), precision_warning=warning)
+
+
+# Modules whose weights autocast casts to its dtype at every call: cast once instead, bit for bit the same.
+# Layer norms and position embeddings run in float32 under autocast and keep their float32 weights.
+AUTOCAST_CAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def precast_encoders(model: NotaModel, dtype: torch.dtype) -> None:
+    """Cast the frozen encoders' Linear and Conv weights to `dtype`, which `encode_audio`'s autocast would
+    cast them to at every batch (a float32 copy of large-v3-turbo's encoder is 2.5 GB). CED's `patch_embed`
+    stays float32: its weights' dtype is the dtype CED's input batch norm (`init_bn`) runs in."""
+    if dtype == torch.float32:
+        return
+    encoders = {"speech_encoder": model.speech_encoder, "ced": model.ced}
+    for prefix, encoder in encoders.items():
+        if encoder is None:
+            continue
+        for name, module in encoder.named_modules():
+            if isinstance(module, AUTOCAST_CAST_MODULES) and not (prefix == "ced" and name.startswith("patch_embed")):
+                module.to(dtype)
 
 
 def random_parts(config: ModelConfig, checkpoint: str | None) -> tuple[str, ...]:
@@ -133,12 +178,6 @@ def save_trained(model: NotaModel, path: Path) -> None:
     """Write the trained parameters, under the seed's key names, as safetensors."""
     metadata = {"format": "nota-trained", "config": model.config.name, SETTINGS_METADATA_KEY: json.dumps(seed_settings(model.config))}
     save_state_dict(model.trained_state_dict(), path, metadata=metadata)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def build_whisper_encoder(config: SpeechEncoderConfig) -> WhisperEncoder:

@@ -148,19 +148,14 @@ class CEDAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.qkv_bias)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        """`real`: (B, length), True on each item's own tokens where items are padded to one length (None: no
-        padding). Each item then attends over its own tokens alone, exactly as it would unpadded."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask`: (B, 1, 1, length), True on each item's own tokens where items are padded to one length
+        (None: no padding). Each item's tokens then attend over its own tokens alone, in one attention call for
+        the batch; they equal the item's unpadded result up to rounding (the sums run over the padded length)."""
         batch, length, dim = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if real is None:
-            attended = F.scaled_dot_product_attention(query, key, value)
-        else:  # a key-padding mask would change the sums' lengths, hence their rounding: items alone are exact
-            attended = torch.zeros_like(query)
-            for index, keep in enumerate(real):
-                item = (t[index : index + 1, :, keep] for t in (query, key, value))
-                attended[index, :, keep] = F.scaled_dot_product_attention(*item)[0]
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
         return self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -186,8 +181,8 @@ class CEDBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.mlp = CEDMlp(config)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), real)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -267,10 +262,10 @@ class CEDEncoder(nn.Module):
         padding's tokens are then kept out of attention (and come out as garbage, for the caller to drop)."""
         x = self.patch_embed(spec)
         x = x + self.time_pos_embed[..., : x.shape[-1]] + self.freq_pos_embed
-        real = None if time_patches is None else _real_tokens(time_patches, x.shape[-2], x.shape[-1])
+        key_mask = None if time_patches is None else _key_mask(time_patches, x.shape[-2], x.shape[-1], x.device)
         x = x.flatten(2).transpose(1, 2)
         for block in self.blocks:
-            x = block(x, real)
+            x = block(x, key_mask)
         return self.norm(x)
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
@@ -292,8 +287,9 @@ class CEDEncoder(nn.Module):
 
     def encode_spectrograms(self, specs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Encodes front-end features (n_mels, frames) of any lengths in one forward: every item's chunks are
-        padded to the longest chunk, and attention runs over each chunk's own tokens, so that each item's
-        tokens are exactly those it gets alone. Item i -> (its tokens, embed_dim)."""
+        padded to the longest chunk, and attention runs over each chunk's own tokens (a key mask, one attention
+        call a layer), so that each item's tokens are those it gets alone, up to rounding (within 1e-5 in
+        float32; exactly when all chunks have one length). Item i -> (its tokens, embed_dim)."""
         chunks = [(index, chunk) for index, spec in enumerate(specs) for chunk in spec.split(self.config.target_length, dim=-1)
                   if self._time_patches(chunk.shape[-1])]
         patches = [self._time_patches(chunk.shape[-1]) for _, chunk in chunks]
@@ -315,10 +311,11 @@ class CEDEncoder(nn.Module):
 
 
 
-def _real_tokens(time_patches: Sequence[int], freq_patches: int, width: int) -> torch.Tensor:
-    """(B, freq_patches * width): True on each item's own time patches, frequency-major as the tokens."""
-    real = torch.arange(width) < torch.tensor(time_patches).unsqueeze(1)
-    return real.unsqueeze(1).expand(-1, freq_patches, -1).flatten(1)
+def _key_mask(time_patches: Sequence[int], freq_patches: int, width: int, device: torch.device) -> torch.Tensor:
+    """(B, 1, 1, freq_patches * width), built on `device`: True on each item's own time patches,
+    frequency-major as the tokens."""
+    real = torch.arange(width, device=device) < torch.tensor(time_patches, device=device).unsqueeze(1)
+    return real.unsqueeze(1).expand(-1, freq_patches, -1).flatten(1)[:, None, None, :]
 
 
 def resize_position_embeddings(state_dict: dict[str, torch.Tensor], encoder: CEDEncoder) -> dict[str, torch.Tensor]:

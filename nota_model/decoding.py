@@ -9,7 +9,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from nota_model.config import DecodingConfig
 
@@ -18,7 +26,8 @@ from nota_model.config import DecodingConfig
 class GenerationOutput:
     """One batch's results. `output_tokens` counts each item's tokens before its stop token.
     `ttft_s`: start of the batch (audio encoders included) to its first token; `tpot_s`: mean time of the
-    later decode steps (None when there was only one step). Times are synchronised on GPU."""
+    later decode steps (None when there was only one step). Times are synchronised on GPU. `non_finite`: per
+    item, whether a decode step's scores held NaN or +inf (a float16 overflow; empty: not checked)."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -26,6 +35,26 @@ class GenerationOutput:
     ttft_s: float
     tpot_s: float | None
     decode_steps: int
+    non_finite: tuple[bool, ...] = ()
+
+
+class NonFiniteScores(LogitsProcessor):
+    """Changes no score; marks the items whose scores held NaN or +inf at any step (-inf is a masked token),
+    on the device, so that checking costs no synchronisation until the end."""
+
+    def __init__(self, num_beams: int):
+        self.num_beams = num_beams
+        self.flags: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = (torch.isnan(scores) | torch.isposinf(scores)).any(-1)
+        self.flags = bad if self.flags is None else self.flags | bad
+        return scores
+
+    def items(self) -> tuple[bool, ...]:
+        if self.flags is None:
+            return ()
+        return tuple(self.flags.view(-1, self.num_beams).any(-1).tolist())
 
 
 class StepClock(StoppingCriteria):
@@ -86,10 +115,11 @@ def timed_generate(
 ) -> GenerationOutput:
     """Run `prepare()` (encoders, prompt assembly) and `model.generate(**inputs)`, timing both.
     `prompt_length`: leading tokens of the returned sequences that are the decoder prompt, not output."""
-    clock = StepClock(device)
+    clock, finite = StepClock(device), NonFiniteScores(config.num_beams)
     start = clock.now()
     with torch.inference_mode():
-        sequences = model.generate(**prepare(), generation_config=config, stopping_criteria=StoppingCriteriaList([clock]))
+        sequences = model.generate(**prepare(), generation_config=config, stopping_criteria=StoppingCriteriaList([clock]),
+                                   logits_processor=LogitsProcessorList([finite]))
     token_ids = [_until_stop(row[prompt_length:].tolist(), set(config.eos_token_id)) for row in sequences]
     steps = len(clock.times)
     return GenerationOutput(
@@ -99,6 +129,7 @@ def timed_generate(
         ttft_s=clock.times[0] - start,
         tpot_s=(clock.times[-1] - clock.times[0]) / (steps - 1) if steps > 1 else None,
         decode_steps=steps,
+        non_finite=finite.items(),
     )
 
 
@@ -123,4 +154,5 @@ def generate_in_groups(groups: Sequence[Sequence[int]], run: Callable[[list[int]
         ttft_s=outputs[0][1].ttft_s,
         tpot_s=sum(count * tpot for count, tpot in later_steps) / steps if steps else None,
         decode_steps=sum(out.decode_steps for _, out in outputs),
+        non_finite=tuple(bool(output.non_finite) and output.non_finite[position] for output, position in order),
     )

@@ -37,6 +37,7 @@ class ItemAnswer:
     segments: list[Segment]
     output_tokens: int
     batch_size: int | None  # pieces in the largest model batch that ran one of this item's pieces
+    non_finite: bool = False  # a piece's scores held NaN or +inf (decoding.NonFiniteScores)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def generate_pieces(
     work = [(item, number, piece) for item, item_pieces in enumerate(pieces) for number, piece in enumerate(item_pieces)]
     order = sorted(range(len(work)), key=lambda index: work[index][2][1] - work[index][2][0], reverse=True)
     min_samples = round(model.config.audio.min_seconds * SAMPLE_RATE)
-    answers: list[tuple[str, int, int] | None] = [None] * len(work)
+    answers: list[tuple[str, int, int, bool] | None] = [None] * len(work)
     ttfts, tpots = [], []
     for first in range(0, len(order), batch_size):
         indices = order[first : first + batch_size]
@@ -78,8 +79,9 @@ def generate_pieces(
         ttfts.append(output.ttft_s)
         tpots += [output.tpot_s] if output.tpot_s is not None else []
         for position, index in enumerate(indices):
-            answers[index] = (output.texts[position], output.output_tokens[position], len(batch))
-    by_item: list[list[tuple[Piece, tuple[str, int, int]]]] = [[] for _ in clips]
+            non_finite = bool(output.non_finite) and output.non_finite[position]
+            answers[index] = (output.texts[position], output.output_tokens[position], len(batch), non_finite)
+    by_item: list[list[tuple[Piece, tuple[str, int, int, bool]]]] = [[] for _ in clips]
     for (item, _, piece), answer in zip(work, answers):
         by_item[item].append((piece, answer))
     return LongFormOutput(
@@ -117,11 +119,12 @@ def stitch(texts: Sequence[str]) -> str:
     return " ".join(text.strip() for text in texts if text.strip())
 
 
-def _item_answer(piece_answers: list[tuple[Piece, tuple[str, int, int]]]) -> ItemAnswer:
-    segments = [Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, text) for (start, end), (text, _, _) in piece_answers]
+def _item_answer(piece_answers: list[tuple[Piece, tuple[str, int, int, bool]]]) -> ItemAnswer:
+    segments = [Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, text) for (start, end), (text, *_) in piece_answers]
     return ItemAnswer(
         text=stitch([segment.text for segment in segments]),
         segments=segments,
-        output_tokens=sum(tokens for _, (_, tokens, _) in piece_answers),
-        batch_size=max((size for _, (_, _, size) in piece_answers), default=None),
+        output_tokens=sum(tokens for _, (_, tokens, _, _) in piece_answers),
+        batch_size=max((size for _, (_, _, size, _) in piece_answers), default=None),
+        non_finite=any(non_finite for _, (*_, non_finite) in piece_answers),
     )

@@ -58,7 +58,8 @@ class NotaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The LLM's dtype. Encoders and connector keep float32 weights and run under autocast to it."""
+        """The LLM's dtype. The connector keeps float32 weights and, with the encoders (whose matrices
+        `build.precast_encoders` cast to it), runs under autocast to it."""
         return self.llama_model.get_input_embeddings().weight.dtype
 
     def prompt_for(self, task: str, prompt: str | None = None) -> str:
@@ -164,7 +165,8 @@ class NotaModel(nn.Module):
 
     def generate(self, clips: Sequence[AudioClip], prompts: Sequence[str], decoding: DecodingConfig | None = None,
                  features: Sequence[ModelFeatures] | None = None) -> GenerationOutput:
-        """Answer each prompt about its clip. A batch gives the same output as its items one at a time.
+        """Answer each prompt about its clip. A batch gives the same output as its items one at a time, up to
+        rounding (CED's padded attention, `CEDEncoder.encode_spectrograms`).
         `features`: the clips' `compute_features`, when computed elsewhere."""
 
         def prepare() -> dict[str, torch.Tensor]:

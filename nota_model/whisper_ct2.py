@@ -17,6 +17,7 @@ from nota_model.config import DecodingConfig, WhisperASRConfig
 from nota_model.decoding import GenerationOutput, generate_in_groups
 from nota_model.errors import ConfigError
 from nota_model.features import ModelFeatures, compute_features
+from nota_model.precision import ct2_compute_type, device_capability
 from nota_model.storage import resolve
 from nota_model.whisper_asr import WhisperPrompt, check_mel_bins
 
@@ -98,9 +99,7 @@ def load_whisper_ct2(config: WhisperASRConfig, device: torch.device, threads: in
             f"{config.ctranslate2_location} holds no CTranslate2 model.bin: rebuild the pack (python -m jobs.packs), "
             "set ctranslate2_path, or use engine: transformers"
         )
-    compute_type = config.compute_type
-    if compute_type == "auto":
-        compute_type = "float16" if device.type == "cuda" else "int8"
+    compute_type = ct2_compute_type(config.compute_type, device_capability(device))
     whisper = ctranslate2.models.Whisper(
         str(location), device=device.type, device_index=device.index or 0, compute_type=compute_type, intra_threads=threads or 0
     )

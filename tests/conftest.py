@@ -4,6 +4,7 @@ import pytest
 import ray
 
 from benchmarks.batching import synthetic_clip
+from jobs.inference.devices import FAKE_GPUS_ENV
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import NotaConfig, load_config
 
@@ -22,8 +23,9 @@ def tiny(tiny_config: NotaConfig) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for the whole session, with two fake GPUs (torch sees none, so models stay on CPU).
+    """One local Ray for the whole session, with two fake GPUs (torch sees none: FAKE_GPUS_ENV lets the model
+    actors given one run on the CPU).
     Ray Data keeps per-process state that a second `ray.init` in the same process trips over."""
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": {FAKE_GPUS_ENV: "1"}})
     yield
     ray.shutdown()

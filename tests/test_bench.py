@@ -14,7 +14,7 @@ def report(tiny):
 
 
 def test_header_names_model_machine_and_settings(report):
-    assert report["model"] == "tiny+no-checkpoint"
+    assert report["model"] == "tiny+no-checkpoint+float32"
     assert report["device"] == "cpu" and report["gpu"] is None
     assert report["dtype"] == "torch.float32" and report["torch_threads"] >= 1 and report["torch_version"]
     assert (report["clip_seconds"], report["new_tokens"], report["repeats"], report["warmup"]) == (2.0, 4, 2, 1)

@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from jobs.corpus.manifest import Manifest
+from jobs.inference.devices import ACTOR_MAX_RESTARTS, uses_gpus
 from jobs.inference.decode import MAX_CLIP_BYTES
 from jobs.inference.predict import Predictor, dry_run_rows
 from jobs.inference.read import CorpusDatasource, InputShard, ListSlice, ReadContext, ReadPlan, TarShard, shard_work_items
@@ -31,7 +32,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args:
                   predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
     """Rows of the write stage's results (`write.WRITE_RESULT_SCHEMA`): a few per block, no item data."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and gpus > 0)
+    on_gpu = uses_gpus(args.accelerator)
     pool = args.pool_size or max(gpus, 1)
     # A dry run has no model: reading and decoding are the work, a CPU each.
     sizing = (ResourceSizing(0.0, args.decode_cpus or 1.0) if args.dry_run
@@ -60,7 +61,11 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args:
             compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
             num_gpus=1 if on_gpu else 0,
             num_cpus=sizing.actor_cpus,
-        )  # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1, max_task_retries=-1)
+            # A lost actor (its node gone, or ended by a device failure: devices.end_actor) is restarted and its
+            # batches retried; an actor that keeps failing fails the job instead of looping on a broken GPU.
+            max_restarts=ACTOR_MAX_RESTARTS,
+            max_task_retries=-1,
+        )
     # The write stage stages a decode block's worth of rows at a time: few files a shard, and shards committed
     # as the stream goes.
     return rows.map_batches(write_rows, batch_size=block_rows, batch_format="pyarrow",

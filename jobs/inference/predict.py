@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 
+from jobs.inference.devices import DeviceFailure, actor_device, end_actor, is_device_failure
 from jobs.inference.settings import JobSettings
 from jobs.predictions import OUTPUT_SCHEMA
 from nota_model.audio import AudioClip
@@ -75,17 +77,31 @@ def dry_run_rows(batch: pa.Table, settings: JobSettings) -> pa.Table:
 
 
 class Predictor:
-    """The model in a Ray actor: one per GPU (fp16 by default) or a CPU actor. It takes the features the decode
-    tasks computed (computing them itself for rows without), and records in each row `actor_cpu_s`: its
-    batch's CPU time on the actor's thread outside `model.generate`, per item."""
+    """The model in a Ray actor: one per GPU (on the GPU Ray assigned it, in the precision the run claimed) or
+    a CPU actor. It takes the features the decode tasks computed (computing them itself for rows without), and
+    records in each row `actor_cpu_s`: its batch's CPU time on the actor's thread outside `model.generate`,
+    per item."""
 
     def __init__(self, config: ModelConfig, checkpoint: str | None, settings: JobSettings):
-        self.loaded = load_model(config, checkpoint=checkpoint, threads=actor_threads())
+        self.loaded = load_model(config, checkpoint=checkpoint, device=actor_device(), threads=actor_threads())
         self.model = self.loaded.model
         self.settings = settings
         self.worker = worker_name(self.model.device)
+        if self.loaded.identity != settings.model_identity:
+            raise ConfigError(
+                f"this model actor runs {self.loaded.identity} but the run writes {settings.model_identity}: its GPU "
+                "differs from the one the run was planned on (bfloat16 from compute capability 8.0, float16 below); "
+                "set the model's dtype (--set dtype=float16) so that every GPU runs the same precision"
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self._rows(batch)
+        except DeviceFailure as err:
+            end_actor(err)
+            raise
+
+    def _rows(self, batch: pa.Table) -> pa.Table:
         cpu_started = time.thread_time()
         rows = [self._output_row(item) for item in batch.to_pylist()]
         runnable = [row for row in rows if row["error"] is None]
@@ -113,7 +129,9 @@ class Predictor:
         return [row for row in rows if row["error"] is None]
 
     def _generate(self, rows: list[dict[str, Any]]) -> float:
-        """Generates the rows' text; returns the CPU time this thread spent in `model.generate`."""
+        """Generates the rows' text; returns the CPU time this thread spent in `model.generate`. A batch out of
+        GPU memory is run in halves; one that fails otherwise, item by item, so that one bad item cannot fail
+        its batch-mates. A device failure (`is_device_failure`) is no item's fault: it raises DeviceFailure."""
         if not rows:
             return 0.0
         started, cpu_started = time.perf_counter(), time.thread_time()
@@ -122,11 +140,17 @@ class Predictor:
                                      [row["_pieces"] for row in rows], self.settings.batch_size,
                                      features=[row["_features"] for row in rows])
         except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
+            if is_device_failure(err):
+                raise DeviceFailure(f"{type(err).__name__}: {err}") from err
+            out_of_memory = isinstance(err, torch.OutOfMemoryError)
+            if out_of_memory and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            spent = time.thread_time() - cpu_started
             if len(rows) == 1:
-                rows[0].update(error="model_error", error_message=f"{type(err).__name__}: {err}")
-                return time.thread_time() - cpu_started
-            # one at a time, so that one bad item cannot fail its batch-mates
-            return time.thread_time() - cpu_started + sum(self._generate([row]) for row in rows)
+                rows[0].update(error="out_of_memory" if out_of_memory else "model_error", error_message=f"{type(err).__name__}: {err}")
+                return spent
+            parts = [rows[: len(rows) // 2], rows[len(rows) // 2 :]] if out_of_memory else [[row] for row in rows]
+            return spent + sum(self._generate(part) for part in parts)
         generate_cpu_s = time.thread_time() - cpu_started
         self._fill(rows, output, time.perf_counter() - started)
         return generate_cpu_s
@@ -136,6 +160,11 @@ class Predictor:
         `model_s` on every row of the batch, whose work it is."""
         finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
         for row, answer in zip(rows, output.answers):
+            if answer.non_finite:
+                row.update(error="non_finite_logits", error_message=(
+                    f"the model's scores became inf or NaN running in {self.loaded.identity.rsplit('+', 1)[-1]} (an "
+                    "overflow): its text is garbage; run this model in float32 or bfloat16 (--set dtype=...)"))
+                continue
             ran = answer.batch_size is not None
             row.update(
                 text=answer.text,

@@ -51,6 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs import logs
+from jobs.gpu_memory import gpu_memory
 from jobs.corpus.manifest import Manifest, load_manifest, read_item_bytes
 from nota_model.audio import AudioClip, load_audio
 from nota_model.build import load_model, save_trained
@@ -58,6 +59,7 @@ from nota_model.checkpoint import load_into, read_checkpoint
 from nota_model.config import DecodingConfig, NotaConfig, PromptConfig, load_config
 from nota_model.errors import AudioError, ConfigError
 from nota_model.model import NotaModel
+from nota_model.precision import device_capability, needs_grad_scaler, training_autocast_dtype
 from nota_model.storage import cache_dir
 from nota_model.training import (
     Example,
@@ -160,7 +162,7 @@ class RunSection(_Strict):
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; give exactly one of epochs and max_steps
     batch_size: int = Field(4, ge=1)  # per worker and micro-batch
     gradient_accumulation: int = Field(1, ge=1)
-    amp: Literal["auto", "none", "float16", "bfloat16"] = "auto"  # auto: float16 on GPU, none on CPU
+    amp: Literal["auto", "none", "float16", "bfloat16"] = "auto"  # auto: bfloat16 on GPUs of capability >= 8.0, float16 below, none on CPU
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     num_workers: int = Field(1, ge=1)
@@ -312,7 +314,7 @@ class WorkerTrainer:
         self.total_steps = self.run.max_steps or self.run.epochs * self.steps_per_epoch
         self.optimizer = make_optimizer(model, self.run.optimizer)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, self.run.optimizer, self.run.schedule)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype, model.dtype))
         self.step = 0
         self.history: list[dict[str, float]] = []  # per optimizer step: loss, lr, samples
         self.skipped_items = 0
@@ -611,13 +613,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    if amp == "none":
-        return None
-    if amp == "float16" and device.type != "cuda":
-        raise ConfigError("run.amp float16 needs a GPU; on CPU use bfloat16 or none")
-    return getattr(torch, amp)
+    return training_autocast_dtype(amp, device_capability(device))
 
 
 def _all_sum(values: list[float], distributed: bool) -> list[float]:
@@ -631,10 +627,10 @@ def _all_sum(values: list[float], distributed: bool) -> list[float]:
 
 
 def _memory(device: torch.device) -> dict[str, float]:
-    """Peak memory so far: the GPU's allocator, and the process's resident set."""
+    """Peak memory so far: the process's resident set; on a GPU, jobs.gpu_memory's figures."""
     memory = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
-        memory["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        memory |= {f"gpu_{key.removesuffix('_bytes')}_gb": value / 2**30 for key, value in gpu_memory(device).items() if value is not None}
     return memory
 
 

@@ -23,10 +23,12 @@ from jobs import logs
 from jobs.corpus.manifest import ItemListShard, load_manifest
 from jobs.infer import parse_args, run
 from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
-from jobs.inference.predict import actor_threads
+from jobs.inference.predict import Predictor, actor_threads
 from jobs.inference.read import ReadPlan, TarShard
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import ShardStaging
+from jobs.corpus.items import ItemListShard
+from jobs.corpus.manifest import load_manifest
 from jobs.predictions import OutputStore
 from nota_model.config import load_config
 from tests.inference.test_infer import TINY_DECODING, tone, wav_bytes
@@ -226,3 +228,38 @@ def test_item_list_read_tasks_hold_whole_blocks_and_every_pending_row_once():
     assert rows == [(shard.number, index) for shard in plan.pending for index in range(shard.rows)]
     assert [len(task) for task in ReadPlan(pending=[TarShard(0, "a.tar", 1), TarShard(3, "b.tar", 1)], shards=4,
                                            items=None, pending_items=None).read_tasks(6)] == [1, 1]  # a task per tar shard
+
+
+class DeviceFailingPredictor(Predictor):
+    """The model actor with `generate` raising a sticky CUDA error: once (the first call while `marker` does not
+    exist, which it then creates), or on every call (`always`)."""
+
+    def __init__(self, config, checkpoint, settings, marker: str, always: bool = False):
+        super().__init__(config, checkpoint, settings)
+        generate = self.model.generate
+
+        def failing(*args, **kwargs):
+            if always or not os.path.exists(marker):
+                Path(marker).touch()
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return generate(*args, **kwargs)
+
+        self.model.generate = failing
+
+
+def test_a_device_failure_restarts_the_actor_and_redoes_its_batch(local_ray, tmp_path):
+    manifest, marker = write_corpus(tmp_path, 6), tmp_path / "failed-once"
+    summary = run(parse_args(job_argv(manifest, tmp_path / "out", "--pool-size", "1", "--no-score")),
+                  predictor=DeviceFailingPredictor, predictor_kwargs={"marker": str(marker)})
+    rows = rows_by_id(tmp_path / "out")
+    assert marker.exists(), "the injected CUDA error never ran"
+    assert sorted(rows) == [f"clip{index}" for index in range(6)] and summary["errors"] == 0
+    assert all(row["error"] is None and row["text"] is not None for row in rows.values()), "a device failure is no item's error"
+
+
+def test_a_device_that_keeps_failing_fails_the_job(local_ray, tmp_path):
+    manifest = write_corpus(tmp_path, 2)
+    with pytest.raises(Exception, match="(?i)actor|died|restart"):
+        run(parse_args(job_argv(manifest, tmp_path / "out", "--pool-size", "1", "--no-score")),
+            predictor=DeviceFailingPredictor, predictor_kwargs={"marker": str(tmp_path / "m"), "always": True})
+    assert not list((tmp_path / "out").glob("faults/part-*.parquet")), "no shard was written as if its items had failed"

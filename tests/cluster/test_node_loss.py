@@ -19,6 +19,7 @@ from pathlib import Path
 
 import ray
 
+from jobs.inference.devices import FAKE_GPUS_ENV
 from jobs.infer import parse_args, run
 from tests.cluster.test_infer_cluster import job_argv, predictor_pids, rows_by_id, write_corpus
 
@@ -27,7 +28,7 @@ FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshol
 
 
 def test_the_model_actor_is_restarted_on_another_node_when_its_node_is_lost(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {FAKE_GPUS_ENV: "1"}
     child = subprocess.run([sys.executable, "-m", "tests.test_node_loss", str(tmp_path)], env=env, capture_output=True,
                            text=True, timeout=240, cwd=Path(__file__).resolve().parents[2])
     assert child.returncode == 0, child.stderr[-3000:]

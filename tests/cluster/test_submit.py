@@ -118,7 +118,7 @@ def test_jobs_submitted_to_a_local_head_write_predictions_and_scores(head_env, s
     assert sorted(row["id"] for row in rows) == ["clip0", "clip1", "clip2", "missing"]  # one row per item
     assert {row["id"]: row["error"] for row in rows}["missing"] == "missing_audio"
     assert summary["job_id"] == infer_id  # rows carry the submission id
-    assert all(row["job_id"] == infer_id and row["model"] == "tiny+no-checkpoint" for row in rows)
+    assert all(row["job_id"] == infer_id and row["model"] == "tiny+no-checkpoint+float32" for row in rows)
     metrics = json.loads((output / "submitted/_scores/metrics.json").read_text())
     assert [(group["task"], group["items"], group["errors"]) for group in metrics["groups"]] == [("asr", 4, 1)]
 

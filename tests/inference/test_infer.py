@@ -88,7 +88,7 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus,
     assert good["good-long"]["audio_seconds"] == pytest.approx(45.0)
     assert good["good-stereo-44k"]["channels"] == 2 and good["good-stereo-44k"]["sample_rate"] == 44100
     assert good["captioned"]["prompt"].endswith("Please write down what your hear in the audio.")
-    assert all(row["model"] == "tiny+no-checkpoint" and row["job_id"] == summary["job_id"] for row in rows)
+    assert all(row["model"] == "tiny+no-checkpoint+float32" and row["job_id"] == summary["job_id"] for row in rows)
     assert all(row["output_tokens"] is not None and row["ttft_s"] > 0 for row in good.values() if row["segments"])
     assert json.loads((tmp_path / "out" / "mixed" / "_SUCCESS.json").read_text())["items"] == 9
     assert sorted(row["id"] for row in read_predictions(str(tmp_path / "out")).to_pylist()) == sorted(expected)  # the folder reads as one table

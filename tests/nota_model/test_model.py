@@ -122,10 +122,10 @@ def test_speech_only_model_without_an_audio_encoder(tiny_config):
     assert not any("lora" in key for key in model.state_dict())
 
 
-def test_half_precision_keeps_encoders_in_float32_as_the_seed(tiny_config):
+def test_half_precision_casts_the_encoders_matrices_and_keeps_norms_and_connector_in_float32(tiny_config):
     model = load_model(tiny_config.with_overrides({"dtype": "bfloat16"}), device="cpu").model
-    assert model.dtype == torch.bfloat16
-    assert model.speech_encoder.conv1.weight.dtype == model.speech_Qformer.bert.embeddings.LayerNorm.weight.dtype == torch.float32
+    assert model.dtype == model.speech_encoder.conv1.weight.dtype == torch.bfloat16  # autocast's cast, once at load
+    assert model.speech_encoder.layer_norm.weight.dtype == model.speech_Qformer.bert.embeddings.LayerNorm.weight.dtype == torch.float32
     assert model.ced.front_end.fbank_mean.dtype == torch.float32
     tokens = model.audio_tokens([make_clip(1.5)])
     assert tokens[0].dtype == torch.bfloat16
