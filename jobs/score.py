@@ -11,8 +11,9 @@ Items with an `error` are counted and left out of quality metrics.
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
 
 Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `items.parquet` (a folder of
-Parquet files, one row an item: jobs.scoring.item_scores.ITEMS_SCHEMA), `metrics.json`, `report.md`
-and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
+Parquet files, one row an item: jobs.scoring.item_scores.ITEMS_SCHEMA), `metrics.json` (with each
+group's error analysis), `report.md` (with the error analysis: worst items, frequent word edits, WER by
+duration, error codes) and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
 replaces the rows' references: read as an Arrow table (on the cluster by a Ray task, so the driver
 holds only its ObjectRef) and joined to each block on (corpus, id), else on id alone
 (jobs.scoring.references). `--submission` writes the seed's submission CSV (`testset_id,text`) per corpus there.
@@ -133,11 +134,14 @@ def score(
     groups = summary.groups
     table = pa.Table.from_pylist(long_rows(groups), schema=METRICS_SCHEMA)
     write_bytes_atomically(fs, f"{root}/metrics.parquet", parquet_bytes(table))
-    write_bytes_atomically(fs, f"{root}/metrics.json", json.dumps({"predictions": predictions, "groups": groups}, indent=2).encode())
-    charts = report.charts(groups, summary.latency)
+    analysis = [{**dict(zip(GROUP_KEYS, key)), **found} for key, found in sorted(summary.analysis.items())]
+    write_bytes_atomically(fs, f"{root}/metrics.json", json.dumps(
+        {"predictions": predictions, "groups": groups, "analysis": analysis}, indent=2).encode())
+    charts = report.charts(groups, summary.latency, summary.analysis)
     for name, png in charts.items():
         write_bytes_atomically(fs, f"{root}/{name}", png)
-    write_bytes_atomically(fs, f"{root}/report.md", report.markdown(groups, predictions, list(charts)).encode())
+    write_bytes_atomically(fs, f"{root}/report.md",
+                           report.markdown(groups, predictions, list(charts), summary.analysis).encode())
     if submission:
         _write_submissions(predictions, submission, options)
     return groups

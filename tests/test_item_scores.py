@@ -1,6 +1,7 @@
 """items.parquet: one row an item, whose edit counts re-add to the groups' totals, the same rows from
 the in-process and the Ray Data scorer, and captioned items with pycocoevalcap's own per-item scores."""
 
+import json
 import shutil
 
 import pyarrow.dataset as ds
@@ -56,6 +57,8 @@ def test_ray_data_and_in_process_scorers_write_the_same_items(local_ray, tmp_pat
     score(predictions, str(tmp_path / "in-process"), distributed=False)
     score(predictions, str(tmp_path / "ray-data"), distributed=True)
     assert items(tmp_path / "ray-data") == items(tmp_path / "in-process")
+    analysis = [json.loads((tmp_path / run / "metrics.json").read_text())["analysis"] for run in ("ray-data", "in-process")]
+    assert analysis[0] == analysis[1] and analysis[0][0]["worst_items"]
 
 
 def test_a_second_score_replaces_the_items_of_the_first(tmp_path):

@@ -35,6 +35,8 @@ WRITE_RESULT_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.int32(), nullable=False),
         pa.field("staged_rows", pa.int64(), nullable=False),
+        pa.field("staged_errors", pa.int64(), nullable=False),  # of the staged rows, those with an error
+        pa.field("staged_audio_seconds", pa.float64(), nullable=False),
         pa.field("committed_rows", pa.int64()),  # set by the writer that committed the shard
         pa.field("committed_audio_seconds", pa.float64()),
     ]
@@ -132,7 +134,9 @@ def write_rows(batch: pa.Table, staging: ShardStaging) -> pa.Table:
         rows = batch.filter(pc.equal(batch["shard"], shard))
         staging.stage(shard, rows)
         commit = staging.commit_if_complete(shard)
-        results.append({"shard": shard, "staged_rows": rows.num_rows, "committed_rows": commit and commit.rows,
+        results.append({"shard": shard, "staged_rows": rows.num_rows, "staged_errors": rows.num_rows - rows["error"].null_count,
+                        "staged_audio_seconds": pc.sum(rows["audio_seconds"]).as_py() or 0.0,
+                        "committed_rows": commit and commit.rows,
                         "committed_audio_seconds": commit and commit.audio_seconds})
     return pa.Table.from_pylist(results, schema=WRITE_RESULT_SCHEMA)
 
