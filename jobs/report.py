@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from jobs.scoring.analysis import DURATION_EDGES_S  # noqa: E402
+from jobs.scoring.analysis import DURATION_EDGES_S, WORST_ITEMS  # noqa: E402
 
 DURATION_CHART = "charts/wer_by_duration.png"
 DURATION_LABELS = [f"{start}–{end}" for start, end in zip(DURATION_EDGES_S, DURATION_EDGES_S[1:])] + [f"{DURATION_EDGES_S[-1]}+"]
@@ -67,7 +67,7 @@ def error_analysis(groups: Sequence[dict[str, Any]], analysis: dict[tuple, dict[
         if found["wer_by_duration"]:
             parts += ["WER by duration:\n", _duration_table(found["wer_by_duration"]), ""]
         if found["worst_items"]:
-            parts += [f"The {len(found['worst_items'])} worst items (by WER, normalized as scored):\n",
+            parts += [f"Worst items (the {WORST_ITEMS} with the highest WER at most; texts normalized as scored):\n",
                       _worst_table(found["worst_items"]), ""]
         if any(found["word_edits"].values()):
             parts += ["Most frequent word edits:\n", _edits_table(found["word_edits"]), ""]

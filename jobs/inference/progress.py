@@ -12,6 +12,7 @@ pure (time is passed in), so its arithmetic is tested on a simulated clock.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -44,14 +45,20 @@ class Progress:
     def line(self) -> str:
         """One line a person reads: `shards 3/8 · items 780/~2080 · errors 2 · 12.5 items/s · 40x real time · ETA 1m44s`."""
         total = "?" if self.items_total is None else f"{'' if self.items_total_known else '~'}{self.items_total}"
-        rate = "–" if self.items_per_s is None else f"{self.items_per_s:.3g}"
-        real_time = "–" if self.x_real_time is None else f"{self.x_real_time:.3g}"
+        rate, real_time = _figure(self.items_per_s), _figure(self.x_real_time)
         return (f"shards {self.shards_done}/{self.shards} · items {self.items_done}/{total} · errors {self.errors} · "
                 f"{rate} items/s · {real_time}x real time · ETA {duration(self.eta_s)}")
 
     def fields(self) -> dict[str, Any]:
         """The structured log line's fields."""
         return {name: round(value, 3) if isinstance(value, float) else value for name, value in asdict(self).items()}
+
+
+def _figure(value: float | None) -> str:
+    """`1234`, `12.5`, `0.42`; `–` when unknown."""
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def duration(seconds: float | None) -> str:
@@ -74,13 +81,12 @@ class ProgressEstimator:
         self.started: dict[int, int] = {}  # shard not committed yet -> its rows staged so far
         self.items = self.errors = 0
         self.audio_seconds = 0.0
-        self.history: deque[tuple[float, int, float]] = deque()  # (time, items, audio seconds) after each block
+        # (time, items, audio seconds) after each block: the rates count from the first block's arrival
+        self.history: deque[tuple[float, int, float]] = deque()
 
     def staged(self, now: float, shard: int, rows: int, errors: int, audio_seconds: float) -> None:
         if shard not in self.committed:
             self.started[shard] = self.started.get(shard, 0) + rows
-        if not self.history:
-            self.history.append((now, 0, 0.0))  # the rate counts from the first block's arrival
         self.items, self.errors, self.audio_seconds = self.items + rows, self.errors + errors, self.audio_seconds + audio_seconds
         self.history.append((now, self.items, self.audio_seconds))
         while len(self.history) > 2 and self.history[1][0] < now - ETA_WINDOW_S:
@@ -112,8 +118,9 @@ class ProgressEstimator:
                         self.errors, rate, real_time, eta)
 
     def _rates(self, now: float, window: float) -> tuple[float | None, float | None]:
-        """Items and audio seconds a second since the last block before `now - window` (or the first)."""
-        if not self.history:
+        """Items and audio seconds a second since the last block before `now - window` (or the first);
+        unknown until a second block has come."""
+        if len(self.history) < 2:
             return None, None
         start = self.history[0]
         for point in self.history:
@@ -139,7 +146,10 @@ class ProgressReport:
     def __init__(self, estimator: ProgressEstimator, log: Any, stream: TextIO = sys.stderr, clock=time.monotonic):
         self.estimator, self.log, self.clock = estimator, log, clock
         self.lock = threading.Lock()
-        self.bar = tqdm(total=1, file=stream, bar_format="{bar:24} {desc}", dynamic_ncols=True) if stream.isatty() else None
+        # the terminal's size (a pseudo-terminal without one, as `script` makes: 120 x 24, where tqdm would hide the bar)
+        size = shutil.get_terminal_size((120, 24))
+        self.bar = (tqdm(total=1, file=stream, bar_format="{bar:24} {desc}", ncols=size.columns, nrows=size.lines)
+                    if stream.isatty() else None)
         self.stopped = threading.Event()
         self.timer = threading.Thread(target=self._every, name="nota-progress", daemon=True)
         self.timer.start()
