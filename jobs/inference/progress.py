@@ -5,8 +5,11 @@ line otherwise (readable in `ray job logs`).
 The driver learns a block's staged rows and a shard's commit from the write stage's results
 (write.WRITE_RESULT_SCHEMA). A tar shard's item count is unknown until it is read, so the run's total
 is estimated from the shards' bytes: items per byte of the committed shards times the bytes of all
-the run's shards (an item list's total is known). The ETA is the items left over the rate of the last
-ETA_WINDOW_S, counted from the first item (the model's start-up is not in it). `ProgressEstimator` is
+the run's shards (an item list's total is known). The rates are measured on the rows' own answer
+times (`created_at`), so that a backlog the write stage delivers at once does not look like a burst
+of speed; the ETA is the items left over the rate of the last ETA_WINDOW_S of answers (the model's
+start-up is not in it), less the time since the latest answer the driver knows of (the model has gone
+on meanwhile). The rows' times come from the workers' clocks: a cluster's clocks are assumed in step. `ProgressEstimator` is
 pure (time is passed in), so its arithmetic is tested on a simulated clock.
 """
 
@@ -81,16 +84,21 @@ class ProgressEstimator:
         self.started: dict[int, int] = {}  # shard not committed yet -> its rows staged so far
         self.items = self.errors = 0
         self.audio_seconds = 0.0
-        # (time, items, audio seconds) after each block: the rates count from the first block's arrival
-        self.history: deque[tuple[float, int, float]] = deque()
+        self.blocks: list[tuple[float, float, int, float]] = []  # (first answer, last answer, rows, audio seconds)
 
-    def staged(self, now: float, shard: int, rows: int, errors: int, audio_seconds: float) -> None:
+    def staged(self, now: float, shard: int, rows: int, errors: int, audio_seconds: float,
+               answered: tuple[float, float] | None = None) -> None:
+        """A block's rows staged; `answered`: when the model answered its first and last rows (the rows'
+        `created_at`, on the clock `now` is on), else they count as answered `now`. The rates are
+        measured on the answers' times, not on the blocks' arrival: the write stage may hold a
+        backlog (waiting for a CPU) and deliver it at once."""
         if shard not in self.committed:
             self.started[shard] = self.started.get(shard, 0) + rows
         self.items, self.errors, self.audio_seconds = self.items + rows, self.errors + errors, self.audio_seconds + audio_seconds
-        self.history.append((now, self.items, self.audio_seconds))
-        while len(self.history) > 2 and self.history[1][0] < now - ETA_WINDOW_S:
-            self.history.popleft()
+        first, last = answered or (now, now)
+        self.blocks.append((first, last, rows, audio_seconds))
+        latest = max(block[1] for block in self.blocks)
+        self.blocks = [block for block in self.blocks if block[1] >= latest - ETA_WINDOW_S]
 
     def commit(self, shard: int, rows: int) -> None:
         self.committed[shard] = rows
@@ -113,24 +121,27 @@ class ProgressEstimator:
         rate, real_time = self._rates(now, RATE_WINDOW_S)
         eta_rate, _ = self._rates(now, ETA_WINDOW_S)
         done = len(self.committed) == len(self.sizes)
-        eta = 0.0 if done else None if total is None or not eta_rate else max(total - self.items, 0) / eta_rate
+        eta = 0.0 if done else None if total is None or not eta_rate else max(
+            max(total - self.items, 0) / eta_rate - self._backlog_s(now), 0.0)
         return Progress(len(self.committed), len(self.sizes), self.items, total, self.known_items is not None,
                         self.errors, rate, real_time, eta)
 
+    def _backlog_s(self, now: float) -> float:
+        """How long ago the latest answer the driver knows of was given: the model has gone on answering
+        since (rows on their way to the driver), which the items left do not know yet."""
+        return max(now - max(block[1] for block in self.blocks), 0.0)
+
     def _rates(self, now: float, window: float) -> tuple[float | None, float | None]:
-        """Items and audio seconds a second since the last block before `now - window` (or the first);
-        unknown until a second block has come."""
-        if len(self.history) < 2:
+        """Items and audio seconds a second over the blocks answered in the last `window` (to the latest
+        answer), from the first answer among them; unknown until the answers span some time."""
+        if not self.blocks:
             return None, None
-        start = self.history[0]
-        for point in self.history:
-            if point[0] > now - window:
-                break
-            start = point
-        elapsed = now - start[0]
-        if elapsed <= 0:
+        latest = max(block[1] for block in self.blocks)
+        recent = [block for block in self.blocks if block[1] >= latest - window]
+        span = latest - min(block[0] for block in recent)
+        if span <= 0:
             return None, None
-        return (self.items - start[1]) / elapsed, (self.audio_seconds - start[2]) / elapsed
+        return sum(block[2] for block in recent) / span, sum(block[3] for block in recent) / span
 
 
 def shard_sizes(shards: list[InputShard]) -> dict[int, int]:
@@ -143,7 +154,7 @@ class ProgressReport:
     (so at each commit) and every REPORT_EVERY_S, else a log line every REPORT_EVERY_S (a timer thread,
     so that a slow block does not silence it) and one at the end."""
 
-    def __init__(self, estimator: ProgressEstimator, log: Any, stream: TextIO = sys.stderr, clock=time.monotonic):
+    def __init__(self, estimator: ProgressEstimator, log: Any, stream: TextIO = sys.stderr, clock=time.time):
         self.estimator, self.log, self.clock = estimator, log, clock
         self.lock = threading.Lock()
         # the terminal's size (a pseudo-terminal without one, as `script` makes: 120 x 24, where tqdm would hide the bar)
@@ -159,7 +170,9 @@ class ProgressReport:
         with self.lock:
             now = self.clock()
             for result in results.to_pylist():
-                self.estimator.staged(now, result["shard"], result["staged_rows"], result["staged_errors"], result["staged_audio_seconds"])
+                answered = (result["first_answered_s"], result["last_answered_s"]) if result["last_answered_s"] else None
+                self.estimator.staged(now, result["shard"], result["staged_rows"], result["staged_errors"],
+                                      result["staged_audio_seconds"], answered)
                 if result["committed_rows"] is not None:
                     self.estimator.commit(result["shard"], result["committed_rows"])
         if self.bar is not None:  # a log line only every REPORT_EVERY_S
