@@ -67,7 +67,8 @@ def error_analysis(groups: Sequence[dict[str, Any]], analysis: dict[tuple, dict[
         if found["wer_by_duration"]:
             parts += ["WER by duration:\n", _duration_table(found["wer_by_duration"]), ""]
         if found["worst_items"]:
-            parts += [f"Worst items (the {WORST_ITEMS} with the highest WER at most; texts normalized as scored):\n",
+            by = "lowest CIDEr-D" if "cider_d" in found["worst_items"][0] else "highest WER"
+            parts += [f"Worst items (the {WORST_ITEMS} with the {by} at most; texts normalized as scored):\n",
                       _worst_table(found["worst_items"]), ""]
         if any(found["word_edits"].values()):
             parts += ["Most frequent word edits:\n", _edits_table(found["word_edits"]), ""]
@@ -89,6 +90,12 @@ def _bucket_label(bucket: dict[str, Any]) -> str:
 
 
 def _worst_table(items: Sequence[dict[str, Any]]) -> str:
+    """ASR items (WER, edits) or captioned items (CIDEr-D, the references joined by ` / `)."""
+    if "cider_d" in items[0]:
+        lines = [_line(["id", "CIDEr-D", "references", "hypothesis"]), _line(["---"] * 4)]
+        lines += [_line([f"`{item['id']}`", _number(item["cider_d"]), _cell(" / ".join(item["references"])),
+                         _cell(item["hypothesis"])]) for item in items]
+        return "\n".join(lines)
     lines = [_line(["id", "WER %", "edits", "reference", "hypothesis"]), _line(["---"] * 5)]
     for item in items:
         lines.append(_line([f"`{item['id']}`", _number(item["wer"], 100), item["word_edits"],

@@ -92,3 +92,8 @@ def test_captioned_items_carry_pycocoevalcaps_per_item_scores(local_ray, tmp_pat
     assert [r["rouge_l"] for r in written] == pytest.approx(list(rouge), abs=1e-12)
     assert [r["meteor"] for r in written] == pytest.approx(meteor, abs=1e-9)
     assert written[0]["reference"] == GTS[0] and written[0]["hypothesis"] == RES[0][0] and written[0]["wer"] is None
+    # the analysis's worst captioned items: the lowest CIDEr-D first, the same from both scorers
+    worst = [json.loads((tmp_path / run / "metrics.json").read_text())["analysis"][0]["worst_items"] for run in ("in-process", "ray-data")]
+    assert [item["id"] for item in worst[0]] == [f"c{i}" for i in sorted(range(4), key=lambda i: cider[i])]
+    assert [item["id"] for item in worst[1]] == [item["id"] for item in worst[0]]
+    assert "| `c3` | " in (tmp_path / "in-process/report.md").read_text()

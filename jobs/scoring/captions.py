@@ -17,11 +17,16 @@ import ray
 
 from jobs.captions import (BLEU_STATISTICS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics, cider_d_items,
                            combine, meteor_from_statistics, meteor_scores, meteor_statistics, rouge_l_items, spice_f_scores)
+from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.frequencies import DocumentFrequencies
 from jobs.scoring.item_scores import ItemsOut, caption_item_scores
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
 from jobs.scoring.totals import split
+
+# the lowest-scored captioned items of a group (the error analysis's worst items)
+WORST_CAPTIONS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("cider_d", pa.float64()),
+                                   pa.field("references", pa.list_(pa.string())), pa.field("hypothesis", pa.string())])
 
 
 @dataclass
@@ -34,6 +39,7 @@ class CaptionTotals:
     spice_failure: str | None = None
     bleu: np.ndarray = field(default_factory=lambda: np.zeros(len(BLEU_STATISTICS), dtype=np.int64))  # summed
     rouge_l: float = 0.0  # sum over the items
+    worst: pa.Table = field(default_factory=WORST_CAPTIONS_SCHEMA.empty_table)  # the WORST_ITEMS lowest CIDEr-D
 
     @classmethod
     def of(cls, items: pa.Table, frequencies: Callable[[set[Ngram]], dict[Ngram, float]], corpus_items: int,
@@ -46,15 +52,18 @@ class CaptionTotals:
         meteor, meteor_failure = meteor_scores(statistics) if statistics is not None else (None, meteor_failure)
         f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
         cider_d, rouge_l = cider_d_items(gts, res, frequencies, corpus_items), rouge_l_items(gts, res)
+        worst = pa.table({"id": items["id"], "cider_d": cider_d, "references": items["caption_refs"],
+                          "hypothesis": items["caption_hyp"]}, schema=WORST_CAPTIONS_SCHEMA)
         totals = cls(len(res), sum(cider_d), statistics or [], meteor_failure, sum(f_scores or []), spice_failure,
-                     bleu_statistics(gts, res), sum(rouge_l))
+                     bleu_statistics(gts, res), sum(rouge_l), _lowest(worst))
         return totals, {"cider_d": cider_d, "rouge_l": rouge_l, **({"meteor": meteor[0]} if meteor else {})}
 
     def merge(self, other: CaptionTotals) -> CaptionTotals:
         return CaptionTotals(self.items + other.items, self.cider_d + other.cider_d,
                              self.meteor_statistics + other.meteor_statistics, self.meteor_failure or other.meteor_failure,
                              self.spice + other.spice, self.spice_failure or other.spice_failure,
-                             self.bleu + other.bleu, self.rouge_l + other.rouge_l)
+                             self.bleu + other.bleu, self.rouge_l + other.rouge_l,
+                             _lowest(pa.concat_tables([self.worst, other.worst])))
 
     def scores(self) -> CaptionScores:
         meteor = (None, self.meteor_failure) if self.meteor_failure else meteor_from_statistics(self.meteor_statistics)
@@ -84,14 +93,18 @@ class CaptionsByGroup(dict):
     def merge(self, other: CaptionsByGroup) -> CaptionsByGroup:
         return CaptionsByGroup(merge_by_key(self, other))
 
-    def quality(self) -> dict[tuple[str, ...], tuple[dict[str, Any], dict[str, str]]]:
-        """Per group, the metrics that ran and why the others did not."""
+    def quality(self) -> dict[tuple[str, ...], tuple[dict[str, Any], dict[str, str], list[dict[str, Any]]]]:
+        """Per group, the metrics that ran, why the others did not, and the worst items (lowest CIDEr-D)."""
         qualities = {}
         for key, totals in self.items():
             scores = asdict(totals.scores())
             unavailable = scores.pop("unavailable")
-            qualities[key] = {k: v for k, v in scores.items() if v is not None}, unavailable
+            qualities[key] = {k: v for k, v in scores.items() if v is not None}, unavailable, totals.worst.to_pylist()
         return qualities
+
+
+def _lowest(items: pa.Table) -> pa.Table:
+    return items.sort_by([("cider_d", "ascending"), ("id", "ascending")]).slice(0, WORST_ITEMS)
 
 
 class CaptionScorer:

@@ -149,12 +149,13 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _with_captions(summary: Summary, qualities: dict[tuple[str, ...], tuple[dict, dict]]) -> Summary:
+def _with_captions(summary: Summary, qualities: dict[tuple[str, ...], tuple[dict, dict, list]]) -> Summary:
     for group in summary.groups:
         if (key := (group["corpus"], group["task"], group["model"])) in qualities:
-            quality, unavailable = qualities[key]
+            quality, unavailable, worst = qualities[key]
             group["quality"], group["scored_items"] = quality, quality["items"]
             group["unavailable"].update(unavailable)
+            summary.analysis[key]["worst_items"] = worst
     return summary
 
 
