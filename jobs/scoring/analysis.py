@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.metrics import EDIT_COLUMNS
 from jobs.scoring.item_scores import item_error_rates
 
 WORST_ITEMS = 20  # per group, in the report
@@ -42,7 +43,7 @@ class Analysis:
         asr = items.filter(pc.is_valid(items["scored_reference"]))
         if not asr.num_rows:
             return cls(error_examples=examples)
-        counts = {name: asr[name].to_numpy() for name in asr.column_names if name.startswith(("word_", "char_")) and name != "word_edits"}
+        counts = {name: asr[name].to_numpy() for name in EDIT_COLUMNS}
         wer, _ = item_error_rates(counts)
         word_edits = counts["word_substitutions"] + counts["word_deletions"] + counts["word_insertions"]
         reference_words = counts["word_hits"] + counts["word_substitutions"] + counts["word_deletions"]

@@ -22,8 +22,8 @@ WORD_EDIT = pa.struct([pa.field("kind", pa.string()), pa.field("reference", pa.s
 def item_table(block: pa.Table, references: pa.Table | None = None) -> pa.Table:
     """One row per item: its id, group keys ('' for null), error, whether it is scored, edit counts,
     normalized texts and word edits (ASR), tokenized captions (captioning), and the speed fields of
-    items the model answered. `references`
-    (REFERENCE_SCHEMA) replace the rows' own where they match (references.referenced)."""
+    items the model answered. `references` (REFERENCE_SCHEMA) replace the rows' own where they match
+    (references.referenced)."""
     if references is not None:
         block = block.set_column(block.schema.get_field_index("reference"), "reference", referenced(block, references))
     keys = {key: pc.fill_null(block[key], "") for key in GROUP_KEYS}
