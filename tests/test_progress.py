@@ -60,7 +60,8 @@ def test_the_eta_is_within_a_quarter_of_the_time_left_once_a_quarter_of_the_shar
 def test_the_total_is_estimated_from_bytes_and_the_rates_from_the_last_minute():
     estimator = ProgressEstimator({0: 1000, 1: 3000})
     assert estimator.snapshot(0.0).items_total is None and estimator.snapshot(0.0).eta_s is None
-    estimator.staged(130.0, 0, 10, errors=1, audio_seconds=50.0, answered=(95.0, 100.0))  # delivered late, with the next
+    estimator.staged(130.0, 0, 10, errors=1, audio_seconds=50.0, answered=(95.0, 99.0))  # delivered late, with the next
+    assert estimator.snapshot(130.0).items_per_s is None  # answers spanning 4 s: too short to tell a rate
     estimator.staged(130.0, 0, 10, errors=0, audio_seconds=50.0, answered=(101.0, 110.0))
     estimator.commit(0, 20)  # 20 items in 1000 bytes: 80 items in all
     progress = estimator.snapshot(130.0)

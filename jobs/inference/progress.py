@@ -31,6 +31,7 @@ from jobs.pipeline.read import InputShard, TarShard
 RATE_WINDOW_S = 60.0  # the items/s and x real time shown
 ETA_WINDOW_S = 300.0  # the rate the ETA divides by: long enough to smooth the blocks' arrival
 REPORT_EVERY_S = 30.0
+MIN_RATE_SPAN_S = 5.0  # answers spanning less than this give no rate (a first block answered at once would read as thousands a second)
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,13 @@ class ProgressEstimator:
 
     def _rates(self, now: float, window: float) -> tuple[float | None, float | None]:
         """Items and audio seconds a second over the blocks answered in the last `window` (to the latest
-        answer), from the first answer among them; unknown until the answers span some time."""
+        answer), from the first answer among them; unknown until the answers span MIN_RATE_SPAN_S."""
         if not self.blocks:
             return None, None
         latest = max(block[1] for block in self.blocks)
         recent = [block for block in self.blocks if block[1] >= latest - window]
         span = latest - min(block[0] for block in recent)
-        if span <= 0:
+        if span < MIN_RATE_SPAN_S:
             return None, None
         return sum(block[2] for block in recent) / span, sum(block[3] for block in recent) / span
 
