@@ -86,5 +86,5 @@ def _worst(items: pa.Table) -> pa.Table:
 def _counted(edits: pa.Table) -> pa.Table:
     """The edits with the counts of equal (kind, reference, hypothesis) rows added up."""
     keys = ["kind", "reference", "hypothesis"]
-    summed = edits.group_by(keys).aggregate([("count", "sum")])
+    summed = edits.group_by(keys, use_threads=False).aggregate([("count", "sum")])  # one hash table, not one a thread
     return pa.table({**{key: summed[key] for key in keys}, "count": summed["count_sum"]}, schema=EDITS_SCHEMA)
