@@ -26,9 +26,10 @@ import ray
 
 from jobs import logs
 from jobs.corpus.manifest import load_manifest
-from jobs.inference.devices import run_capability, uses_gpus
 from jobs.inference.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
+from jobs.inference.devices import run_capability, uses_gpus
 from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
+from jobs.inference.progress import ProgressEstimator, ProgressReport, shard_sizes
 from jobs.inference.read import ReadPlan
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging
@@ -71,10 +72,16 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
         log.warning("random_weights", parts=untrained, meaning="the text of this run is MEANINGLESS")
     commits: dict[int, Commit] = {}
     if plan.pending:
+        ray.data.DataContext.get_current().enable_progress_bars = args.ray_progress  # else Ray Data's go to its log
         results = build_dataset(plan, manifest, config, args, settings, staging, predictor, predictor_kwargs)
-        for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-            for result in batch.filter(pc.is_valid(batch["committed_rows"])).to_pylist():
-                commits[result["shard"]] = Commit(result["committed_rows"], result["committed_audio_seconds"])
+        progress = ProgressReport(ProgressEstimator(shard_sizes(plan.pending), plan.pending_items), log)
+        try:
+            for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+                progress.add(batch)
+                for result in batch.filter(pc.is_valid(batch["committed_rows"])).to_pylist():
+                    commits[result["shard"]] = Commit(result["committed_rows"], result["committed_audio_seconds"])
+        finally:
+            progress.close()
     commits |= finish_shards(plan, manifest, staging, settings)
     staging.remove()
     wall = time.perf_counter() - started
@@ -141,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="read and decode every item and write its row (audio seconds, sample rate, channels, errors; no text) "
         "without loading a model; the output is marked `dry-run` and never mixes with a model's",
     )
+    parser.add_argument("--ray-progress", action="store_true",
+                        help="show Ray Data's per-operator progress too (by default it goes to Ray Data's log file)")
     parser.add_argument("--no-score", action="store_true", help="skip scoring the corpus at the end (OUTPUT/NAME/_scores)")
     add_scoring_arguments(parser)
     return parser.parse_args(argv)

@@ -35,6 +35,10 @@ WRITE_RESULT_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.int32(), nullable=False),
         pa.field("staged_rows", pa.int64(), nullable=False),
+        pa.field("staged_errors", pa.int64(), nullable=False),  # of the staged rows, those with an error
+        pa.field("staged_audio_seconds", pa.float64(), nullable=False),
+        pa.field("first_answered_s", pa.float64()),  # the staged rows' first and last `created_at` (Unix seconds)
+        pa.field("last_answered_s", pa.float64()),
         pa.field("committed_rows", pa.int64()),  # set by the writer that committed the shard
         pa.field("committed_audio_seconds", pa.float64()),
     ]
@@ -132,9 +136,16 @@ def write_rows(batch: pa.Table, staging: ShardStaging) -> pa.Table:
         rows = batch.filter(pc.equal(batch["shard"], shard))
         staging.stage(shard, rows)
         commit = staging.commit_if_complete(shard)
-        results.append({"shard": shard, "staged_rows": rows.num_rows, "committed_rows": commit and commit.rows,
+        results.append({"shard": shard, "staged_rows": rows.num_rows, "staged_errors": rows.num_rows - rows["error"].null_count,
+                        "staged_audio_seconds": pc.sum(rows["audio_seconds"]).as_py() or 0.0, **_answered(rows),
+                        "committed_rows": commit and commit.rows,
                         "committed_audio_seconds": commit and commit.audio_seconds})
     return pa.Table.from_pylist(results, schema=WRITE_RESULT_SCHEMA)
+
+
+def _answered(rows: pa.Table) -> dict[str, float | None]:
+    times = pc.min_max(pc.divide(pc.cast(pc.cast(rows["created_at"], pa.timestamp("us", tz="UTC")), pa.int64()), 1e6))
+    return {"first_answered_s": times["min"].as_py(), "last_answered_s": times["max"].as_py()}
 
 
 def finish_shard(staging: ShardStaging, shard: int, work_items: Iterable[dict[str, Any]], settings: JobSettings) -> Commit | None:

@@ -1,4 +1,4 @@
-"""Audio-captioning metrics: CIDEr-D, METEOR, SPICE and SPIDEr, through pycocoevalcap 1.2.
+"""Audio-captioning metrics: CIDEr-D, METEOR, SPICE, SPIDEr, BLEU-1..4 and ROUGE-L, through pycocoevalcap 1.2.
 
 As in the COCO caption evaluation, every caption first goes through pycocoevalcap's PTB tokenizer
 (lower-cased, punctuation dropped), which runs on Java; so do METEOR and SPICE.
@@ -31,8 +31,10 @@ from typing import TypeVar
 
 import numpy as np
 import pycocoevalcap.spice
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
 from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 SPICE_JAR = Path(pycocoevalcap.spice.__file__).parent / "spice-1.0.jar"
@@ -42,6 +44,11 @@ RHINO_JAR = Path("/usr/share/java/rhino.jar")  # from Debian's librhino-java
 DOWNLOAD_TIMEOUT_S = 60
 SPICE_HEAP = "-Xmx4G"
 METEOR_LINES_AT_ONCE = 64  # their answers, some 60 bytes each, stay well inside a pipe's buffer
+BLEU_N = 4
+# BLEU's statistics of a set of items, summed over them: hypothesis words, the closest reference's words,
+# and per n the hypothesis n-grams and those matched (clipped by the references' counts)
+BLEU_STATISTICS = ("testlen", "reflen", *(f"guess_{n}" for n in range(1, BLEU_N + 1)),
+                   *(f"correct_{n}" for n in range(1, BLEU_N + 1)))
 NO_JAVA = "caption metrics need Java, starting with the PTB tokenizer behind CIDEr-D: install Java 17"
 
 Captions = dict[int, list[str]]  # item index -> its captions
@@ -56,6 +63,11 @@ class CaptionScores:
     meteor: float | None  # None only when it could not run; the reason is in `unavailable`
     spice: float | None
     spider: float | None  # (cider_d + spice) / 2
+    bleu_1: float  # BLEU-1..4: corpus-level (summed n-gram statistics), against the closest reference's length
+    bleu_2: float
+    bleu_3: float
+    bleu_4: float
+    rouge_l: float  # the items' mean ROUGE-L
     unavailable: dict[str, str]  # metric name -> why it is None
 
 
@@ -72,12 +84,13 @@ def caption_scores(
     meteor, meteor_reason = meteor_from_statistics(statistics) if statistics is not None else (None, meteor_reason)
     f_scores, spice_reason = spice_f_scores(gts, res, spice_lib)
     return combine(len(hypotheses), cider_d, (meteor, meteor_reason),
-                   (None if f_scores is None else float(np.mean(f_scores)), spice_reason))
+                   (None if f_scores is None else float(np.mean(f_scores)), spice_reason),
+                   bleu_from_statistics(bleu_statistics(gts, res)), float(np.mean(rouge_l_items(gts, res))))
 
 
 def combine(items: int, cider_d: float, meteor: tuple[float | None, str | None],
-            spice: tuple[float | None, str | None]) -> CaptionScores:
-    """CaptionScores from CIDEr-D and the (value, or None and why) of METEOR and SPICE."""
+            spice: tuple[float | None, str | None], bleu: list[float], rouge_l: float) -> CaptionScores:
+    """CaptionScores from CIDEr-D, BLEU-1..4, ROUGE-L and the (value, or None and why) of METEOR and SPICE."""
     unavailable = {}
     if meteor[1]:
         unavailable["meteor"] = meteor[1]
@@ -90,6 +103,8 @@ def combine(items: int, cider_d: float, meteor: tuple[float | None, str | None],
         meteor=meteor[0],
         spice=spice[0],
         spider=None if spice[0] is None else (cider_d + spice[0]) / 2,
+        **{f"bleu_{n}": value for n, value in enumerate(bleu, 1)},
+        rouge_l=rouge_l,
         unavailable=unavailable,
     )
 
@@ -144,6 +159,35 @@ def cider_d_items(gts: Captions, res: Captions, frequencies: Callable[[set[Ngram
     return [float(score) for score in scorer.compute_cider()]
 
 
+def bleu_statistics(gts: Captions, res: Captions) -> np.ndarray:
+    """The items' BLEU_STATISTICS, summed: what pycocoevalcap's BleuScorer.compute_score adds up over the
+    items (option "closest", as its Bleu scorer asks) before it computes the corpus BLEU; those of
+    disjoint sets of items add up."""
+    scorer = BleuScorer(n=BLEU_N)
+    for i in res:
+        scorer += (res[i][0], gts[i])
+    rows = [[comps["testlen"], scorer._single_reflen(comps["reflen"], "closest", comps["testlen"]), *comps["guess"],
+             *comps["correct"]] for comps in scorer.ctest]
+    return np.array(rows, dtype=np.int64).reshape(-1, len(BLEU_STATISTICS)).sum(axis=0)
+
+
+def bleu_from_statistics(statistics: np.ndarray) -> list[float]:
+    """Corpus BLEU-1..4 from summed BLEU_STATISTICS, by pycocoevalcap's own compute_score over one
+    pseudo-item holding the sums (its corpus score is a function of the sums alone)."""
+    testlen, reflen, *rest = (int(value) for value in statistics)
+    scorer = BleuScorer(n=BLEU_N)
+    scorer.crefs = [None]
+    scorer.ctest = [{"testlen": testlen, "reflen": [reflen], "guess": rest[:BLEU_N], "correct": rest[BLEU_N:]}]
+    score, _ = scorer.compute_score(option="closest")
+    return [float(value) for value in score]
+
+
+def rouge_l_items(gts: Captions, res: Captions) -> list[float]:
+    """Each item's ROUGE-L by pycocoevalcap (the corpus ROUGE-L is their mean)."""
+    rouge = Rouge()
+    return [float(rouge.calc_score(res[i], gts[i])) for i in res]
+
+
 class _CorpusSized(list):
     """A block's cooked references whose len() is the size of the whole corpus."""
 
@@ -178,18 +222,24 @@ def _score_line(hypothesis: str, references: list[str]) -> str:
     return " ||| ".join(("SCORE", " ||| ".join(references), hypothesis.replace("|||", "").replace("  ", " "))) + "\n"
 
 
-def meteor_from_statistics(statistics: Sequence[str]) -> tuple[float | None, str | None]:
-    """Corpus METEOR from every item's statistics, as pycocoevalcap's compute_score asks the jar for it
-    (the jar's aggregate is not a function of summed statistics), or None and why its JVM failed."""
+def meteor_scores(statistics: Sequence[str]) -> tuple[tuple[list[float], float] | None, str | None]:
+    """Each item's METEOR and the corpus METEOR from the items' statistics, as pycocoevalcap's
+    compute_score asks the jar for them (the jar's aggregate is not a function of summed statistics; an
+    item's score is a function of its own), or None and why its JVM failed."""
 
-    def evaluate(meteor: Meteor) -> float:
+    def evaluate(meteor: Meteor) -> tuple[list[float], float]:
         meteor.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(statistics) + "\n").encode())
         meteor.meteor_p.stdin.flush()
-        for _ in statistics:
-            meteor.meteor_p.stdout.readline()
-        return float(meteor.meteor_p.stdout.readline().strip())
+        items = [float(meteor.meteor_p.stdout.readline().strip()) for _ in statistics]
+        return items, float(meteor.meteor_p.stdout.readline().strip())
 
     return _with_meteor(evaluate)
+
+
+def meteor_from_statistics(statistics: Sequence[str]) -> tuple[float | None, str | None]:
+    """Corpus METEOR from every item's statistics, or None and why its JVM failed."""
+    scores, reason = meteor_scores(statistics)
+    return (None, reason) if scores is None else (scores[1], None)
 
 
 def _with_meteor(ask: Callable[[Meteor], T]) -> tuple[T | None, str | None]:

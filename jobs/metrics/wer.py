@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from rapidfuzz.distance import Levenshtein
+from rapidfuzz.distance import Levenshtein, Opcodes
 
 from jobs.metrics.normalizer import EnglishNormalizer
 
@@ -47,22 +47,42 @@ def normalize(text: str) -> str:
     return _normalizer()(text.lower())
 
 
+@dataclass
+class Alignments:
+    """What scoring keeps of each item's alignment: its edit counts (EDIT_COLUMNS -> int64 arrays), its
+    normalized texts, and the words of each word edit (`word_edits`: per item, (kind, reference word,
+    hypothesis word) with '' for the missing side; kind is 'substitution', 'deletion' or 'insertion')."""
+
+    counts: dict[str, np.ndarray]
+    references: list[str]
+    hypotheses: list[str]
+    word_edits: list[list[tuple[str, str, str]]]
+
+
 def edit_counts(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per item, the word and character edits of the normalized texts (EDIT_COLUMNS -> int64 arrays):
-    what jiwer's process_words and process_characters count, from the same rapidfuzz alignment of the
-    same tokens, without building jiwer's alignment objects."""
+    """Per item, the word and character edits of the normalized texts (EDIT_COLUMNS -> int64 arrays)."""
+    return align(references, hypotheses).counts
+
+
+def align(references: Sequence[str], hypotheses: Sequence[str]) -> Alignments:
+    """Each item's normalized texts aligned by words and by characters: what jiwer's process_words and
+    process_characters count, from the same rapidfuzz alignment of the same tokens, without building
+    jiwer's alignment objects."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     normalized = {text: normalize(text) for text in {*references, *hypotheses}}  # each distinct text once
     word_ids = defaultdict(int)
     word_ids.default_factory = word_ids.__len__  # a number for each distinct word, as jiwer maps them
-    counts = []
+    counts, word_edits = [], []
     for reference, hypothesis in zip(references, hypotheses):
         ref, hyp = normalized[reference], normalized[hypothesis]
-        counts.append(_edits([word_ids[w] for w in _words(ref)], [word_ids[w] for w in _words(hyp)])
-                      + _edits(ref.strip(), hyp.strip()))
+        ref_words, hyp_words = _words(ref), _words(hyp)
+        opcodes = Levenshtein.opcodes([word_ids[w] for w in ref_words], [word_ids[w] for w in hyp_words])
+        counts.append(_edits(opcodes) + _edits(Levenshtein.opcodes(ref.strip(), hyp.strip())))
+        word_edits.append(_word_edits(opcodes, ref_words, hyp_words))
     table = np.array(counts, dtype=np.int64).reshape(len(counts), len(EDIT_COLUMNS))
-    return {name: table[:, column] for column, name in enumerate(EDIT_COLUMNS)}
+    return Alignments({name: table[:, column] for column, name in enumerate(EDIT_COLUMNS)},
+                      [normalized[text] for text in references], [normalized[text] for text in hypotheses], word_edits)
 
 
 def _words(text: str) -> list[str]:
@@ -70,13 +90,26 @@ def _words(text: str) -> list[str]:
     return [word for word in MULTIPLE_SPACES.sub(" ", text).strip().split(" ") if word]
 
 
-def _edits(reference: Sequence, hypothesis: Sequence) -> list[int]:
-    """Substitutions, deletions, insertions and hits (EDITS' order) of rapidfuzz's Levenshtein
+def _edits(opcodes: Opcodes) -> list[int]:
+    """Substitutions, deletions, insertions and hits (EDITS' order) of a rapidfuzz Levenshtein
     alignment, counted as jiwer counts them."""
     edits = dict.fromkeys(EDITS, 0)
-    for tag, ref_start, ref_end, hyp_start, hyp_end in Levenshtein.opcodes(reference, hypothesis):
+    for tag, ref_start, ref_end, hyp_start, hyp_end in opcodes:
         edits[_CHUNK_EDIT[tag]] += hyp_end - hyp_start if tag == "insert" else ref_end - ref_start
     return list(edits.values())
+
+
+def _word_edits(opcodes: Opcodes, ref_words: list[str], hyp_words: list[str]) -> list[tuple[str, str, str]]:
+    """The words of each edit (a substitution block pairs its words in order, as jiwer's alignment does)."""
+    edits = []
+    for tag, ref_start, ref_end, hyp_start, hyp_end in opcodes:
+        if tag == "replace":
+            edits += [("substitution", r, h) for r, h in zip(ref_words[ref_start:ref_end], hyp_words[hyp_start:hyp_end])]
+        elif tag == "delete":
+            edits += [("deletion", r, "") for r in ref_words[ref_start:ref_end]]
+        elif tag == "insert":
+            edits += [("insertion", "", h) for h in hyp_words[hyp_start:hyp_end]]
+    return edits
 
 
 def word_errors(totals: dict[str, int], items: int) -> WordErrors:

@@ -1,6 +1,7 @@
-"""Stage 3: captioning quality per block: each item's CIDEr-D with the whole group's document
-frequencies (frequencies.py), METEOR's per-item statistics and SPICE's per-item F-scores; summed, then
-the corpus METEOR."""
+"""Stage 4: captioning quality per block: each item's CIDEr-D with the whole group's document
+frequencies (frequencies.py), METEOR's per-item statistics and scores, SPICE's per-item F-scores,
+BLEU's n-gram statistics and ROUGE-L; summed, then the corpus METEOR and BLEU. Each block's items and
+their scores go to items.parquet (item_scores.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ from dataclasses import asdict, dataclass, field
 from functools import partial, reduce
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 
-from jobs.metrics.captions import CaptionScores, Ngram, cider_d_items, combine, meteor_from_statistics, meteor_statistics, spice_f_scores
+from jobs.metrics.captions import (BLEU_STATISTICS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics, cider_d_items,
+                                   combine, meteor_from_statistics, meteor_scores, meteor_statistics, rouge_l_items,
+                                   spice_f_scores)
+from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.frequencies import DocumentFrequencies
+from jobs.scoring.item_scores import ItemsOut, caption_item_scores
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
 from jobs.scoring.totals import split
+
+# the lowest-scored captioned items of a group (the error analysis's worst items)
+WORST_CAPTIONS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("cider_d", pa.float64()),
+                                   pa.field("references", pa.list_(pa.string())), pa.field("hypothesis", pa.string())])
 
 
 @dataclass
@@ -28,27 +38,39 @@ class CaptionTotals:
     meteor_failure: str | None = None
     spice: float = 0.0  # sum of F-scores (NaN where one has none, as the mean would be)
     spice_failure: str | None = None
+    bleu: np.ndarray = field(default_factory=lambda: np.zeros(len(BLEU_STATISTICS), dtype=np.int64))  # summed
+    rouge_l: float = 0.0  # sum over the items
+    worst: pa.Table = field(default_factory=WORST_CAPTIONS_SCHEMA.empty_table)  # the WORST_ITEMS lowest CIDEr-D
 
     @classmethod
     def of(cls, items: pa.Table, frequencies: Callable[[set[Ngram]], dict[Ngram, float]], corpus_items: int,
-           spice_lib: str | None) -> CaptionTotals:
-        """`frequencies` looks up the group's document frequencies of n-grams; `corpus_items`: the group's size."""
+           spice_lib: str | None) -> tuple[CaptionTotals, dict[str, list[float]]]:
+        """The totals of a block of one group's items, and each item's scores (item_scores.CAPTION_SCORES);
+        `frequencies` looks up the group's document frequencies of n-grams; `corpus_items`: the group's size."""
         gts = dict(enumerate(items["caption_refs"].to_pylist()))
         res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
         statistics, meteor_failure = meteor_statistics(gts, res)
+        meteor, meteor_failure = meteor_scores(statistics) if statistics is not None else (None, meteor_failure)
         f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
-        cider_d = sum(cider_d_items(gts, res, frequencies, corpus_items))
-        return cls(len(res), cider_d, statistics or [], meteor_failure, sum(f_scores or []), spice_failure)
+        cider_d, rouge_l = cider_d_items(gts, res, frequencies, corpus_items), rouge_l_items(gts, res)
+        worst = pa.table({"id": items["id"], "cider_d": cider_d, "references": items["caption_refs"],
+                          "hypothesis": items["caption_hyp"]}, schema=WORST_CAPTIONS_SCHEMA)
+        totals = cls(len(res), sum(cider_d), statistics or [], meteor_failure, sum(f_scores or []), spice_failure,
+                     bleu_statistics(gts, res), sum(rouge_l), _lowest(worst))
+        return totals, {"cider_d": cider_d, "rouge_l": rouge_l, **({"meteor": meteor[0]} if meteor else {})}
 
     def merge(self, other: CaptionTotals) -> CaptionTotals:
         return CaptionTotals(self.items + other.items, self.cider_d + other.cider_d,
                              self.meteor_statistics + other.meteor_statistics, self.meteor_failure or other.meteor_failure,
-                             self.spice + other.spice, self.spice_failure or other.spice_failure)
+                             self.spice + other.spice, self.spice_failure or other.spice_failure,
+                             self.bleu + other.bleu, self.rouge_l + other.rouge_l,
+                             _lowest(pa.concat_tables([self.worst, other.worst])))
 
     def scores(self) -> CaptionScores:
         meteor = (None, self.meteor_failure) if self.meteor_failure else meteor_from_statistics(self.meteor_statistics)
         spice = (None, self.spice_failure) if self.spice_failure else (self.spice / self.items, None)
-        return combine(self.items, self.cider_d / self.items, meteor, spice)
+        return combine(self.items, self.cider_d / self.items, meteor, spice, bleu_from_statistics(self.bleu),
+                       self.rouge_l / self.items)
 
 
 class CaptionsByGroup(dict):
@@ -56,36 +78,49 @@ class CaptionsByGroup(dict):
 
     @classmethod
     def of(cls, items: pa.Table, frequencies: DocumentFrequencies, corpus_items: dict[tuple[str, ...], int],
-           spice_lib: str | None) -> CaptionsByGroup:
-        """The totals of the groups in `corpus_items` (group -> its scored items)."""
-        return cls({key: CaptionTotals.of(rows, partial(frequencies.lookup, key), corpus_items[key], spice_lib)
-                    for key, rows in split(items, list(GROUP_KEYS)).items() if key in corpus_items})
+           spice_lib: str | None, items_out: ItemsOut | None = None) -> CaptionsByGroup:
+        """The totals of the groups in `corpus_items` (group -> its scored items); every item, with its
+        scores where its group is scored, to `items_out`."""
+        totals, scored = cls(), []
+        for key, rows in split(items, list(GROUP_KEYS)).items():
+            scores = {}
+            if key in corpus_items:
+                totals[key], scores = CaptionTotals.of(rows, partial(frequencies.lookup, key), corpus_items[key], spice_lib)
+            scored.append(caption_item_scores(rows, scores))
+        if items_out is not None and scored:
+            items_out.write(pa.concat_tables(scored))
+        return totals
 
     def merge(self, other: CaptionsByGroup) -> CaptionsByGroup:
         return CaptionsByGroup(merge_by_key(self, other))
 
-    def quality(self) -> dict[tuple[str, ...], tuple[dict[str, Any], dict[str, str]]]:
-        """Per group, the metrics that ran and why the others did not."""
+    def quality(self) -> dict[tuple[str, ...], tuple[dict[str, Any], dict[str, str], list[dict[str, Any]]]]:
+        """Per group, the metrics that ran, why the others did not, and the worst items (lowest CIDEr-D)."""
         qualities = {}
         for key, totals in self.items():
             scores = asdict(totals.scores())
             unavailable = scores.pop("unavailable")
-            qualities[key] = {k: v for k, v in scores.items() if v is not None}, unavailable
+            qualities[key] = {k: v for k, v in scores.items() if v is not None}, unavailable, totals.worst.to_pylist()
         return qualities
+
+
+def _lowest(items: pa.Table) -> pa.Table:
+    return items.sort_by([("cider_d", "ascending"), ("id", "ascending")]).slice(0, WORST_ITEMS)
 
 
 class CaptionScorer:
     """A Ray Data actor that scores blocks of captioned items (`CaptionsByGroup`, pickled, one row a
-    block). It lives for the whole stage, so it maps the document frequencies' merged parts (object
+    block) and writes their per-item scores. It lives for the whole stage, so it maps the document frequencies' merged parts (object
     references to Arrow blocks of frequencies.PARTS_SCHEMA) once, in place in the object store, and its
     METEOR JVM, slow to start, serves every block it gets."""
 
-    def __init__(self, frequencies: list[ray.ObjectRef], corpus_items: dict[tuple[str, ...], int], spice_lib: str | None):
+    def __init__(self, frequencies: list[ray.ObjectRef], corpus_items: dict[tuple[str, ...], int], spice_lib: str | None,
+                 items_out: ItemsOut | None):
         self.frequencies = DocumentFrequencies(ray.get(frequencies))
-        self.corpus_items, self.spice_lib = corpus_items, spice_lib
+        self.corpus_items, self.spice_lib, self.items_out = corpus_items, spice_lib, items_out
 
     def __call__(self, items: pa.Table) -> pa.Table:
-        totals = CaptionsByGroup.of(items, self.frequencies, self.corpus_items, self.spice_lib)
+        totals = CaptionsByGroup.of(items, self.frequencies, self.corpus_items, self.spice_lib, self.items_out)
         return pa.table({"captions": pa.array([pickle.dumps(totals)], pa.binary())})
 
 

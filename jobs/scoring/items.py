@@ -7,21 +7,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.metrics.captions import tokenize
-from jobs.metrics.wer import EDIT_COLUMNS, edit_counts, transcript
+from jobs.metrics.wer import EDIT_COLUMNS, align, transcript
 from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")
-READ_COLUMNS = ["id", *GROUP_KEYS, "error", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
+READ_COLUMNS = ["id", *GROUP_KEYS, "error", "error_message", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
                 "model_s", "created_at", "worker", "job_id", "segments"]
 # A piece shorter than the item's audio by more than this was cut from a long recording.
 WHOLE_CLIP_TOLERANCE_S = 0.01
 CAPTION_FAILURES = (OSError, RuntimeError)
+WORD_EDIT = pa.struct([pa.field("kind", pa.string()), pa.field("reference", pa.string()), pa.field("hypothesis", pa.string())])
 
 
 def item_table(block: pa.Table, references: pa.Table | None = None) -> pa.Table:
-    """One row per item: group keys ('' for null), error, whether it is scored, edit counts (ASR),
-    tokenized captions (captioning), and the speed fields of items the model answered. `references`
-    (REFERENCE_SCHEMA) replace the rows' own where they match (references.referenced)."""
+    """One row per item: its id, group keys ('' for null), error, whether it is scored, edit counts,
+    normalized texts and word edits (ASR), tokenized captions (captioning), and the speed fields of
+    items the model answered. `references` (REFERENCE_SCHEMA) replace the rows' own where they match
+    (references.referenced)."""
     if references is not None:
         block = block.set_column(block.schema.get_field_index("reference"), "reference", referenced(block, references))
     keys = {key: pc.fill_null(block[key], "") for key in GROUP_KEYS}
@@ -30,8 +32,10 @@ def item_table(block: pa.Table, references: pa.Table | None = None) -> pa.Table:
     modelled = pc.and_(pc.is_valid(block["model_s"]), pc.is_valid(block["created_at"]))
     end_s = pc.divide(pc.cast(pc.cast(block["created_at"], pa.timestamp("us", tz="UTC")), pa.int64()), 1e6)
     columns = {
+        "id": block["id"],
         **keys,
         "error": block["error"],
+        "error_message": block["error_message"],
         "scored": scored,
         "segmented": _segmented(block),
         "audio_seconds": pc.fill_null(pc.if_else(succeeded, block["audio_seconds"], 0.0), 0.0),
@@ -70,11 +74,33 @@ def _segmented(block: pa.Table) -> pa.Array:
     return pc.fill_null(pc.or_(pc.not_equal(pieces, 1), pc.and_(pc.is_valid(segments), shorter)), False)
 
 
-def _asr_edits(block: pa.Table, chosen: pa.Array) -> dict[str, np.ndarray]:
+def _asr_edits(block: pa.Table, chosen: pa.Array) -> dict[str, np.ndarray | pa.Array]:
+    """Each scored ASR item's edit counts (0 for the others), its normalized reference and hypothesis and
+    the words of its word edits (null for the others)."""
     where = np.flatnonzero(chosen.to_numpy(zero_copy_only=False))
     rows = block.take(where)
-    counts = edit_counts([transcript(r) for r in rows["reference"].to_pylist()], rows["text"].to_pylist())
-    return {name: _scatter(len(block), where, counts[name]) for name in EDIT_COLUMNS}
+    aligned = align([transcript(r) for r in rows["reference"].to_pylist()], rows["text"].to_pylist())
+    counts = {name: _scatter(len(block), where, aligned.counts[name]) for name in EDIT_COLUMNS}
+    texts = {"scored_reference": aligned.references, "scored_hypothesis": aligned.hypotheses}
+    return {**counts, **{name: _scattered_array(len(block), where, pa.array(values, pa.string()))
+                         for name, values in texts.items()},
+            "word_edits": _scattered_array(len(block), where, _word_edit_lists(aligned.word_edits))}
+
+
+def _word_edit_lists(word_edits: list[list[tuple[str, str, str]]]) -> pa.ListArray:
+    offsets = np.concatenate([[0], np.cumsum([len(edits) for edits in word_edits], dtype=np.int32)]).astype(np.int32)
+    flat = [edit for edits in word_edits for edit in edits]
+    fields = [pa.array([edit[k] for edit in flat], pa.string()) for k in range(3)]
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.StructArray.from_arrays(fields, fields=list(WORD_EDIT)))
+
+
+def _scattered_array(length: int, where: np.ndarray, values: pa.Array) -> pa.Array:
+    """`values` at the rows `where`, null elsewhere."""
+    if len(where) == length:
+        return values
+    positions = np.full(length, -1, dtype=np.int64)
+    positions[where] = np.arange(len(where))
+    return values.take(pa.array(positions, mask=positions < 0))
 
 
 def _scatter(length: int, where: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import ray
 from jobs.predictions import OUTPUT_SCHEMA, prediction_files
 from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
+from jobs.scoring.item_scores import ItemsOut, asr_item_scores
 from jobs.scoring.items import READ_COLUMNS, captioned, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.references import read_references
@@ -34,10 +35,12 @@ def score_predictions(
     references: str | None = None,
     spice_lib: str | None = None,
     distributed: bool | None = None,
+    items_out: ItemsOut | None = None,
 ) -> Summary:
     """The groups and latency statistics of every prediction under `url`; `distributed` None decides
     by the input's work (sizing.single_process_seconds). `references`: a URL whose references replace the rows' (references.read_references),
-    read in this process, or on the cluster by a Ray task whose table the map tasks share."""
+    read in this process, or on the cluster by a Ray task whose table the map tasks share. `items_out`:
+    where each item's scores go (item_scores.py), written where the items are scored."""
     options = storage_options or {}
     fs, root = fsspec.core.url_to_fs(url, **options)
     files = prediction_files(fs, root)
@@ -47,7 +50,7 @@ def score_predictions(
         distributed = single_process_seconds(fs, files) > IN_PROCESS_S
     if not distributed:
         found = read_references(references, options) if references else None
-        return score_blocks(_blocks(fs, sorted(files)), found, spice_lib)
+        return score_blocks(_blocks(fs, sorted(files)), found, spice_lib, items_out)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     found = _read_references_on_cluster(references, options) if references else None
@@ -56,9 +59,9 @@ def score_predictions(
     dataset = ray.data.read_parquet(sorted(files), filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
                                     columns=READ_COLUMNS, override_num_blocks=len(files))
     items = dataset.map_batches(_shared_item_table, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH,
-                                fn_kwargs={"references": found}).materialize()
+                                fn_kwargs={"references": found, "items_out": items_out}).materialize()
     summary = _aggregate(items, Totals.of, Totals.summary)
-    if not summary.captions:
+    if not summary.captioned_items:
         return summary
     frequencies = items.map_batches(frequency_parts, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH).groupby(
         RANGE_KEYS).map_groups(merge_parts, batch_format="pyarrow").materialize()
@@ -71,7 +74,7 @@ def score_predictions(
     scored = blocks.map_batches(
         CaptionScorer, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH, concurrency=actors,
         fn_constructor_kwargs={"frequencies": frequencies.to_arrow_refs(), "corpus_items": summary.captions,
-                               "spice_lib": spice_lib}).materialize()
+                               "spice_lib": spice_lib, "items_out": items_out}).materialize()
     return _with_captions(summary, _aggregate(scored, merged_captions, CaptionsByGroup.quality))
 
 
@@ -80,21 +83,22 @@ def score_table(table: pa.Table, references: pa.Table | None = None, spice_lib: 
     return score_blocks([table], references, spice_lib)
 
 
-def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None, spice_lib: str | None = None) -> Summary:
+def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None, spice_lib: str | None = None,
+                 items_out: ItemsOut | None = None) -> Summary:
     """The stages in this process, a block at a time, as on the cluster: only the totals, the document
     frequencies and the captioned items are kept between blocks."""
     totals, parts, captioned_blocks = Totals(), [], []
     for block in blocks:
-        items = item_table(block, references)
+        items = _written_item_table(block, references, items_out)
         totals = totals.merge(Totals.of(items))
         parts.append(frequency_parts(items))
         captioned_blocks.append(captioned(items))
     summary = totals.summary()
-    if not summary.captions:
+    if not summary.captioned_items:
         return summary
     parts = pa.concat_tables(parts)
     frequencies = DocumentFrequencies([merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()])
-    captions = (CaptionsByGroup.of(items, frequencies, summary.captions, spice_lib) for items in captioned_blocks)
+    captions = (CaptionsByGroup.of(items, frequencies, summary.captions, spice_lib, items_out) for items in captioned_blocks)
     return _with_captions(summary, reduce(CaptionsByGroup.merge, captions, CaptionsByGroup()).quality())
 
 
@@ -128,21 +132,30 @@ def _counted_references(url: str, options: dict[str, Any]) -> tuple[int, pa.Tabl
     return len(table), table
 
 
-def _shared_item_table(block: pa.Table, references: ray.ObjectRef | None) -> pa.Table:
+def _shared_item_table(block: pa.Table, references: ray.ObjectRef | None, items_out: ItemsOut | None) -> pa.Table:
     """item_table with the references from the object store (zero-copy: Arrow buffers are not unpickled)."""
-    return item_table(block, None if references is None else ray.get(references))
+    return _written_item_table(block, None if references is None else ray.get(references), items_out)
+
+
+def _written_item_table(block: pa.Table, references: pa.Table | None, items_out: ItemsOut | None) -> pa.Table:
+    """item_table, whose items the caption metrics do not score written to `items_out` on the way."""
+    items = item_table(block, references)
+    if items_out is not None:
+        items_out.write(asr_item_scores(items))
+    return items
 
 
 def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _with_captions(summary: Summary, qualities: dict[tuple[str, ...], tuple[dict, dict]]) -> Summary:
+def _with_captions(summary: Summary, qualities: dict[tuple[str, ...], tuple[dict, dict, list]]) -> Summary:
     for group in summary.groups:
         if (key := (group["corpus"], group["task"], group["model"])) in qualities:
-            quality, unavailable = qualities[key]
+            quality, unavailable, worst = qualities[key]
             group["quality"], group["scored_items"] = quality, quality["items"]
             group["unavailable"].update(unavailable)
+            summary.analysis[key]["worst_items"] = worst
     return summary
 
 

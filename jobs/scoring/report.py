@@ -1,4 +1,5 @@
-"""The human side of scoring: a Markdown report with a table, per-worker speed and charts (PNG)."""
+"""The human side of scoring: a Markdown report with a table, per-worker speed, an error analysis and
+charts (PNG)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+from jobs.scoring.analysis import DURATION_EDGES_S, WORST_ITEMS  # noqa: E402
+
+DURATION_CHART = "charts/wer_by_duration.png"
+DURATION_LABELS = [f"{start}–{end}" for start, end in zip(DURATION_EDGES_S, DURATION_EDGES_S[1:])] + [f"{DURATION_EDGES_S[-1]}+"]
+
 QUALITY_COLUMNS = {"WER %": ("wer", 100), "CER %": ("cer", 100), "CIDEr-D": ("cider_d", 1), "SPICE": ("spice", 1),
-                   "SPIDEr": ("spider", 1), "METEOR": ("meteor", 1)}
+                   "SPIDEr": ("spider", 1), "METEOR": ("meteor", 1), "BLEU-1": ("bleu_1", 1), "BLEU-4": ("bleu_4", 1),
+                   "ROUGE-L": ("rouge_l", 1)}
+SHOWN_CHARACTERS = 90  # of a text in the worst items' table
 
 
 def table(groups: Sequence[dict[str, Any]]) -> str:
@@ -33,18 +41,106 @@ def summary(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join([table(groups), "", *_notes(groups)]).rstrip() + "\n"
 
 
-def markdown(groups: Sequence[dict[str, Any]], predictions: str, charts: Sequence[str] = ()) -> str:
+def markdown(groups: Sequence[dict[str, Any]], predictions: str, charts: Sequence[str] = (),
+             analysis: dict[tuple, dict[str, Any]] | None = None) -> str:
+    """The report; `analysis`: each group's error analysis (scoring.analysis.Analysis.summary), by group key."""
     parts = [f"# Scoring report\n\nPredictions: `{predictions}`\n", summary(groups)]
-    parts += [f"![{name}]({name})\n" for name in charts]
-    parts += ["## Workers\n", _workers(groups), "", DEFINITIONS]
+    parts += [f"![{name}]({name})\n" for name in charts if name != DURATION_CHART]
+    parts += ["## Workers\n", _workers(groups), ""]
+    if analysis:
+        parts += [error_analysis(groups, analysis, DURATION_CHART in charts)]
+    parts += [DEFINITIONS]
     return "\n".join(parts)
+
+
+def error_analysis(groups: Sequence[dict[str, Any]], analysis: dict[tuple, dict[str, Any]], duration_chart: bool) -> str:
+    """The error analysis section: WER by duration (a chart), then per group the worst items, the most
+    frequent word substitutions, deletions and insertions, and the error codes with an example each."""
+    parts = ["## Error analysis\n", "Per item: `items.parquet` (one row an item, its normalized texts and edits).\n"]
+    if duration_chart:
+        parts.append(f"![WER by duration]({DURATION_CHART})\n")
+    for group in groups:
+        found = analysis.get(_key(group))
+        if not found:
+            continue
+        parts.append(f"### {group['corpus']} / {group['task']} / {group['model']}\n")
+        if found["wer_by_duration"]:
+            parts += ["WER by duration:\n", _duration_table(found["wer_by_duration"]), ""]
+        if found["worst_items"]:
+            by = "lowest CIDEr-D" if "cider_d" in found["worst_items"][0] else "highest WER"
+            parts += [f"Worst items (the {WORST_ITEMS} with the {by} at most; texts normalized as scored):\n",
+                      _worst_table(found["worst_items"]), ""]
+        if any(found["word_edits"].values()):
+            parts += ["Most frequent word edits:\n", _edits_table(found["word_edits"]), ""]
+        if group["error_codes"]:
+            parts += ["Errors:\n", _errors_table(group["error_codes"], found["error_examples"]), ""]
+    return "\n".join(parts)
+
+
+def _duration_table(buckets: Sequence[dict[str, Any]]) -> str:
+    lines = [_line(["duration s", "items", "reference words", "word edits", "WER %"]), _line(["---"] * 5)]
+    for bucket in buckets:
+        lines.append(_line([_bucket_label(bucket), bucket["items"], bucket["reference_words"], bucket["word_edits"],
+                            _number(bucket["wer"], 100)]))
+    return "\n".join(lines)
+
+
+def _bucket_label(bucket: dict[str, Any]) -> str:
+    return f"{bucket['from_s']}–{bucket['to_s']}" if bucket["to_s"] is not None else f"{bucket['from_s']}+"
+
+
+def _worst_table(items: Sequence[dict[str, Any]]) -> str:
+    """ASR items (WER, edits) or captioned items (CIDEr-D, the references joined by ` / `)."""
+    if "cider_d" in items[0]:
+        lines = [_line(["id", "CIDEr-D", "references", "hypothesis"]), _line(["---"] * 4)]
+        lines += [_line([f"`{item['id']}`", _number(item["cider_d"]), _cell(" / ".join(item["references"])),
+                         _cell(item["hypothesis"])]) for item in items]
+        return "\n".join(lines)
+    lines = [_line(["id", "WER %", "edits", "reference", "hypothesis"]), _line(["---"] * 5)]
+    for item in items:
+        lines.append(_line([f"`{item['id']}`", _number(item["wer"], 100), item["word_edits"],
+                            _cell(item["reference"]), _cell(item["hypothesis"])]))
+    return "\n".join(lines)
+
+
+def _edits_table(edits: dict[str, list[dict[str, Any]]]) -> str:
+    """Substitutions, deletions and insertions side by side, most frequent first."""
+    header = ["substitution", "n", "deletion", "n", "insertion", "n"]
+    lines = [_line(header), _line(["---"] * len(header))]
+    columns = [[(f"{e['reference']} → {e['hypothesis']}", e["count"]) for e in edits["substitution"]],
+               [(e["reference"], e["count"]) for e in edits["deletion"]],
+               [(e["hypothesis"], e["count"]) for e in edits["insertion"]]]
+    for row in range(max(map(len, columns))):
+        cells = []
+        for column in columns:
+            text, count = column[row] if row < len(column) else ("", "")
+            cells += [_cell(text), count]
+        lines.append(_line(cells))
+    return "\n".join(lines)
+
+
+def _errors_table(codes: dict[str, int], examples: dict[str, dict[str, str]]) -> str:
+    lines = [_line(["error", "items", "example", "message"]), _line(["---"] * 4)]
+    for code, count in codes.items():
+        example = examples.get(code, {"id": "", "message": ""})
+        lines.append(_line([f"`{code}`", count, f"`{example['id']}`", _cell(example["message"])]))
+    return "\n".join(lines)
+
+
+def _cell(text: str | None) -> str:
+    """Text fit for a table cell: one line, pipes escaped, cut to SHOWN_CHARACTERS."""
+    text = " ".join((text or "").split()).replace("|", "\\|")
+    return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS - 1] + "…"
 
 
 DEFINITIONS = """## How these are computed
 - Items with an error are counted and left out of quality metrics.
 - WER: total word edits over total reference words, after the Whisper English normalizer (jiwer).
-- CIDEr-D, SPICE, METEOR: pycocoevalcap over the PTB-tokenized captions, all references of an item;
-  SPIDEr = (CIDEr-D + SPICE) / 2.
+- CIDEr-D, SPICE, METEOR, BLEU, ROUGE-L: pycocoevalcap over the PTB-tokenized captions, all references
+  of an item; SPIDEr = (CIDEr-D + SPICE) / 2; BLEU-n from the n-gram matches summed over all items
+  (corpus-level), ROUGE-L the items' mean.
+- Error analysis: from each item's word alignment (the same as WER's); a bucket's WER is its edits over
+  its reference words; the worst items are those with the highest WER (then the most edits).
 - items/s and x real time: items (audio seconds) over the wall time from a job's first model batch to
   its last, summed over jobs; start-up and model loading are not in it. Per worker: over busy time.
 - ttft/tpot: each item's batch figures (encoders included in ttft); percentiles over items, exact (not
@@ -77,9 +173,10 @@ def _workers(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, dict[str, Any]]]) -> dict[str, bytes]:
-    """PNG charts by file name (under charts/): quality, speed, and the latency distribution
-    (`latency`: matplotlib box-plot statistics by group key and latency, from the scorer)."""
+def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, dict[str, Any]]],
+           analysis: dict[tuple, dict[str, Any]] | None = None) -> dict[str, bytes]:
+    """PNG charts by file name (under charts/): quality, speed, the latency distribution (`latency`:
+    matplotlib box-plot statistics by group key and latency, from the scorer) and WER by duration."""
     labels = {_key(group): f"{group['corpus']}\n{group['task']}" for group in groups}
     made = {
         "charts/quality.png": _bars(groups, labels, [("WER %", "wer", 100), ("SPIDEr", "spider", 1), ("CIDEr-D", "cider_d", 1)],
@@ -87,6 +184,7 @@ def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, dict
         "charts/speed.png": _bars(groups, labels, [("items/s", "items_per_s", 1), ("x real time", "x_real_time", 1)],
                                   lambda group, name: (group["speed"] or {}).get(name)),
         "charts/latency.png": _latency(groups, labels, latency),
+        DURATION_CHART: _wer_by_duration(groups, analysis or {}),
     }
     return {name: png for name, png in made.items() if png is not None}
 
@@ -121,6 +219,28 @@ def _latency(groups, labels, latency) -> bytes | None:
         axis.bxp(boxes)  # what Axes.boxplot draws, from statistics gathered where the data is
         axis.tick_params(axis="x", labelsize=8)
         axis.set_title(f"{title} per item")
+    return _png(figure)
+
+
+def _wer_by_duration(groups, analysis) -> bytes | None:
+    """WER per duration bucket, a line a group, each point labelled with its items."""
+    lines = [(f"{g['corpus']} / {g['model']}", buckets) for g in groups
+             if (buckets := [b for b in analysis.get(_key(g), {}).get("wer_by_duration", []) if b["wer"] is not None])]
+    if not lines:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    for label, buckets in lines:
+        positions = [DURATION_LABELS.index(_bucket_label(b)) for b in buckets]
+        axis.plot(positions, [b["wer"] * 100 for b in buckets], marker="o", label=label)
+        for x, bucket in zip(positions, buckets):
+            axis.annotate(f"{bucket['items']}", (x, bucket["wer"] * 100), textcoords="offset points", xytext=(0, 5),
+                          ha="center", fontsize=7)
+    axis.set_xticks(range(len(DURATION_LABELS)), DURATION_LABELS, fontsize=8)
+    axis.set_xlabel("audio duration (s); points labelled with their items")
+    axis.set_ylabel("WER %")
+    axis.set_ylim(bottom=0)
+    axis.set_title("WER by duration")
+    axis.legend(fontsize=7)
     return _png(figure)
 
 

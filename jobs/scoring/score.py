@@ -7,11 +7,13 @@ Reads only the job's Parquet, with Ray Data on the cluster (`RAY_ADDRESS`, else 
 the input is large, in this process where it is small (jobs.scoring: the same stages either way).
 Items with an `error` are counted and left out of quality metrics.
 - speech recognition (`asr`): corpus WER after the Whisper English normalizer, S/D/I, CER (jiwer);
-- captioning (`aac`): CIDEr-D, SPICE, SPIDEr, METEOR (pycocoevalcap, PTB tokenizer);
+- captioning (`aac`): CIDEr-D, SPICE, SPIDEr, METEOR, BLEU-1..4, ROUGE-L (pycocoevalcap, PTB tokenizer);
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
 
-Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `metrics.json`, `report.md`
-and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
+Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `items.parquet` (a folder of
+Parquet files, one row an item: jobs.scoring.item_scores.ITEMS_SCHEMA), `metrics.json` (with each
+group's error analysis), `report.md` (with the error analysis: worst items, frequent word edits, WER by
+duration, error codes) and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
 replaces the rows' references: read as an Arrow table (on the cluster by a Ray task, so the driver
 holds only its ObjectRef) and joined to each block on (corpus, id), else on id alone
 (jobs.scoring.references). `--submission` writes the seed's submission CSV (`testset_id,text`) per corpus there.
@@ -35,6 +37,7 @@ import pyarrow.compute as pc
 
 from jobs.predictions import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions
 from jobs.scoring import report
+from jobs.scoring.item_scores import ITEMS_FOLDER, ItemsOut
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.pipeline import score_predictions, score_table
 from nota_model.errors import NotaError
@@ -122,17 +125,23 @@ def score(
     """Score, write metrics, JSON, report (and submission CSVs); return the groups. `distributed`: on
     Ray Data (True), in this process (False), or by the input's size (None)."""
     options = storage_options or {}
-    summary = score_predictions(predictions, options, references, spice_lib, distributed)
-    groups = summary.groups
     fs, root = fsspec.core.url_to_fs(output, **options)
     fs.makedirs(root, exist_ok=True)
+    if fs.exists(f"{root}/{ITEMS_FOLDER}"):  # an earlier run's files, whose items may differ
+        fs.rm(f"{root}/{ITEMS_FOLDER}", recursive=True)
+    items_out = ItemsOut(fs.unstrip_protocol(f"{root}/{ITEMS_FOLDER}"), options)
+    summary = score_predictions(predictions, options, references, spice_lib, distributed, items_out)
+    groups = summary.groups
     table = pa.Table.from_pylist(long_rows(groups), schema=METRICS_SCHEMA)
     write_bytes_atomically(fs, f"{root}/metrics.parquet", parquet_bytes(table))
-    write_bytes_atomically(fs, f"{root}/metrics.json", json.dumps({"predictions": predictions, "groups": groups}, indent=2).encode())
-    charts = report.charts(groups, summary.latency)
+    analysis = [{**dict(zip(GROUP_KEYS, key)), **found} for key, found in sorted(summary.analysis.items())]
+    write_bytes_atomically(fs, f"{root}/metrics.json", json.dumps(
+        {"predictions": predictions, "groups": groups, "analysis": analysis}, indent=2).encode())
+    charts = report.charts(groups, summary.latency, summary.analysis)
     for name, png in charts.items():
         write_bytes_atomically(fs, f"{root}/{name}", png)
-    write_bytes_atomically(fs, f"{root}/report.md", report.markdown(groups, predictions, list(charts)).encode())
+    write_bytes_atomically(fs, f"{root}/report.md",
+                           report.markdown(groups, predictions, list(charts), summary.analysis).encode())
     if submission:
         _write_submissions(predictions, submission, options)
     return groups

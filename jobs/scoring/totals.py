@@ -18,6 +18,7 @@ from matplotlib import cbook
 
 from jobs.metrics.speed import Speed, speed
 from jobs.metrics.wer import EDIT_COLUMNS, word_errors
+from jobs.scoring.analysis import Analysis
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
 
@@ -75,11 +76,13 @@ class GroupTotals:
     succeeded: int = 0
     scored: int = 0
     segmented: int = 0
+    captioned: int = 0  # items with a tokenized hypothesis (stage 4 scores them where the group is scored)
     audio_seconds: float = 0.0
     edits: Counter = field(default_factory=Counter)
     caption_failure: str | None = None
     workers: dict[str, WorkerTotals] = field(default_factory=dict)
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # job -> first start, last end
+    analysis: Analysis = field(default_factory=Analysis)
 
     @classmethod
     def of(cls, items: pa.Table) -> GroupTotals:
@@ -92,20 +95,24 @@ class GroupTotals:
             succeeded=items.num_rows - len(errors),
             scored=pc.sum(items["scored"]).as_py() or 0,
             segmented=pc.sum(items["segmented"]).as_py() or 0,
+            captioned=len(items) - items["caption_hyp"].null_count,
             audio_seconds=pc.sum(items["audio_seconds"]).as_py() or 0.0,
             edits=Counter({name: pc.sum(items[name]).as_py() or 0 for name in EDIT_COLUMNS}),
             caption_failure=failures[0].as_py() if len(failures) else None,
             workers={worker: WorkerTotals.of(rows) for worker, rows in split(modelled, ["worker"]).items()},
             spans={job: (pc.min(rows["start_s"]).as_py(), pc.max(rows["end_s"]).as_py())
                    for job, rows in split(modelled, ["job_id"]).items()},
+            analysis=Analysis.of(items),
         )
 
     def merge(self, other: GroupTotals) -> GroupTotals:
         return GroupTotals(
             self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
-            self.scored + other.scored, self.segmented + other.segmented, self.audio_seconds + other.audio_seconds,
+            self.scored + other.scored, self.segmented + other.segmented, self.captioned + other.captioned,
+            self.audio_seconds + other.audio_seconds,
             self.edits + other.edits, self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
             {job: _span(self.spans.get(job), other.spans.get(job)) for job in self.spans | other.spans},
+            self.analysis.merge(other.analysis),
         )
 
     def summary(self, key: tuple[str, ...]) -> dict[str, Any]:
@@ -171,6 +178,8 @@ class Totals(dict):
             latency={key: self[key].latency_boxes() for key in keys},
             captions={key: self[key].scored for key in keys
                       if key[1] == "aac" and self[key].scored and not self[key].caption_failure},
+            captioned_items=sum(group.captioned for group in self.values()),
+            analysis={key: self[key].analysis.summary() for key in keys},
         )
 
 
@@ -179,6 +188,8 @@ class Summary:
     groups: list[dict[str, Any]]  # as jobs.score reports them
     latency: dict[tuple[str, ...], dict[str, dict[str, Any]]]  # box-plot statistics by group and latency
     captions: dict[tuple[str, ...], int]  # the captioning groups the caption metrics score: their items
+    captioned_items: int  # items with a tokenized hypothesis, in any group
+    analysis: dict[tuple[str, ...], dict[str, Any]]  # Analysis.summary by group
 
 
 def split(table: pa.Table, keys: list[str]) -> dict[tuple[str, ...] | str, pa.Table]:

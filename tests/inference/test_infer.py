@@ -180,7 +180,9 @@ def test_a_shard_is_committed_whole_once_and_a_late_or_redone_copy_never_duplica
     part = Path(staging.store.part_path(0))
 
     assert write_rows(block(rows[0], rows[1]), staging).to_pylist() == [
-        {"shard": 0, "staged_rows": 2, "committed_rows": None, "committed_audio_seconds": None}]
+        {"shard": 0, "staged_rows": 2, "staged_errors": 0, "staged_audio_seconds": 0.0, "first_answered_s": None,
+         "last_answered_s": None, "committed_rows": None,
+         "committed_audio_seconds": None}]
     staging.expect(0, 3)  # the read task's count arrives before the shard's last rows
     write_rows(block(rows[0], rows[1]), staging)  # a redone block: the same file again
     write_rows(block(rows[1] | {"text": "redone, cut differently"}), staging)  # overlaps the first

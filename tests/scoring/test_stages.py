@@ -9,10 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from matplotlib import cbook
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 
 from jobs.metrics import captions
-from jobs.metrics.captions import cider_d_items, document_frequency, meteor_from_statistics, meteor_statistics
+from jobs.metrics.captions import (bleu_from_statistics, bleu_statistics, cider_d_items, document_frequency,
+                                   meteor_from_statistics, meteor_scores, meteor_statistics, rouge_l_items)
 from jobs.predictions import OutputStore, prediction_files
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.items import GROUP_KEYS
@@ -43,6 +46,27 @@ def test_cider_d_in_blocks_with_corpus_frequencies_is_pycocoevalcaps_per_item():
     assert scores == pytest.approx(list(expected), abs=1e-12) and np.mean(scores) == pytest.approx(expected_mean, abs=1e-12)
 
 
+# hypotheses shorter and longer than their closest reference (BLEU's brevity penalty, its closest length)
+LONG_GTS = GTS | {4: ["a door creaks open slowly", "someone opens a creaking door"], 5: ["water drips"],
+                  6: ["thunder rumbles in the distance while rain falls", "a storm with thunder"]}
+LONG_RES = RES | {4: ["a door creaks open slowly and then closes again"], 5: ["water"], 6: ["thunder rumbles far away"]}
+
+
+@pytest.mark.parametrize("parts", [(range(7),), (range(3), range(3, 7)), tuple(range(i, i + 1) for i in range(7))])
+def test_bleu_from_summed_block_statistics_is_pycocoevalcaps_whole_set_score(parts):
+    expected, _ = Bleu(4).compute_score(LONG_GTS, LONG_RES, verbose=0)
+    statistics = sum(bleu_statistics(gts, res) for gts, res in zip(blocks(LONG_GTS, *parts), blocks(LONG_RES, *parts)))
+    assert bleu_from_statistics(statistics) == pytest.approx(expected, abs=1e-9)
+    assert expected[3] < expected[0] < 1  # not a degenerate case: partial matches at every order
+
+
+def test_rouge_l_mean_over_blocks_is_pycocoevalcaps_whole_set_score():
+    expected, per_item = Rouge().compute_score(LONG_GTS, LONG_RES)
+    scores = [s for gts, res in zip(blocks(LONG_GTS, range(3), range(3, 7)), blocks(LONG_RES, range(3), range(3, 7)))
+              for s in rouge_l_items(gts, res)]
+    assert scores == pytest.approx(list(per_item), abs=1e-12) and np.mean(scores) == pytest.approx(expected, abs=1e-12)
+
+
 @java
 @pytest.mark.parametrize("lines_at_once", [1, 3, 64])
 def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeypatch, lines_at_once):
@@ -52,6 +76,8 @@ def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeyp
     statistics = [line for gts, res in zip(blocks(GTS, range(1), range(1, 4)), blocks(RES, range(1), range(1, 4)))
                   for line in meteor_statistics(gts, res)[0]]
     assert meteor_from_statistics(statistics) == (expected, None)
+    _, per_item = captions._meteor_scorer().compute_score(GTS, RES)
+    assert meteor_scores(statistics)[0][0] == per_item
 
 
 def write_shards(root, rows_by_shard: list[list[dict]]) -> str:
@@ -111,6 +137,9 @@ def test_distributed_captioning_gives_the_in_process_cider_d_and_meteor(local_ra
     assert in_process["quality"]["cider_d"] == pytest.approx(Cider().compute_score(GTS, RES)[0], abs=1e-9)
     assert in_process["quality"]["meteor"] == pytest.approx(captions._meteor_scorer().compute_score(GTS, RES)[0], abs=1e-9)
     assert distributed["quality"] == pytest.approx(in_process["quality"], abs=1e-9)
+    bleu, _ = Bleu(4).compute_score(GTS, RES, verbose=0)
+    assert [distributed["quality"][f"bleu_{n}"] for n in range(1, 5)] == pytest.approx(bleu, abs=1e-9)
+    assert distributed["quality"]["rouge_l"] == pytest.approx(Rouge().compute_score(GTS, RES)[0], abs=1e-9)
     assert distributed["unavailable"].keys() == {"spice", "spider"}
 
 

@@ -1,0 +1,38 @@
+"""Export a predictions folder as subtitles or JSONL (jobs.transcripts).
+
+    python -m jobs.export --predictions URL --format srt|vtt|jsonl --output URL [--storage-options JSON]
+
+srt / vtt: OUTPUT/CORPUS/ID.srt (or .vtt), a cue a piece of the item's `segments`; items with an error
+or no text are skipped and counted. jsonl: OUTPUT/CORPUS.jsonl, a line an item (id, text, segments,
+error, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.transcripts import FORMATS, export
+from nota_model.errors import NotaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictions", required=True, help="the job's output URL, one corpus folder, or one part file")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--output", required=True, help="folder URL the files go to")
+    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
+    args = parser.parse_args(argv)
+    try:
+        counts = export(args.predictions, args.output, args.format, json.loads(args.storage_options))
+    except NotaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{counts['written']} items written to {args.output}" + (
+        f", {counts['skipped']} skipped (an error or no text)" if counts["skipped"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Per-item scores: `items.parquet`, a folder of Parquet files (ITEMS_SCHEMA) beside metrics.parquet,
+one row an item, written where the items are scored: by the Ray Data workers on the cluster, block by
+block in-process. Speech recognition items and items no caption metric scores are written by stage 1
+(items.py), captioned items by stage 4 (captions.py) with their caption scores, so every item is in
+exactly one file. A file is named by a digest of its items' ids, so a retried task overwrites its own
+file instead of adding a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.metrics import EDIT_COLUMNS
+from jobs.outputs import parquet_bytes
+from nota_model.storage import write_bytes_atomically
+
+CAPTION_SCORES = ("cider_d", "meteor", "rouge_l")
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("audio_seconds", pa.float64()),  # the item's duration (0 where its audio was not read)
+        pa.field("error", pa.string()),  # the item's error code; null: the model answered
+        pa.field("error_message", pa.string()),
+        # as scored: the Whisper English normalizer's output (ASR, one reference), the PTB tokenizer's
+        # (captioning, every reference); null where the item was not scored
+        pa.field("reference", pa.list_(pa.string())),
+        pa.field("hypothesis", pa.string()),
+        *(pa.field(name, pa.int64()) for name in EDIT_COLUMNS),  # ASR: jiwer's counts; null elsewhere
+        pa.field("wer", pa.float64()),  # word edits over reference words (edits where there are none)
+        pa.field("cer", pa.float64()),
+        *(pa.field(name, pa.float64()) for name in CAPTION_SCORES),  # captioning, pycocoevalcap's per-item scores
+    ]
+)
+ITEMS_FOLDER = "items.parquet"
+
+
+@dataclass(frozen=True)
+class ItemsOut:
+    """Where the per-item files go: a folder URL and its fsspec options (picklable, for Ray workers)."""
+
+    url: str
+    storage_options: dict[str, Any]
+
+    def write(self, table: pa.Table) -> None:
+        """One file of ITEMS_SCHEMA rows; nothing for no rows."""
+        if not table.num_rows:
+            return
+        digest = hashlib.sha256("\n".join(table["id"].to_pylist()).encode()).hexdigest()[:20]
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        write_bytes_atomically(fs, f"{root}/part-{digest}.parquet", parquet_bytes(table))
+
+
+def asr_item_scores(items: pa.Table) -> pa.Table:
+    """ITEMS_SCHEMA rows of stage 1's items (items.item_table) the caption metrics do not score: edit
+    counts and error rates of the scored ASR items, nulls where an item was not scored."""
+    items = items.filter(pc.invert(pc.is_valid(items["caption_hyp"])))
+    scored = pc.is_valid(items["scored_reference"])
+    counts = {name: pc.if_else(scored, items[name], pa.scalar(None, pa.int64())) for name in EDIT_COLUMNS}
+    wer, cer = item_error_rates({name: items[name].to_numpy() for name in EDIT_COLUMNS})
+    rates = {name: pa.array(values, pa.float64(), mask=~scored.to_numpy(zero_copy_only=False))
+             for name, values in (("wer", wer), ("cer", cer))}
+    reference = pc.if_else(scored, _one_element_lists(items["scored_reference"]), pa.scalar(None, pa.list_(pa.string())))
+    return _table(items, reference, items["scored_hypothesis"], {**counts, **rates})
+
+
+def caption_item_scores(items: pa.Table, scores: dict[str, list[float | None]]) -> pa.Table:
+    """ITEMS_SCHEMA rows of captioned items (tokenized captions) with their CAPTION_SCORES (a list each,
+    in the items' order; a missing name: nulls)."""
+    columns = {name: pa.array(scores.get(name, [None] * items.num_rows), pa.float64()) for name in CAPTION_SCORES}
+    return _table(items, items["caption_refs"], items["caption_hyp"], columns)
+
+
+def _table(items: pa.Table, reference: pa.Array, hypothesis: pa.Array, scores: dict[str, pa.Array]) -> pa.Table:
+    columns = {"id": items["id"], "corpus": items["corpus"], "task": items["task"], "model": items["model"],
+               "audio_seconds": items["modelled_audio_seconds"], "error": items["error"],
+               "error_message": items["error_message"], "reference": reference, "hypothesis": hypothesis, **scores}
+    return pa.table({field.name: _column(columns, field, items.num_rows) for field in ITEMS_SCHEMA}, schema=ITEMS_SCHEMA)
+
+
+def _column(columns: dict[str, Any], field: pa.Field, rows: int) -> pa.Array | pa.ChunkedArray:
+    return columns[field.name].cast(field.type) if field.name in columns else pa.nulls(rows, field.type)
+
+
+def _one_element_lists(texts: pa.ChunkedArray) -> pa.Array:
+    texts = texts.combine_chunks()
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(texts) + 1, dtype=np.int32)), texts)
+
+
+def item_error_rates(counts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's WER and CER as jobs.metrics.word_errors gives a corpus's: edits over reference
+    words (at least one), character edits over reference characters (the insertions where there are none)."""
+    words = counts["word_hits"] + counts["word_substitutions"] + counts["word_deletions"]
+    chars = counts["char_hits"] + counts["char_substitutions"] + counts["char_deletions"]
+    word_edits = counts["word_substitutions"] + counts["word_deletions"] + counts["word_insertions"]
+    char_edits = counts["char_substitutions"] + counts["char_deletions"] + counts["char_insertions"]
+    wer = word_edits / np.maximum(words, 1)
+    cer = np.where(chars > 0, char_edits / np.maximum(chars, 1), counts["char_insertions"]).astype(np.float64)
+    return wer, cer

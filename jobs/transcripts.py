@@ -1,0 +1,102 @@
+"""Transcripts handed on: a predictions folder as subtitles (SRT or WebVTT, a file an item, cues from its
+`segments`' times) or as JSONL (a file a corpus, a line an item).
+
+An item without `segments` (written before long recordings were segmented) is one cue over its whole
+audio. Items with an error or no text get no subtitle file (they are counted); in JSONL every item has
+its line, its error included. Part files are read one at a time, in shard order, and a JSONL file is
+streamed (one atomic write).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from functools import partial
+from typing import IO, Any
+
+import fsspec
+
+from jobs.outputs import PART_NAME, prediction_files, read_predictions
+from nota_model.errors import NotaError
+from nota_model.storage import write_atomically, write_bytes_atomically
+
+FORMATS = ("srt", "vtt", "jsonl")
+JSONL_COLUMNS = ["id", "corpus", "shard", "index", "audio", "task", "model", "text", "segments", "audio_seconds", "error",
+                 "error_message"]
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def timestamp(seconds: float, separator: str) -> str:
+    """`HH:MM:SS<separator>mmm`, to the nearest millisecond (SRT separates milliseconds by a comma, WebVTT by a dot)."""
+    millis = max(0, round(seconds * 1000))
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def cues(row: dict[str, Any]) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each piece with text; the whole audio for an item without segments."""
+    if row["segments"] is None:
+        return [(0.0, row["audio_seconds"] or 0.0, row["text"].strip())] if (row["text"] or "").strip() else []
+    return [(piece["start"], piece["end"], piece["text"].strip()) for piece in row["segments"] if (piece["text"] or "").strip()]
+
+
+def srt(row: dict[str, Any]) -> str:
+    blocks = [f"{n}\n{timestamp(start, ',')} --> {timestamp(end, ',')}\n{text}\n" for n, (start, end, text) in enumerate(cues(row), 1)]
+    return "\n".join(blocks)
+
+
+def vtt(row: dict[str, Any]) -> str:
+    blocks = [f"{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n" for start, end, text in cues(row)]
+    return "\n".join(["WEBVTT\n", *blocks])
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    return json.dumps({name: row.get(name) for name in JSONL_COLUMNS}, ensure_ascii=False) + "\n"
+
+
+def export(predictions: str, output: str, kind: str, storage_options: dict[str, Any] | None = None) -> Counter:
+    """Write `kind` files for every item under `predictions` into `output`: OUTPUT/CORPUS/ID.srt|vtt,
+    or OUTPUT/CORPUS.jsonl (CORPUS: the part files' folder). Returns counts: `written` items, `skipped`
+    (subtitles: an error or no text)."""
+    if kind not in FORMATS:
+        raise NotaError(f"unknown format {kind!r}: choose one of {', '.join(FORMATS)}")
+    options = storage_options or {}
+    out_fs, out_root = fsspec.core.url_to_fs(output, **options)
+    counts: Counter = Counter()
+    for corpus, rows in _corpora(predictions, options):
+        if kind == "jsonl":
+            write_atomically(out_fs, f"{out_root}/{corpus}.jsonl", partial(_write_lines, rows, counts))
+            continue
+        for row in rows:
+            if row["error"] is not None or not cues(row):
+                counts["skipped"] += 1
+                continue
+            text = srt(row) if kind == "srt" else vtt(row)
+            write_bytes_atomically(out_fs, f"{out_root}/{corpus}/{UNSAFE.sub('_', row['id'])}.{kind}", text.encode())
+            counts["written"] += 1
+    return counts
+
+
+def _write_lines(rows: Iterator[dict[str, Any]], counts: Counter, file: IO[bytes]) -> None:
+    for row in rows:
+        file.write(jsonl_line(row).encode())
+        counts["written"] += 1
+
+
+def _corpora(predictions: str, options: dict[str, Any]) -> Iterator[tuple[str, Iterator[dict[str, Any]]]]:
+    """Each part-file folder (a corpus) and its rows, read one part file at a time, in shard and index order."""
+    fs, root = fsspec.core.url_to_fs(predictions, **options)
+    folders: dict[str, list[tuple[int, str]]] = {}
+    for path in prediction_files(fs, root):
+        folder = path.rsplit("/", 1)[0] if "/" in path else ""
+        folders.setdefault(folder, []).append((int(PART_NAME.search(path)[1]), path))
+    if not folders:
+        raise NotaError(f"{predictions} holds no prediction files (part-NNNNN.parquet): check the --predictions URL")
+    for folder, parts in sorted(folders.items()):
+        paths = [fs.unstrip_protocol(path) for _, path in sorted(parts)]
+        yield folder.rsplit("/", 1)[-1], (row for path in paths
+                                          for row in read_predictions(path, options, JSONL_COLUMNS).sort_by("index").to_pylist())
