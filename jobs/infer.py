@@ -32,8 +32,9 @@ from jobs.inference.read import ReadPlan
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging
 from jobs.predictions import OutputStore
+from jobs.score import add_scoring_arguments
 from jobs.scoring import report
-from jobs.scoring.score import add_scoring_arguments, score
+from jobs.scoring.score import score
 from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
 from nota_model.transcribe import parse_overrides

@@ -23,7 +23,8 @@ import fsspec
 import pyarrow as pa
 
 from jobs.predictions import parquet_bytes, prediction_files
-from jobs.scoring.score import add_scoring_arguments, flat_values, score
+from jobs.score import add_scoring_arguments
+from jobs.scoring.score import flat_values, score
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 

@@ -7,24 +7,17 @@ list). `shard_items` streams one tar shard (its items with their audio bytes, as
 `item_list_rows` reads the rows of one item-list shard; `WorkItemChecks` turns them into work items (one per
 input row or tar key, invalid ones included, so nothing is lost silently). `Manifest.work_items()` enumerates
 the whole corpus into one table (`validate`); `read_item_bytes` reads one item's audio (a whole file, or a
-byte range of a tar) with retries.
-
-Usage:
-  python -m jobs.manifest validate MANIFEST
-  python -m jobs.manifest build --audio-dir DIR [--references FILE] --name NAME --task TASK --out URL_PREFIX
-  python -m jobs.manifest import-seed SEED.json --name NAME --out MANIFEST.yaml [--audio-root DIR]
+byte range of a tar) with retries. `python -m jobs.manifest` is the command line over it.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import os
 import posixpath
 import re
-import sys
 import tarfile
 import time
 from collections import Counter, defaultdict
@@ -39,7 +32,6 @@ import aiohttp
 import botocore.exceptions
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
@@ -818,78 +810,3 @@ def seed_items(rows: list[Any], audio_root: str, where: str) -> list[dict[str, A
 
 def _unique(item_id: str, number: int, taken: set[str]) -> str:
     return item_id if item_id not in taken else f"{item_id}-{number}"
-
-
-# CLI
-
-
-def summarize(manifest: Manifest, items: pa.Table) -> dict[str, Any]:
-    return {
-        "name": manifest.name,
-        "source": manifest.items or manifest.shards,
-        "items": items.num_rows,
-        "shards": pc.count_distinct(items.column("shard")).as_py(),
-        "errors": dict(Counter(code for code in items.column("error").to_pylist() if code)),
-        "tasks": dict(Counter(items.column("task").to_pylist())),
-        "with_reference": items.num_rows - items.column("reference").null_count,
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        options = _storage_options(args.storage_options)
-        if args.command == "validate":
-            manifest = load_manifest(args.manifest, options)
-            print(json.dumps(summarize(manifest, manifest.work_items()), indent=2))
-        elif args.command == "build":
-            references = None if args.references in (None, "none", "NONE") else args.references
-            print(build_shards(args.audio_dir, references, args.name, args.task, args.out, args.items_per_shard,
-                               options))
-        else:
-            print(import_seed(args.seed, args.name, args.out, args.audio_root, options))
-    except ManifestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _storage_options(text: str | None) -> dict[str, Any]:
-    try:
-        options = json.loads(text) if text else {}
-    except ValueError:
-        options = None
-    if not isinstance(options, dict):
-        raise ManifestError('--storage-options must be a JSON object: {"client_kwargs": {"endpoint_url": "..."}}')
-    return options
-
-
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--storage-options",
-        metavar="JSON",
-        help="fsspec options for the URLs, e.g. an S3 endpoint; keep credentials in the AWS_* variables",
-    )
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    validate = commands.add_parser("validate", parents=[common], help="enumerate a manifest, print a JSON summary")
-    validate.add_argument("manifest")
-    build = commands.add_parser("build", parents=[common], help="pack a folder of audio into tar shards and a manifest")
-    build.add_argument("--audio-dir", type=Path, required=True)
-    build.add_argument("--references", help="a .tsv or .jsonl file; `none` (default): <stem>.txt beside each file")
-    build.add_argument("--name", required=True)
-    build.add_argument("--task", required=True)
-    build.add_argument("--out", required=True, metavar="URL_PREFIX", help="writes URL_PREFIX-00000.tar, ... and .yaml")
-    build.add_argument("--items-per-shard", type=int, default=1000)
-    seed = commands.add_parser("import-seed", parents=[common], help="import a seed annotation or test-list JSON")
-    seed.add_argument("seed", metavar="FILE")
-    seed.add_argument("--name", required=True)
-    seed.add_argument("--out", required=True, metavar="MANIFEST.yaml")
-    seed.add_argument("--audio-root", help="directory or URL the seed's relative paths are under (default: the file's)")
-    return parser
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,9 @@ from jobs.corpus.manifest import (
     build_shards,
     import_seed,
     load_manifest,
-    main,
     read_item_bytes,
 )
+from jobs.manifest import main
 from jobs.samples import default_dest, fetch_animals, fetch_librivox
 from nota_model.errors import AudioError
 from nota_model.storage import cache_dir
