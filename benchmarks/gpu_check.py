@@ -256,7 +256,8 @@ def training(ctx: Context) -> None:
     samples/s over the second half of the steps (the first half holds the warm-up)."""
     import ray
 
-    from jobs.training import worker as train
+    from jobs.training.config import load_train_config
+    from jobs.training.driver import run
 
     steps = 4 if ctx.quick else 20
     gpu = ctx.device == "cuda"
@@ -268,9 +269,9 @@ def training(ctx: Context) -> None:
         "logging": {"tensorboard": False},
     }
     shutil.rmtree(ctx.out / "train", ignore_errors=True)  # the same run name would resume, not train
-    config = train.load_train_config(str(ROOT / "configs" / "train-tiny-librivox.yaml"), overrides)
+    config = load_train_config(str(ROOT / "configs" / "train-tiny-librivox.yaml"), overrides)
     ray.init(address="local", include_dashboard=False, logging_level="warning")
-    metrics = train.run(config)["metrics"]
+    metrics = run(config)["metrics"]
     ray.shutdown()
     ctx.save({
         "model": config.model.config, "steps": steps, "batch_size": config.run.batch_size, "amp": config.run.amp,

@@ -20,7 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.corpus.manifest import Manifest, ManifestError, build_shards, import_seed, load_manifest
+from jobs.corpus.build import build_shards, import_seed
+from jobs.corpus.errors import ManifestError
+from jobs.corpus.manifest import Manifest, load_manifest
 
 
 def summarize(manifest: Manifest, items: pa.Table) -> dict[str, Any]:

@@ -33,7 +33,8 @@ import sys
 import ray
 
 from jobs import logs
-from jobs.training.worker import load_train_config, run
+from jobs.training.config import load_train_config
+from jobs.training.driver import run
 from nota_model.errors import ConfigError
 from nota_model.transcribe import parse_overrides
 

@@ -19,7 +19,9 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from jobs.corpus.manifest import ItemListShard, Manifest, WorkItemChecks, item_list_rows, shard_items
+from jobs.corpus.items import ItemListShard, WorkItemChecks, item_list_rows
+from jobs.corpus.manifest import Manifest
+from jobs.corpus.tars import shard_items
 from jobs.inference.decode import DECODED_SCHEMA, decode_item, decoded_block, read_item_audio
 from jobs.inference.write import ShardStaging
 from nota_model.config import ModelConfig

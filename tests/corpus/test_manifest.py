@@ -12,16 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from jobs.corpus import manifest as manifest_module
-from jobs.corpus.manifest import (
-    WORK_ITEM_SCHEMA,
-    Manifest,
-    ManifestError,
-    build_shards,
-    import_seed,
-    load_manifest,
-    read_item_bytes,
-)
+from jobs.corpus import fetch, tars
+from jobs.corpus.build import build_shards, import_seed
+from jobs.corpus.errors import ManifestError
+from jobs.corpus.fetch import read_item_bytes
+from jobs.corpus.items import WORK_ITEM_SCHEMA
+from jobs.corpus.manifest import Manifest, load_manifest
 from jobs.manifest import main
 from jobs.samples import default_dest, fetch_animals, fetch_librivox
 from nota_model.errors import AudioError
@@ -296,8 +292,8 @@ def test_a_link_member_reads_as_the_audio_member_it_points_at_or_is_an_invalid_i
 def test_shard_reading_retries_transient_errors_and_keeps_an_unreadable_shard_as_one_item(tmp_path, monkeypatch):
     build_shards(audio_folder(tmp_path), None, "mine", "asr", str(tmp_path / "mine"), items_per_shard=2)
     manifest = load_manifest(str(tmp_path / "mine.yaml"))
-    monkeypatch.setattr(manifest_module.time, "sleep", lambda seconds: None)
-    real_stream = manifest_module._stream_shard
+    monkeypatch.setattr(tars.time, "sleep", lambda seconds: None)
+    real_stream = tars._stream_shard
     failures = {str(tmp_path / "mine-00000.tar"): [ConnectionResetError("reset")],
                 str(tmp_path / "mine-00001.tar"): [PermissionError("denied")]}
 
@@ -306,7 +302,7 @@ def test_shard_reading_retries_transient_errors_and_keeps_an_unreadable_shard_as
             raise failures[url].pop()
         return real_stream(url, *args)
 
-    monkeypatch.setattr(manifest_module, "_stream_shard", flaky_stream)
+    monkeypatch.setattr(tars, "_stream_shard", flaky_stream)
     got = rows(manifest.work_items())
 
     assert [(row["id"], row["shard"], row["error"]) for row in got] == [
@@ -317,8 +313,8 @@ def test_shard_reading_retries_transient_errors_and_keeps_an_unreadable_shard_as
 
 def test_a_stream_cut_by_a_transient_error_restarts_past_the_items_already_given(tmp_path, monkeypatch):
     shard, _ = shard_with_three_items(tmp_path)
-    monkeypatch.setattr(manifest_module.time, "sleep", lambda seconds: None)
-    real_stream = manifest_module._stream_shard
+    monkeypatch.setattr(tars.time, "sleep", lambda seconds: None)
+    real_stream = tars._stream_shard
     attempts = []
 
     def reset_after_two_items(*args):
@@ -328,8 +324,8 @@ def test_a_stream_cut_by_a_transient_error_restarts_past_the_items_already_given
                 raise ConnectionResetError("reset")
             yield pair
 
-    monkeypatch.setattr(manifest_module, "_stream_shard", reset_after_two_items)
-    got = list(manifest_module.shard_items(str(shard), shard.stat().st_size, {}))
+    monkeypatch.setattr(tars, "_stream_shard", reset_after_two_items)
+    got = list(tars.shard_items(str(shard), shard.stat().st_size, {}))
 
     assert [item["id"] for item, _ in got] == ["a", "b", "c"] and len(attempts) == 2
     assert all(data == read_item_bytes(item, {}) for item, data in got)
@@ -458,8 +454,8 @@ def test_reading_a_directory_says_it_is_one(tmp_path, s3):
 def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not(tmp_path, monkeypatch):
     clip = write_audio(tmp_path / "a.wav")
     waits: list[float] = []
-    monkeypatch.setattr(manifest_module.time, "sleep", waits.append)
-    real_cat = manifest_module.fsspec.implementations.local.LocalFileSystem.cat_file
+    monkeypatch.setattr(fetch.time, "sleep", waits.append)
+    real_cat = fetch.fsspec.implementations.local.LocalFileSystem.cat_file
     failures = [ConnectionResetError("connection reset"), TimeoutError("timed out")]
 
     def flaky_cat(self, path, *args, **kwargs):
@@ -467,7 +463,7 @@ def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not(tm
             raise failures.pop(0)
         return real_cat(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(manifest_module.LocalFileSystem, "cat_file", flaky_cat)
+    monkeypatch.setattr(fetch.fsspec.implementations.local.LocalFileSystem, "cat_file", flaky_cat)
     assert read_item_bytes({"audio": str(clip)}, {}) == clip.read_bytes()
     assert waits == [0.5, 1.0]
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from jobs.corpus.manifest import build_shards
+from jobs.corpus.build import build_shards
 from jobs.infer import parse_args, run
 from jobs.inference.decode import decode_item
 from jobs.predictions import OUTPUT_SCHEMA, OutputMismatchError, read_predictions
