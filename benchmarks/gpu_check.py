@@ -63,7 +63,7 @@ def correctness(ctx: Context) -> None:
     batch of clips of different lengths against each clip alone (greedy text)."""
     import torch
 
-    from benchmarks.batching import synthetic_clip
+    from nota_model.testing import synthetic_clip
     from nota_model.build import load_model
     from nota_model.config import DecodingConfig, load_config
 

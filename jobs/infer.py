@@ -27,8 +27,8 @@ import ray
 from jobs import logs
 from jobs.corpus.manifest import load_manifest
 from jobs.inference.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
+from jobs.inference.plan import ReadPlan
 from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
-from jobs.inference.read import ReadPlan
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging
 from jobs.predictions import OutputStore
@@ -37,7 +37,7 @@ from jobs.scoring import report
 from jobs.scoring.score import score
 from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
-from nota_model.transcribe import parse_overrides
+from nota_model.overrides import parse_overrides
 
 
 def submission_id() -> str | None:

@@ -36,7 +36,7 @@ from jobs import logs
 from jobs.training.config import load_train_config
 from jobs.training.driver import run
 from nota_model.errors import ConfigError
-from nota_model.transcribe import parse_overrides
+from nota_model.overrides import parse_overrides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,8 +11,9 @@ import ray
 
 from jobs.corpus.manifest import Manifest
 from jobs.inference.decode import MAX_CLIP_BYTES
+from jobs.inference.plan import InputShard, ListSlice, ReadPlan, TarShard
 from jobs.inference.predict import Predictor, dry_run_rows
-from jobs.inference.read import CorpusDatasource, InputShard, ListSlice, ReadContext, ReadPlan, TarShard, shard_work_items
+from jobs.inference.read import CorpusDatasource, ReadContext, shard_work_items
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging, finish_shard, write_rows
 from nota_model.config import ModelConfig
@@ -44,7 +45,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args:
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
     tasks = plan.read_tasks(block_rows)
-    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging))
+    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging.expect))
     # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
     # minimum parallelism (200), and the model's batches cut from the pieces would not be full.
     decoded = ray.data.read_datasource(source, num_cpus=sizing.decode_cpus, override_num_blocks=len(tasks))

@@ -7,9 +7,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib import cbook
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+from jobs.scoring.totals import Distribution  # noqa: E402
 
 QUALITY_COLUMNS = {"WER %": ("wer", 100), "CER %": ("cer", 100), "CIDEr-D": ("cider_d", 1), "SPICE": ("spice", 1),
                    "SPIDEr": ("spider", 1), "METEOR": ("meteor", 1)}
@@ -77,9 +81,9 @@ def _workers(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, dict[str, Any]]]) -> dict[str, bytes]:
+def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, Distribution]]) -> dict[str, bytes]:
     """PNG charts by file name (under charts/): quality, speed, and the latency distribution
-    (`latency`: matplotlib box-plot statistics by group key and latency, from the scorer)."""
+    (`latency`: the scorer's distributions by group key and latency)."""
     labels = {_key(group): f"{group['corpus']}\n{group['task']}" for group in groups}
     made = {
         "charts/quality.png": _bars(groups, labels, [("WER %", "wer", 100), ("SPIDEr", "spider", 1), ("CIDEr-D", "cider_d", 1)],
@@ -111,7 +115,8 @@ def _bars(groups, labels, panels, value: Callable[[dict, str], float | None]) ->
 def _latency(groups, labels, latency) -> bytes | None:
     panels = []
     for metric in ("ttft_s", "tpot_s"):
-        boxes = [box | {"label": labels[_key(g)]} for g in groups if (box := latency.get(_key(g), {}).get(metric))]
+        boxes = [latency_box(values) | {"label": labels[_key(g)]} for g in groups
+                 if (values := latency.get(_key(g), {}).get(metric)) is not None]
         if boxes:
             panels.append((metric.replace("_s", " (s)"), boxes))
     if not panels:
@@ -122,6 +127,13 @@ def _latency(groups, labels, latency) -> bytes | None:
         axis.tick_params(axis="x", labelsize=8)
         axis.set_title(f"{title} per item")
     return _png(figure)
+
+
+def latency_box(distribution: Distribution) -> dict[str, Any]:
+    """matplotlib's box-plot statistics of a latency over a group's items; repeated outliers once, since a
+    marker drawn twice looks the same."""
+    (stats,) = cbook.boxplot_stats(distribution.expand())
+    return stats | {"fliers": np.unique(stats["fliers"])}
 
 
 def _png(figure) -> bytes:

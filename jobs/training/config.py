@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nota_model.config import NotaConfig, PromptConfig, load_config
 from nota_model.errors import ConfigError
+from nota_model.overrides import deep_merge
 from nota_model.storage import cache_dir
 from nota_model.training import OptimizerConfig, ScheduleConfig
 
@@ -153,16 +154,9 @@ def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> Tra
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     try:
-        return TrainConfig.model_validate(_merge(data, overrides or {}))
+        return TrainConfig.model_validate(deep_merge(data, overrides or {}))
     except ValidationError as err:
         raise ConfigError(f"invalid training config ({path}):\n{err}") from err
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
 
 
 def is_local(url: str) -> bool:

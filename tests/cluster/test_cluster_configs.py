@@ -267,7 +267,7 @@ def test_rayjob_entrypoint_parses():
     # The --set overrides are valid config keys, and every part of the model gets real weights.
     from nota_model.build import random_parts
     from nota_model.config import load_config
-    from nota_model.transcribe import parse_overrides
+    from nota_model.overrides import parse_overrides
 
     config = load_config(parsed.model, parse_overrides(parsed.set))
     assert random_parts(config, parsed.checkpoint) == (), "parts with random weights: the text would be meaningless"

@@ -24,8 +24,8 @@ from jobs.corpus.items import ItemListShard
 from jobs.corpus.manifest import load_manifest
 from jobs.infer import parse_args, run
 from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
+from jobs.inference.plan import ReadPlan, TarShard
 from jobs.inference.predict import actor_threads
-from jobs.inference.read import ReadPlan, TarShard
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import ShardStaging
 from jobs.predictions import OutputStore
