@@ -16,7 +16,7 @@ import pyarrow.fs
 import ray
 
 from jobs.predictions import OUTPUT_SCHEMA, prediction_files
-from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, merged_captions
+from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.items import READ_COLUMNS, captioned, item_table
 from jobs.scoring.merged import Merged
