@@ -1,4 +1,4 @@
-"""Stage 3: captioning quality per block: each item's CIDEr-D with the whole group's document
+"""Stage 4: captioning quality per block: each item's CIDEr-D with the whole group's document
 frequencies (frequencies.py), METEOR's per-item statistics and SPICE's per-item F-scores; summed, then
 the corpus METEOR."""
 
