@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
+from jobs.cli import module_entry
 from nota_model.audio import AudioClip
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import DecodingConfig, load_config
@@ -229,4 +230,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

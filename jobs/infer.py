@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import ray
 
 from jobs import logs
+from jobs.cli import module_entry
 from jobs.corpus.manifest import load_manifest
 from jobs.inference.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
 from jobs.inference.plan import ReadPlan
@@ -149,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.ray_data_warnings_to_file()
-    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
     summary = run(args)
     groups = summary.pop("groups", None)
     logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "
@@ -161,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

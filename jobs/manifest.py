@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.cli import module_entry
 from jobs.corpus.build import build_shards, import_seed
 from jobs.corpus.errors import ManifestError
 from jobs.corpus.manifest import Manifest, load_manifest
@@ -40,20 +41,15 @@ def summarize(manifest: Manifest, items: pa.Table) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        options = _storage_options(args.storage_options)
-        if args.command == "validate":
-            manifest = load_manifest(args.manifest, options)
-            print(json.dumps(summarize(manifest, manifest.work_items()), indent=2))
-        elif args.command == "build":
-            references = None if args.references in (None, "none", "NONE") else args.references
-            print(build_shards(args.audio_dir, references, args.name, args.task, args.out, args.items_per_shard,
-                               options))
-        else:
-            print(import_seed(args.seed, args.name, args.out, args.audio_root, options))
-    except ManifestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    options = _storage_options(args.storage_options)
+    if args.command == "validate":
+        manifest = load_manifest(args.manifest, options)
+        print(json.dumps(summarize(manifest, manifest.work_items()), indent=2))
+    elif args.command == "build":
+        references = None if args.references in (None, "none", "NONE") else args.references
+        print(build_shards(args.audio_dir, references, args.name, args.task, args.out, args.items_per_shard, options))
+    else:
+        print(import_seed(args.seed, args.name, args.out, args.audio_root, options))
     return 0
 
 
@@ -94,4 +90,4 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

@@ -23,9 +23,9 @@ import argparse
 import json
 import sys
 
+from jobs.cli import module_entry
 from jobs.scoring import report
 from jobs.scoring.score import score
-from nota_model.errors import NotaError
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,15 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        groups = score(args.predictions, args.output, args.references, args.spice_lib, args.submission,
-                       json.loads(args.storage_options))
-    except NotaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    groups = score(args.predictions, args.output, args.references, args.spice_lib, args.submission,
+                   json.loads(args.storage_options))
     print(report.summary(groups))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

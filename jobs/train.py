@@ -33,9 +33,9 @@ import sys
 import ray
 
 from jobs import logs
+from jobs.cli import module_entry
 from jobs.training.config import load_train_config
 from jobs.training.driver import run
-from nota_model.errors import ConfigError
 from nota_model.overrides import parse_overrides
 
 
@@ -50,11 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(os.environ.get("RAY_JOB_SUBMISSION_ID") or "train")
-    try:
-        config = load_train_config(args.config, parse_overrides(args.set))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_train_config(args.config, parse_overrides(args.set))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     summary = run(config)
@@ -63,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from jobs.cli import run_command
 from jobs.corpus import fetch, tars
 from jobs.corpus.build import build_shards, import_seed
 from jobs.corpus.errors import ManifestError
@@ -423,7 +424,7 @@ def test_unreadable_manifests_and_inputs_are_manifest_errors(tmp_path, capsys):
         Manifest(name="x", task="asr", items=str(tmp_path / "none.jsonl")).work_items()
     with pytest.raises(ManifestError, match="matches no file"):
         Manifest(name="x", task="asr", shards=str(tmp_path / "none-*.tar")).work_items()
-    assert main(["validate", str(tmp_path / "missing.yaml")]) == 1
+    assert run_command(main, ["validate", str(tmp_path / "missing.yaml")]) == 2
     assert "no such manifest" in capsys.readouterr().err
 
 
