@@ -25,7 +25,7 @@ from jobs.scoring.sizing import IN_PROCESS_S, single_process_seconds
 from jobs.scoring.totals import Summary, Totals, split
 from nota_model.errors import NotaError
 
-ITEMS_PER_BATCH = 10_000  # a block: about 0.6 s of ASR work on one core, a single PTB tokenizer run for its captions
+ITEMS_PER_BATCH = 10_000  # a block: under a second of ASR work on one core, a single PTB tokenizer run for its captions
 
 
 def score_predictions(
