@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(os.environ.get("RAY_JOB_SUBMISSION_ID") or "train")
     config = load_train_config(args.config, parse_overrides(args.set))
+    logs.configure(os.environ.get("RAY_JOB_SUBMISSION_ID") or "train")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     summary = run(config)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nota_model.errors import ConfigError
+from nota_model.errors import ConfigError, validation_problems
 from nota_model.overrides import deep_merge
 from nota_model.storage import CTRANSLATE2_DIR
 
@@ -293,4 +293,4 @@ def _validate(data: dict[str, Any], source: str) -> ModelConfig:
     try:
         return kind.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid model config ({source}):\n{err}") from err
+        raise ConfigError(f"invalid model config ({source}): {validation_problems(err.errors())}") from err

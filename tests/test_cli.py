@@ -60,7 +60,7 @@ def test_a_bad_config_exits_2(tmp_path, capsys):
     config.write_text("run: {name: x, storage_path: /tmp/x, max_steps: 1}\ndatasets: {train: [m.yaml]}\nunknown: 1\n")
     assert cli.main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("nota-batch train: error: invalid training config") and "unknown" in err
+    assert err.startswith("nota-batch train: error: invalid training config") and "unknown" in err and err.count("\n") == 1
 
 
 def test_python_m_exits_the_same_way(tmp_path):

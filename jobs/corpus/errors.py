@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from nota_model.errors import NotaError
+from nota_model.errors import NotaError, validation_problems
 
 
 class ManifestError(NotaError):
@@ -13,4 +13,4 @@ class ManifestError(NotaError):
 
 def explain(err: ValidationError) -> str:
     """A validation error as one line of `field: problem`, never echoing the input values."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors())
+    return validation_problems(err.errors(), whole="manifest")

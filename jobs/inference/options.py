@@ -14,7 +14,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nota_model.errors import ConfigError
+from nota_model.errors import ConfigError, validation_problems
 from nota_model.overrides import deep_merge, parse_overrides
 
 # On a node without GPUs decoding gets this share of a CPU, the model actors the rest.
@@ -114,10 +114,8 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _explain(err: ValidationError) -> str:
-    """One line; a missing required option names both of its spellings."""
-    def problem(error: dict[str, Any]) -> str:
-        name = ".".join(map(str, error["loc"]))
-        if error["type"] == "missing":
-            return f"{name} is missing (--{name.replace('_', '-')}, or `{name}:` in --config)"
-        return f"{name}: {error['msg']}"
-    return "; ".join(problem(error) for error in err.errors())
+    """One line; a missing option names both of its spellings."""
+    missing = [".".join(map(str, e["loc"])) for e in err.errors() if e["type"] == "missing"]
+    others = [e for e in err.errors() if e["type"] != "missing"]
+    return "; ".join([*(f"{name} is missing (--{name.replace('_', '-')}, or `{name}:` in --config)" for name in missing),
+                      *([validation_problems(others, whole="run options")] if others else [])])

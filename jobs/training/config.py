@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nota_model.config import NotaConfig, PromptConfig, load_config
-from nota_model.errors import ConfigError
+from nota_model.errors import ConfigError, validation_problems
 from nota_model.overrides import deep_merge
 from nota_model.storage import cache_dir
 from nota_model.training import OptimizerConfig, ScheduleConfig
@@ -156,7 +156,7 @@ def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> Tra
     try:
         return TrainConfig.model_validate(deep_merge(data, overrides or {}))
     except ValidationError as err:
-        raise ConfigError(f"invalid training config ({path}):\n{err}") from err
+        raise ConfigError(f"invalid training config ({path}): {validation_problems(err.errors())}") from err
 
 
 def is_local(url: str) -> bool:
