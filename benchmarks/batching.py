@@ -14,21 +14,12 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 
-from nota_model.audio import AudioClip, prepare_waveform
 from nota_model.build import load_model
-from nota_model.config import AudioConfig, DecodingConfig, load_config
-from nota_model.transcribe import parse_overrides
-
-
-def synthetic_clip(seconds: float, seed: int = 0, sample_rate: int = 16000) -> AudioClip:
-    """A reproducible clip with structure for the encoders: a chirp plus noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    samples = 0.3 * np.sin(2 * np.pi * (200 + 150 * seed) * t * (1 + t)) + 0.05 * rng.standard_normal(len(t))
-    return prepare_waveform(samples.astype(np.float32), sample_rate, AudioConfig())
+from nota_model.config import DecodingConfig, load_config
+from nota_model.overrides import parse_overrides
+from nota_model.testing import synthetic_clip
 
 
 def timed(run) -> tuple[float, list]:

@@ -31,8 +31,8 @@ from jobs.metrics.wer import corpus_wer
 from jobs.samples import default_dest, fetch_cards, fetch_librivox
 from nota_model.build import random_parts
 from nota_model.config import WhisperASRConfig, load_config
+from nota_model.overrides import parse_overrides
 from nota_model.storage import resolve
-from nota_model.transcribe import parse_overrides
 
 CORPUS = "throughput"
 

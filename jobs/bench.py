@@ -30,14 +30,15 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
-from benchmarks.batching import synthetic_clip
+from jobs.cli import module_entry
 from jobs.gpu_memory import gpu_memory
 from nota_model.audio import AudioClip
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import DecodingConfig, load_config
 from nota_model.decoding import GenerationOutput
 from nota_model.model import NotaModel, positions
-from nota_model.transcribe import parse_overrides
+from nota_model.overrides import parse_overrides
+from nota_model.testing import synthetic_clip
 from nota_model.whisper_asr import WhisperASR
 
 # What the seed project published: batch 1, 10 s of noise, unsynchronised, TPOT of one decode step.
@@ -231,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

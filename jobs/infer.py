@@ -1,6 +1,7 @@
 """Batch inference over a corpus on Ray Data: one Parquet row per input item, the answer or an error.
 
     python -m jobs.infer --manifest M --model CONFIG_OR_PRESET [--checkpoint C] --output URL
+    python -m jobs.infer --config RUN.yaml [--FLAG VALUE ...]      # the same options in a file, flags over it
 
 Runs on the current Ray cluster (`RAY_ADDRESS`, as under `ray job submit`) or starts a local one.
 Stages, all on the cluster: read and decode (a read task per input shard: a tar shard streamed front to
@@ -17,6 +18,8 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -25,20 +28,22 @@ import pyarrow.compute as pc
 import ray
 
 from jobs import logs
+from jobs.cli import module_entry
 from jobs.corpus.manifest import load_manifest
-from jobs.inference.dataset import CPU_NODE_DECODE_CPUS, build_dataset, finish_shards
+from jobs.inference.dataset import build_dataset, finish_shards
 from jobs.inference.devices import run_capability, uses_gpus
+from jobs.inference.options import RunOptions, run_options
+from jobs.inference.plan import ReadPlan
 from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
 from jobs.inference.progress import ProgressEstimator, ProgressReport, shard_sizes
-from jobs.inference.read import ReadPlan
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging
 from jobs.predictions import OutputStore
 from jobs.scoring import report
-from jobs.scoring.score import add_scoring_arguments, score
+from jobs.scoring.score import score
 from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
-from nota_model.transcribe import parse_overrides
+from nota_model.overrides import deep_merge
 
 
 def submission_id() -> str | None:
@@ -47,17 +52,17 @@ def submission_id() -> str | None:
     return config.get("metadata", {}).get("job_submission_id")
 
 
-def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    job_id = args.job_id or submission_id() or f"job-{uuid.uuid4().hex[:12]}"
+    job_id = options.job_id or submission_id() or f"job-{uuid.uuid4().hex[:12]}"
     log = logs.configure(job_id)
-    storage_options = json.loads(args.storage_options)
-    manifest = load_manifest(args.manifest, storage_options)
-    long_audio = [f"audio.long_audio={args.long_audio}"] if args.long_audio else []
-    config = load_config(args.model, parse_overrides([*args.set, *long_audio]))
-    identity = DRY_RUN_IDENTITY if args.dry_run else model_identity(config, args.checkpoint, run_capability(uses_gpus(args.accelerator)))
-    settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), args.batch_size)
-    store = OutputStore(args.output, manifest.name, storage_options)
+    storage_options = options.storage_options
+    manifest = load_manifest(options.manifest, storage_options)
+    long_audio = {"audio": {"long_audio": options.long_audio}} if options.long_audio else {}
+    config = load_config(options.model, deep_merge(options.overrides, long_audio))
+    identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator)))
+    settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), options.batch_size)
+    store = OutputStore(options.output, manifest.name, storage_options)
     store.claim({"model": identity, "decoding": settings.decoding, "long_audio": config.audio.long_audio})
 
     done = store.completed_shards()
@@ -67,13 +72,13 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     log.info("job_start", corpus=manifest.name, model=identity, shards=plan.shards, items=plan.items,
              pending_items=plan.pending_items, shards_done=len(done), ray=ray.cluster_resources())
     logs.headline(f"nota-batch job {job_id}: {manifest.name}, {plan.describe()} to run, model {identity}", sys.stderr)
-    untrained = [] if args.dry_run else random_parts(config, args.checkpoint)
+    untrained = [] if options.dry_run else random_parts(config, options.checkpoint)
     if untrained:
         log.warning("random_weights", parts=untrained, meaning="the text of this run is MEANINGLESS")
     commits: dict[int, Commit] = {}
     if plan.pending:
-        ray.data.DataContext.get_current().enable_progress_bars = args.ray_progress  # else Ray Data's go to its log
-        results = build_dataset(plan, manifest, config, args, settings, staging, predictor, predictor_kwargs)
+        ray.data.DataContext.get_current().enable_progress_bars = options.ray_progress  # else Ray Data's go to its log
+        results = build_dataset(plan, manifest, config, options, settings, staging, predictor, predictor_kwargs)
         progress = ProgressReport(ProgressEstimator(shard_sizes(plan.pending), plan.pending_items), log)
         try:
             for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     audio_seconds = sum(commit.audio_seconds for commit in commits.values())
     rows, errors = store.counts()
     summary = {
-        "corpus": manifest.name, "job_id": job_id, "model": identity, "output": args.output, "dry_run": args.dry_run,
+        "corpus": manifest.name, "job_id": job_id, "model": identity, "output": options.output, "dry_run": options.dry_run,
         "items": rows, "errors": sum(errors.values()), "error_codes": dict(sorted(errors.items())),
         "items_this_run": processed, "shards_skipped": len(done), "shards_written": len(commits),
         "audio_seconds_this_run": round(audio_seconds, 3), "wall_s": round(wall, 3),
@@ -99,75 +104,58 @@ def run(args: argparse.Namespace, predictor: type[Predictor] = Predictor, predic
     }
     store.write_summary(summary)
     log.info("job_done", **summary)
-    if not args.no_score and not args.dry_run:
+    if not options.no_score and not options.dry_run:
         summary["metrics"] = f"{store.url.rstrip('/')}/{manifest.name}/_scores"
-        summary["groups"] = score(f"{store.url.rstrip('/')}/{manifest.name}", summary["metrics"], args.references,
-                                  args.spice_lib, storage_options=storage_options)
+        summary["groups"] = score(f"{store.url.rstrip('/')}/{manifest.name}", summary["metrics"], options.references,
+                                  options.spice_lib, storage_options=storage_options)
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", required=True, help="corpus manifest (YAML), path or URL")
-    parser.add_argument("--model", required=True, help="preset name or YAML config")
-    parser.add_argument("--checkpoint", help="trained parameters (seed .pth or safetensors), path or URL")
-    parser.add_argument("--output", required=True, help="output URL (local path, s3://...)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
-    parser.add_argument(
-        "--storage-options", default="{}", metavar="JSON",
-        help="fsspec options for the manifest, the corpus and the output, e.g. an S3 endpoint; credentials "
-        "belong in the standard AWS variables",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="items per model batch (pieces of long recordings)")
-    parser.add_argument(
-        "--long-audio", choices=("segment", "truncate"),
-        help="a recording longer than the model's 30 s window: segment it (speech at pauses found by a VAD, "
-        "other tasks in fixed windows) and stitch the answers, or truncate it to 30 s as the seed does "
-        "(default: the config's audio.long_audio, segment)",
-    )
-    parser.add_argument("--pool-size", type=int, help="model actors to start with (default: one per GPU, else 1)")
-    parser.add_argument("--max-pool-size", type=int, help="let the pool grow to this many as GPU nodes join")
-    parser.add_argument(
-        "--cpus-per-actor", type=float,
-        help="CPUs reserved per model actor; its model runs as many threads (default: 1 with GPUs; without GPUs, "
-        "a node's CPUs less the decode share, split between the actors on it)",
-    )
-    parser.add_argument(
-        "--decode-cpus", type=float,
-        help=f"CPUs reserved per audio decoding task (default: 1 with GPUs, {CPU_NODE_DECODE_CPUS} without)",
-    )
-    parser.add_argument(
-        "--accelerator", choices=("auto", "gpu", "cpu"), default="auto",
-        help="auto: one GPU per model actor if the cluster has GPUs when the job starts; gpu: always (on an "
-        "autoscaling cluster whose GPU nodes join later); cpu: never",
-    )
-    parser.add_argument("--job-id", help="default: the Ray job submission id, else a fresh one")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
-    parser.add_argument(
-        "--dry-run", action="store_true",
-        help="read and decode every item and write its row (audio seconds, sample rate, channels, errors; no text) "
-        "without loading a model; the output is marked `dry-run` and never mixes with a model's",
-    )
-    parser.add_argument("--ray-progress", action="store_true",
-                        help="show Ray Data's per-operator progress too (by default it goes to Ray Data's log file)")
-    parser.add_argument("--no-score", action="store_true", help="skip scoring the corpus at the end (OUTPUT/NAME/_scores)")
-    add_scoring_arguments(parser)
-    return parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> RunOptions:
+    """The run's options: --config's file, then the flags (one per RunOptions field) over it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="run options (YAML, path or URL): any of the options below by field name, "
+                        "e.g. `batch_size: 8`; a flag given here overrides the file")
+    for name, field in RunOptions.model_fields.items():
+        parser.add_argument(*_flag(name), help=field.description, **_flag_kwargs(name, field.annotation))
+    flags = vars(parser.parse_args(argv))
+    return run_options(flags.pop("config", None), flags)
+
+
+def _flag(name: str) -> list[str]:
+    return {"overrides": ["--set"]}.get(name, [f"--{name.replace('_', '-')}"])
+
+
+def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
+    """How argparse reads a field's flag: --set and --storage-options as text (run_options parses them)."""
+    if name == "overrides":
+        return {"action": "append", "metavar": "KEY=VALUE", "dest": "set"}
+    if name == "storage_options":
+        return {"metavar": "JSON"}
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [kind for kind in (typing.get_args(annotation) if union else (annotation,)) if kind is not type(None)]
+    if kinds == [bool]:
+        return {"action": "store_true"}
+    if typing.get_origin(kinds[0]) is typing.Literal:
+        return {"choices": typing.get_args(kinds[0])}
+    return {"type": kinds[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    options = parse_args(argv)
     logs.ray_data_warnings_to_file()
-    ray.init(address=os.environ.get("RAY_ADDRESS"))
-    summary = run(args)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    summary = run(options)
     groups = summary.pop("groups", None)
     logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "
                   f"{summary['errors']} errors, output {summary['output']}", sys.stdout)
     print(json.dumps(summary), flush=True)
     if groups is not None:
         print(report.summary(groups), flush=True)
-    return 1 if args.strict and summary["errors"] else 0
+    return 1 if options.strict and summary["errors"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

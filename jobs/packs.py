@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.cli import module_entry
 from nota_model.convert_gguf import convert_gguf
 from nota_model.convert_whisper import convert_ct2_whisper
 from nota_model.errors import ConversionError
@@ -189,14 +190,15 @@ def _joined_source(pack: Pack, directory: Path) -> Path:
     return source
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=list(PACKS), help=f"packs: {', '.join(PACKS)}")
-    for name in parser.parse_args().names:
+    for name in parser.parse_args(argv).names:
         started = time.perf_counter()
         path = build(name)
         print(f"{name}: {path} ({time.perf_counter() - started:.1f} s)", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(module_entry(main))

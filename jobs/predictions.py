@@ -4,7 +4,7 @@ Layout under the output URL: a folder per corpus; every file carries all columns
 DuckDB, pandas and Spark read `OUTPUT/**/*.parquet` (or the folder) directly:
 
     OUTPUT/NAME/part-00000.parquet   one file per input shard, complete or absent
-    OUTPUT/NAME/_staging/            rows of shards not yet complete (jobs.pipeline.write), removed on commit
+    OUTPUT/NAME/_staging/            rows of shards not yet complete (jobs.inference.write), removed on commit
     OUTPUT/NAME/_RUN.json            model identity and decoding the files were made with
     OUTPUT/NAME/_SUCCESS.json        summary of the last run that finished
 

@@ -22,8 +22,10 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
+from jobs.cli import module_entry
 from jobs.predictions import parquet_bytes, prediction_files
-from jobs.scoring.score import add_scoring_arguments, flat_values, score
+from jobs.score import add_scoring_arguments
+from jobs.scoring.score import flat_values, score
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 
@@ -160,12 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        document = rescore(args.runs, args.output, args.baseline, args.references, args.spice_lib,
-                           json.loads(args.storage_options), args.force)
-    except NotaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    document = rescore(args.runs, args.output, args.baseline, args.references, args.spice_lib,
+                       json.loads(args.storage_options), args.force)
     if document["unchanged"]:
         print(f"inputs unchanged since the last comparison (fingerprint {document['fingerprint'][:12]}): nothing written")
     print(markdown(document["comparison"]))
@@ -173,4 +171,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

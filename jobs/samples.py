@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from jobs.cli import module_entry
 from nota_model.storage import cache_dir
 
 POCKETSPHINX_PACKAGE = "pocketsphinx-testdata"
@@ -151,13 +152,14 @@ def _write_items(path: Path, items: list[dict]) -> None:
     partial.rename(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, default=default_dest())
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for fetch in (fetch_librivox, fetch_cards, fetch_animals, build_long_form):
         print(fetch(args.dest))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(module_entry(main))

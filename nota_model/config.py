@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nota_model.errors import ConfigError
+from nota_model.errors import ConfigError, validation_problems
+from nota_model.overrides import deep_merge
 from nota_model.storage import CTRANSLATE2_DIR
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -211,7 +212,7 @@ class _ModelConfig(_Strict):
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
-        return _validate(_deep_merge(self.model_dump(), overrides), source="overrides")
+        return _validate(deep_merge(self.model_dump(), overrides), source="overrides")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -284,7 +285,7 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> M
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    return _validate(_deep_merge(data, overrides or {}), source=str(path))
+    return _validate(deep_merge(data, overrides or {}), source=str(path))
 
 
 def _validate(data: dict[str, Any], source: str) -> ModelConfig:
@@ -292,14 +293,4 @@ def _validate(data: dict[str, Any], source: str) -> ModelConfig:
     try:
         return kind.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid model config ({source}):\n{err}") from err
-
-
-def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+        raise ConfigError(f"invalid model config ({source}): {validation_problems(err.errors())}") from err

@@ -1,5 +1,10 @@
 """Exceptions raised by nota_model. Each says what went wrong and what to do about it."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
 
 class NotaError(Exception):
     """Base class of every error nota_model raises on purpose."""
@@ -28,3 +33,9 @@ class AudioError(NotaError):
 
 class ConversionError(NotaError):
     """A weights file cannot be converted: truncated, of another format, or inconsistent after conversion."""
+
+
+def validation_problems(errors: Iterable[dict[str, Any]], whole: str = "config") -> str:
+    """A pydantic ValidationError's `errors()` as one line of `field: problem` (`whole` where the problem is
+    the whole document's), never echoing the input values, which may hold credentials."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or whole}: {e['msg']}" for e in errors)

@@ -4,7 +4,7 @@ model, which then only runs its forwards.
 
 Whisper's log-mel is computed over the frames the clip reaches only: every later frame up to 30 s sees
 nothing but the silence Whisper pads with, and holds one value, `whisper_fill`. The features equal the
-transformers feature extractor's on the clip padded to 30 s (to 1e-5; tests/test_features.py).
+transformers feature extractor's on the clip padded to 30 s (to 1e-5; tests/nota_model/test_features.py).
 """
 
 from __future__ import annotations

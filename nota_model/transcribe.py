@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers.utils import logging as transformers_logging
 
 from nota_model.audio import AudioClip, load_audio
@@ -26,6 +25,7 @@ from nota_model.build import load_model
 from nota_model.config import load_config
 from nota_model.errors import AudioError
 from nota_model.longform import generate_pieces
+from nota_model.overrides import parse_overrides
 from nota_model.segment import plan_pieces
 
 
@@ -50,19 +50,6 @@ def read_items(inputs: list[str], default_task: str) -> Iterator[Item]:
                     yield Item(str(row["id"]), row["audio"], task, row.get("prompt"), row.get("reference"))
         else:
             yield Item(Path(source).stem, source, default_task)
-
-
-def parse_overrides(assignments: list[str]) -> dict[str, Any]:
-    """`a.b=value` pairs (values parsed as YAML) -> nested dict."""
-    overrides: dict[str, Any] = {}
-    for assignment in assignments:
-        dotted, _, value = assignment.partition("=")
-        *parents, leaf = dotted.split(".")
-        node = overrides
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(value)
-    return overrides
 
 
 def batched(items: Iterator[Item], size: int) -> Iterator[list[Item]]:

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import ray
 
-from benchmarks.batching import synthetic_clip
 from jobs.inference.devices import FAKE_GPUS_ENV
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import NotaConfig, load_config
+from nota_model.testing import synthetic_clip
 
 make_clip = synthetic_clip
 

@@ -3,7 +3,6 @@ rows), then the write stage; the resources each gets; and the end-of-run finish 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +11,10 @@ import ray
 from jobs.corpus.manifest import Manifest
 from jobs.inference.devices import ACTOR_MAX_RESTARTS, uses_gpus
 from jobs.inference.decode import MAX_CLIP_BYTES
+from jobs.inference.options import CPU_NODE_DECODE_CPUS, RunOptions
+from jobs.inference.plan import InputShard, ListSlice, ReadPlan, TarShard
 from jobs.inference.predict import Predictor, dry_run_rows
-from jobs.inference.read import CorpusDatasource, InputShard, ListSlice, ReadContext, ReadPlan, TarShard, shard_work_items
+from jobs.inference.read import CorpusDatasource, ReadContext, shard_work_items
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging, finish_shard, write_rows
 from nota_model.config import ModelConfig
@@ -22,22 +23,20 @@ BLOCKS_PER_ACTOR = 4
 # A decode block holds up to this many model batches: its clips are sorted by duration, so that each batch
 # holds clips of similar length, and every batch cut from it is full.
 BATCHES_PER_BLOCK = 4
-# On a node without GPUs decoding gets this share of a CPU, the model actors the rest.
-CPU_NODE_DECODE_CPUS = 0.25
 ACTOR_START_TIMEOUT_S = 900
 
 
-def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args: argparse.Namespace, settings: JobSettings,
+def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, options: RunOptions, settings: JobSettings,
                   staging: ShardStaging, predictor: type[Predictor] = Predictor,
                   predictor_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
     """Rows of the write stage's results (`write.WRITE_RESULT_SCHEMA`): a few per block, no item data."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    on_gpu = uses_gpus(args.accelerator)
-    pool = args.pool_size or max(gpus, 1)
+    on_gpu = uses_gpus(options.accelerator)
+    pool = options.pool_size or max(gpus, 1)
     # A dry run has no model: reading and decoding are the work, a CPU each.
-    sizing = (ResourceSizing(0.0, args.decode_cpus or 1.0) if args.dry_run
-              else resource_sizing(on_gpu, pool, args.cpus_per_actor, args.decode_cpus))
-    block_rows = decode_block_rows(plan.pending_items, args.batch_size, pool)
+    sizing = (ResourceSizing(0.0, options.decode_cpus or 1.0) if options.dry_run
+              else resource_sizing(on_gpu, pool, options.cpus_per_actor, options.decode_cpus))
+    block_rows = decode_block_rows(plan.pending_items, options.batch_size, pool)
     context = ray.data.DataContext.get_current()
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
     # all. Set before the first dataset is made: a dataset keeps a copy of the context it was made in.
@@ -45,20 +44,20 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, args:
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
     tasks = plan.read_tasks(block_rows)
-    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging))
+    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging.expect))
     # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
     # minimum parallelism (200), and the model's batches cut from the pieces would not be full.
     decoded = ray.data.read_datasource(source, num_cpus=sizing.decode_cpus, override_num_blocks=len(tasks))
-    if args.dry_run:
+    if options.dry_run:
         rows = decoded.map_batches(dry_run_rows, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": settings},
                                    num_cpus=sizing.decode_cpus)
     else:
         rows = decoded.map_batches(
             predictor,
-            batch_size=args.batch_size,
+            batch_size=options.batch_size,
             batch_format="pyarrow",
-            fn_constructor_kwargs={"config": config, "checkpoint": args.checkpoint, "settings": settings, **(predictor_kwargs or {})},
-            compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, args.max_pool_size or pool)),
+            fn_constructor_kwargs={"config": config, "checkpoint": options.checkpoint, "settings": settings, **(predictor_kwargs or {})},
+            compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, options.max_pool_size or pool)),
             num_gpus=1 if on_gpu else 0,
             num_cpus=sizing.actor_cpus,
             # A lost actor (its node gone, or ended by a device failure: devices.end_actor) is restarted and its

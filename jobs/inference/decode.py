@@ -8,7 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.corpus.manifest import WORK_ITEM_SCHEMA, read_item_bytes
+from jobs.corpus.fetch import read_item_bytes
+from jobs.corpus.items import WORK_ITEM_SCHEMA
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig, ModelConfig
 from nota_model.errors import AudioError

@@ -11,7 +11,7 @@ and skips only what cannot change the text:
 - the number normalizer, on a text with no digit, no "half" and no number word, where it only
   re-joins the words with single spaces.
 
-tests/test_metrics.py compares it with the library's normalizer on thousands of varied texts.
+tests/metrics/test_wer.py compares it with the library's normalizer on thousands of varied texts.
 """
 
 from __future__ import annotations

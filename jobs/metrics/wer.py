@@ -42,7 +42,7 @@ def _normalizer() -> EnglishNormalizer:
 
 
 def normalize(text: str) -> str:
-    """The Whisper English normalizer (jobs.normalizer: the library's output, faster), after lower-casing
+    """The Whisper English normalizer (jobs.metrics.normalizer: the library's output, faster), after lower-casing
     (the seed lower-cases for scoring)."""
     return _normalizer()(text.lower())
 

@@ -11,8 +11,12 @@ With `--references`, stage 1 first replaces the rows' references by a per-block 
 3. frequencies (`frequencies.frequency_parts`, `merge_parts`): CIDEr-D's document frequencies of each
    captioning group, counted per block and merged per n-gram hash range by a Ray Data groupby; they
    stay in the object store;
-4. captions (`captions.CaptionTotals`): per block, each item's CIDEr-D (with the group's document
-   frequencies), METEOR statistics and score, SPICE, ROUGE-L and BLEU's n-gram statistics, and the
+4. caption totals (`caption_totals.CaptionTotals`): per block, each item's CIDEr-D (with the group's
+   document frequencies), METEOR statistics and score, SPICE, ROUGE-L and BLEU's n-gram statistics, and the
    block's items with their scores to items.parquet; summed, then the corpus METEOR and BLEU;
-5. `pipeline.score_predictions` runs them and returns the groups jobs.score writes.
+5. `pipeline.score_predictions` runs them and returns the groups.
+
+`score.score` is the public API (jobs.score, jobs.infer and jobs.rescore call it): it runs the stages and
+writes metrics.parquet, items.parquet, metrics.json and the report (`report`: Markdown and charts, with each
+group's error analysis from `analysis`). The maths itself (WER, the caption metrics, speed figures) is jobs.metrics.
 """

@@ -16,7 +16,7 @@ import pyarrow.fs
 import ray
 
 from jobs.predictions import OUTPUT_SCHEMA, prediction_files
-from jobs.scoring.captions import CaptionScorer, CaptionsByGroup, merged_captions
+from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_scores import ItemsOut, asr_item_scores
 from jobs.scoring.items import READ_COLUMNS, captioned, item_table
@@ -26,7 +26,7 @@ from jobs.scoring.sizing import IN_PROCESS_S, single_process_seconds
 from jobs.scoring.totals import Summary, Totals, split
 from nota_model.errors import NotaError
 
-ITEMS_PER_BATCH = 10_000  # a block: about 0.6 s of ASR work on one core, a single PTB tokenizer run for its captions
+ITEMS_PER_BATCH = 10_000  # a block: under a second of ASR work on one core, a single PTB tokenizer run for its captions
 
 
 def score_predictions(

@@ -8,11 +8,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib import cbook
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 from jobs.scoring.analysis import DURATION_EDGES_S, WORST_ITEMS  # noqa: E402
+from jobs.scoring.totals import Distribution  # noqa: E402
 
 DURATION_CHART = "charts/wer_by_duration.png"
 DURATION_LABELS = [f"{start}–{end}" for start, end in zip(DURATION_EDGES_S, DURATION_EDGES_S[1:])] + [f"{DURATION_EDGES_S[-1]}+"]
@@ -173,10 +176,10 @@ def _workers(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, dict[str, Any]]],
+def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, Distribution]],
            analysis: dict[tuple, dict[str, Any]] | None = None) -> dict[str, bytes]:
-    """PNG charts by file name (under charts/): quality, speed, the latency distribution (`latency`:
-    matplotlib box-plot statistics by group key and latency, from the scorer) and WER by duration."""
+    """PNG charts by file name (under charts/): quality, speed, the latency distribution (`latency`: the
+    scorer's distributions by group key and latency) and WER by duration."""
     labels = {_key(group): f"{group['corpus']}\n{group['task']}" for group in groups}
     made = {
         "charts/quality.png": _bars(groups, labels, [("WER %", "wer", 100), ("SPIDEr", "spider", 1), ("CIDEr-D", "cider_d", 1)],
@@ -209,7 +212,8 @@ def _bars(groups, labels, panels, value: Callable[[dict, str], float | None]) ->
 def _latency(groups, labels, latency) -> bytes | None:
     panels = []
     for metric in ("ttft_s", "tpot_s"):
-        boxes = [box | {"label": labels[_key(g)]} for g in groups if (box := latency.get(_key(g), {}).get(metric))]
+        boxes = [latency_box(values) | {"label": labels[_key(g)]} for g in groups
+                 if (values := latency.get(_key(g), {}).get(metric)) is not None]
         if boxes:
             panels.append((metric.replace("_s", " (s)"), boxes))
     if not panels:
@@ -242,6 +246,13 @@ def _wer_by_duration(groups, analysis) -> bytes | None:
     axis.set_title("WER by duration")
     axis.legend(fontsize=7)
     return _png(figure)
+
+
+def latency_box(distribution: Distribution) -> dict[str, Any]:
+    """matplotlib's box-plot statistics of a latency over a group's items; repeated outliers once, since a
+    marker drawn twice looks the same."""
+    (stats,) = cbook.boxplot_stats(distribution.expand())
+    return stats | {"fliers": np.unique(stats["fliers"])}
 
 
 def _png(figure) -> bytes:

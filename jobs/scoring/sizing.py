@@ -3,10 +3,8 @@ its part files' Parquet footers (row counts and the `task` column's statistics),
 
 Ray Data costs a fixed start-up (Ray itself, then a few seconds a Dataset execution) and about twice one
 process's CPU a row (blocks through the object store, accumulators pickled); it wins where the work
-spread over the cluster saves more than that. Measured on the 2-core development machine
-(benchmarks.scoring): an ASR row takes about 60 CPU-microseconds, a captioning row about 2.5
-milliseconds (PTB tokenizer, CIDEr-D, METEOR), and 200 000 ASR rows took 12 s in one process and
-35 s through Ray Data; 2 000 000 took 107 s through Ray Data.
+spread over the cluster saves more than that. The per-row costs below come from benchmarks.scoring
+(its figures are in benchmarks/README.md, beside the command).
 """
 
 from __future__ import annotations
@@ -16,8 +14,8 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-ASR_ROW_S = 60e-6
-CAPTION_ROW_S = 2.5e-3  # also the cost of a row whose task the footer does not tell
+ASR_ROW_S = 60e-6  # one core's seconds a row: the normalizer and the alignment
+CAPTION_ROW_S = 2.5e-3  # PTB tokenizer, CIDEr-D, METEOR; also the cost of a row whose task the footer does not tell
 IN_PROCESS_S = 30.0  # inputs one core scores in about this long are scored in the driver process
 SAMPLED_FILES = 16
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from matplotlib import cbook
 
 from jobs.metrics.speed import Speed, speed
 from jobs.metrics.wer import EDIT_COLUMNS, word_errors
@@ -141,16 +140,10 @@ class GroupTotals:
             "workers": {name: asdict(self._speed([w], _busy(w.batches))) for name, w in workers.items()},
         }
 
-    def latency_boxes(self) -> dict[str, dict[str, Any]]:
-        """matplotlib's box-plot statistics of each latency over the group's items (for the chart);
-        repeated outliers once, since a marker drawn twice looks the same."""
-        boxes = {}
-        for name in LATENCIES:
-            values = _merged_latency(list(self.workers.values()), name).expand()
-            if len(values):
-                (stats,) = cbook.boxplot_stats(values)
-                boxes[name] = stats | {"fliers": np.unique(stats["fliers"])}
-        return boxes
+    def latencies(self) -> dict[str, Distribution]:
+        """Each latency's distribution over the group's items, all workers merged (those with a value)."""
+        merged = {name: _merged_latency(list(self.workers.values()), name) for name in LATENCIES}
+        return {name: distribution for name, distribution in merged.items() if distribution.counts.sum()}
 
     @staticmethod
     def _speed(workers: list[WorkerTotals], wall_s: float) -> Speed | None:
@@ -175,7 +168,7 @@ class Totals(dict):
         keys = sorted(self)
         return Summary(
             groups=[self[key].summary(key) for key in keys],
-            latency={key: self[key].latency_boxes() for key in keys},
+            latency={key: self[key].latencies() for key in keys},
             captions={key: self[key].scored for key in keys
                       if key[1] == "aac" and self[key].scored and not self[key].caption_failure},
             captioned_items=sum(group.captioned for group in self.values()),
@@ -186,7 +179,7 @@ class Totals(dict):
 @dataclass
 class Summary:
     groups: list[dict[str, Any]]  # as jobs.score reports them
-    latency: dict[tuple[str, ...], dict[str, dict[str, Any]]]  # box-plot statistics by group and latency
+    latency: dict[tuple[str, ...], dict[str, Distribution]]  # the latency distributions by group and latency
     captions: dict[tuple[str, ...], int]  # the captioning groups the caption metrics score: their items
     captioned_items: int  # items with a tokenized hypothesis, in any group
     analysis: dict[tuple[str, ...], dict[str, Any]]  # Analysis.summary by group

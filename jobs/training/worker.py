@@ -1,16 +1,8 @@
-"""Train or fine-tune the NOTA model on Ray Train (`TorchTrainer`, DDP), as the seed's two stages did.
-
-    python -m jobs.train --config configs/train-stage1.yaml [--set run.max_steps=2000] [--set run.num_workers=2]
-
-One config (YAML, typed; unknown keys are errors) per stage: `model` (a preset or YAML, overrides, an
-optional init checkpoint: stage 2 starts from stage 1's), `datasets` (training manifests, per-task
-mixing weights and training prompts, a held-out validation manifest), `run` (steps or epochs, batch per
-worker, accumulation, AMP, AdamW and its schedule, workers, GPU or CPU, seed, where checkpoints go) and
-`logging` (TensorBoard by default, wandb when asked, offline mode supported).
+"""Each Ray Train worker's loop: the model wrapped for DDP, the sampled and prompted batches, the optimizer
+steps with AMP and accumulation, validation, and the checkpoints it reports (and resumes from).
 
 Only the trained parameters learn (Q-Former, query tokens, projection, `ln_speech`/`ln_audio`, LoRA);
-the loss is on the answer tokens and the end symbol alone. Checkpoints go through `ray.train.report` to
-`run.storage_path` (any fsspec URL), one directory per checkpoint:
+the loss is on the answer tokens and the end symbol alone. A checkpoint directory holds:
 
     model.safetensors   the trained parameters: `load_model(config, checkpoint=".../model.safetensors")`
     model.yaml          the model config it was trained with
@@ -18,28 +10,21 @@ the loss is on the answer tokens and the end symbol alone. Checkpoints go throug
     train_state.pt      optimizer, schedule, gradient scaler, step and the loss history, for resuming
     validation.json     the validation metrics and predictions at that step, when validated there
 
-A run resumes from its latest checkpoint after a worker failure (`run.max_failures` restarts) and when
-the same command is run again (same `run.name` and `run.storage_path`): same step, same data order
-(a pure function of the seed and the epoch), same prompts and dropout masks.
+A resumed run takes the same step, the same data order (a pure function of the seed and the epoch), the same
+prompts and dropout masks.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import resource
-import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import fsspec
 import numpy as np
 import ray
 import ray.train
@@ -47,24 +32,19 @@ import ray.train.torch
 import structlog
 import torch
 import torch.distributed as dist
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jobs import logs
 from jobs.gpu_memory import gpu_memory
-from jobs.corpus.manifest import Manifest, load_manifest, read_item_bytes
-from nota_model.audio import AudioClip, load_audio
-from nota_model.build import load_model, save_trained
+from jobs.training.config import TrainConfig, ValidationSection
+from jobs.training.data import decode_row
+from jobs.training.logger import MetricsLogger
+from nota_model.build import save_trained
 from nota_model.checkpoint import load_into, read_checkpoint
-from nota_model.config import DecodingConfig, NotaConfig, PromptConfig, load_config
+from nota_model.config import DecodingConfig
 from nota_model.errors import AudioError, ConfigError
 from nota_model.model import NotaModel
 from nota_model.precision import device_capability, needs_grad_scaler, training_autocast_dtype
-from nota_model.storage import cache_dir
 from nota_model.training import (
     Example,
-    OptimizerConfig,
-    ScheduleConfig,
     answer_loss,
     batch_for,
     choose_prompt,
@@ -80,200 +60,18 @@ from nota_model.training import (
     train_mode,
     trainable_parameter_count,
 )
-from nota_model.transcribe import parse_overrides
 
 WEIGHTS_FILE = "model.safetensors"
 SEED_FILE = "checkpoint.pth"
 STATE_FILE = "train_state.pt"
 MODEL_CONFIG_FILE = "model.yaml"
 VALIDATION_FILE = "validation.json"
-PLACEHOLDER = PromptConfig().speech_placeholder
 
 log = structlog.get_logger("nota.train")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSection(_Strict):
-    """The model as inference builds it: a preset name or YAML, nested overrides, an init checkpoint."""
-
-    config: str = "nota-0.5b"
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None  # trained parameters to start from (seed .pth or safetensors), path or URL
-
-    def load(self) -> NotaConfig:
-        config = load_config(self.config, self.overrides)
-        if not isinstance(config, NotaConfig):
-            raise ConfigError(f"model.config {self.config!r} is not a NOTA model: only the NOTA model trains")
-        return config
-
-
-class ValidationSection(_Strict):
-    """A held-out manifest, decoded and scored (WER for asr, CIDEr-D/METEOR/SPICE for aac) with the
-    teacher-forced loss, at the end of each epoch or every `every_steps` steps, and at the last step."""
-
-    manifest: str
-    every_steps: int | None = Field(None, ge=1)
-    max_items: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    decoding: dict[str, Any] = Field(default_factory=lambda: {"num_beams": 1})  # over the model's decoding
-    captions: bool = True  # caption metrics (they need Java); SPICE also needs the CoreNLP jars
-    spice_lib: str | None = None
-
-
-class DatasetsSection(_Strict):
-    """Training manifests (each item's references are its answers: one example per reference) and how
-    to mix and prompt them."""
-
-    train: list[str] = Field(min_length=1)
-    validation: ValidationSection | None = None
-    task_weights: dict[str, float] = Field(default_factory=dict)  # share of samples per task; {}: each example once an epoch
-    samples_per_epoch: int | None = Field(None, ge=1)  # with task_weights; default: the number of examples
-    prompts: dict[str, list[str]] = Field(default_factory=dict)  # training prompts per task; default: the model's task prompt
-    max_answer_tokens: int = Field(200, ge=2)
-    storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for the manifests
-
-    @field_validator("prompts")
-    @classmethod
-    def _check_prompts(cls, prompts: dict[str, list[str]]) -> dict[str, list[str]]:
-        for task, texts in prompts.items():
-            if not texts:
-                raise ValueError(f"prompts.{task} is empty")
-            for text in texts:
-                if text.count(PLACEHOLDER) != 1:
-                    raise ValueError(f"prompts.{task}: each prompt holds {PLACEHOLDER} exactly once: {text!r}")
-        return prompts
-
-    @field_validator("task_weights")
-    @classmethod
-    def _check_weights(cls, weights: dict[str, float]) -> dict[str, float]:
-        if any(w < 0 for w in weights.values()):
-            raise ValueError("task_weights must not be negative")
-        return weights
-
-
-class RunSection(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    storage_path: str  # local path or fsspec URL; checkpoints go to STORAGE/NAME/checkpoint_*
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    epochs: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # optimizer steps; give exactly one of epochs and max_steps
-    batch_size: int = Field(4, ge=1)  # per worker and micro-batch
-    gradient_accumulation: int = Field(1, ge=1)
-    amp: Literal["auto", "none", "float16", "bfloat16"] = "auto"  # auto: bfloat16 on GPUs of capability >= 8.0, float16 below, none on CPU
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
-    cpus_per_worker: float = Field(1.0, gt=0)
-    seed: int = 42
-    checkpoint_every_steps: int | None = Field(None, ge=1)  # None: at the end of each epoch; always at the last step
-    keep_checkpoints: int | None = Field(None, ge=1)  # None: keep all
-    seed_checkpoint: bool = False  # also write the seed's .pth layout
-    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the latest checkpoint; -1: unlimited
-    log_every_steps: int = Field(10, ge=1)
-    loader_threads: int = Field(2, ge=1)  # audio reading and decoding ahead of the model, per worker
-
-    @model_validator(mode="after")
-    def _check(self) -> RunSection:
-        if (self.epochs is None) == (self.max_steps is None):
-            raise ValueError("give exactly one of run.epochs and run.max_steps")
-        return self
-
-
-class WandbSection(_Strict):
-    enabled: bool = False
-    project: str = "nota"
-    entity: str | None = None
-    mode: Literal["online", "offline"] = "online"  # offline: written under `dir`, `wandb sync` later
-    dir: str | None = None
-
-
-class LoggingSection(_Strict):
-    tensorboard: bool = True
-    dir: str | None = None  # local directory for TensorBoard events and metrics.jsonl; default below
-    wandb: WandbSection = Field(default_factory=WandbSection)
-
-
-class TrainConfig(_Strict):
-    model: ModelSection = Field(default_factory=ModelSection)
-    datasets: DatasetsSection
-    run: RunSection
-    logging: LoggingSection = Field(default_factory=LoggingSection)
-
-    def log_dir(self) -> Path:
-        """Where rank 0 writes TensorBoard events and metrics.jsonl: `logging.dir`, else STORAGE/NAME/logs for
-        local storage; for object storage a local directory, copied to STORAGE/NAME/logs at each checkpoint."""
-        if self.logging.dir:
-            return Path(self.logging.dir)
-        if _is_local(self.run.storage_path):
-            return Path(fsspec.core.strip_protocol(self.run.storage_path)) / self.run.name / "logs"
-        return cache_dir() / "train" / self.run.name / "logs"
-
-
-def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read the training config {path}: {err}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    try:
-        return TrainConfig.model_validate(_merge(data, overrides or {}))
-    except ValidationError as err:
-        raise ConfigError(f"invalid training config ({path}):\n{err}") from err
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-# Data: manifests -> rows (driver), rows -> decoded examples (workers)
-
-
-def training_rows(manifests: Sequence[Manifest]) -> tuple[list[dict[str, Any]], Counter]:
-    """One row per (good item, reference), in manifest and item order; and what was left out, by reason."""
-    rows, skipped = [], Counter()
-    for source, manifest in enumerate(manifests):
-        for item in manifest.work_items().to_pylist():
-            if item["error"] is not None:
-                skipped[item["error"]] += 1
-                continue
-            if not item["reference"]:
-                skipped["no_reference"] += 1
-                continue
-            for answer in item["reference"]:
-                rows.append({**_audio_fields(item, source), "answer": answer})
-    return rows, skipped
-
-
-def validation_rows(manifest: Manifest, max_items: int | None, source: int) -> tuple[list[dict[str, Any]], Counter]:
-    """One row per good item with a reference (all its references), the first `max_items`."""
-    rows, skipped = [], Counter()
-    for item in manifest.work_items().to_pylist():
-        if item["error"] is not None or not item["reference"]:
-            skipped[item["error"] or "no_reference"] += 1
-            continue
-        rows.append({**_audio_fields(item, source), "reference": item["reference"]})
-    return rows[:max_items], skipped
-
-
-def _audio_fields(item: dict[str, Any], source: int) -> dict[str, Any]:
-    keys = ("id", "audio", "offset", "size", "member", "task", "prompt")
-    return {**{key: item[key] for key in keys}, "source": source}
-
-
-def decode_row(row: dict[str, Any], storage_options: Sequence[dict[str, Any]], model: NotaModel) -> AudioClip:
-    data = read_item_bytes(row, storage_options[row["source"]])
-    return load_audio(data, model.config.audio, name=row.get("member") or row["audio"])
-
-
-# The loop on each worker
 
 
 class _LossModule(torch.nn.Module):
@@ -553,61 +351,6 @@ def validation_scores(predictions: list[dict[str, Any]], validation: ValidationS
     return scores
 
 
-class MetricsLogger:
-    """Rank 0's metrics: structlog lines, `metrics.jsonl` and TensorBoard in `TrainConfig.log_dir()`, and wandb
-    when enabled."""
-
-    def __init__(self, config: TrainConfig, start_step: int = 0):
-        self.config = config
-        self.dir = config.log_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer = None
-        if config.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # A resumed run drops the events an earlier attempt logged after its checkpoint.
-            self.writer = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=start_step or None)
-        self.wandb = _start_wandb(config) if config.logging.wandb.enabled else None
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        log.info("train_progress", **metrics)
-        with open(self.dir / "metrics.jsonl", "a") as file:
-            file.write(json.dumps({"time": time.time(), **metrics}) + "\n")
-        numbers = {key: float(value) for key, value in metrics.items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None and key != "step"}
-        if self.writer:
-            for key, value in numbers.items():
-                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-            self.writer.flush()
-        if self.wandb:
-            self.wandb.log({key if "/" in key else f"train/{key}": value for key, value in numbers.items()}, step=step)
-
-    def upload(self) -> None:
-        """Copy the log directory beside the checkpoints (STORAGE/NAME/logs) when they are on object storage."""
-        run = self.config.run
-        if _is_local(run.storage_path) and not run.storage_options:
-            return
-        fs, root = fsspec.core.url_to_fs(run.storage_path, **run.storage_options)
-        fs.put(str(self.dir) + "/", f"{root.rstrip('/')}/{run.name}/logs/", recursive=True)
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def _start_wandb(config: TrainConfig) -> Any:
-    settings = config.logging.wandb
-    try:
-        import wandb
-    except ImportError as err:
-        raise ConfigError("logging.wandb.enabled needs the wandb package: pip install wandb") from err
-    return wandb.init(project=settings.project, entity=settings.entity, name=config.run.name, id=config.run.name,
-                      resume="allow", mode=settings.mode, dir=settings.dir or str(config.log_dir()),
-                      config=config.model_dump(mode="json"))
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -634,145 +377,3 @@ def _memory(device: torch.device) -> dict[str, float]:
     return memory
 
 
-def train_worker(settings: dict[str, Any]) -> None:
-    """Ray Train's per-worker function."""
-    config = TrainConfig.model_validate(settings["config"])
-    logs.configure(f"train:{config.run.name}")
-    context = ray.train.get_context()
-    torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))
-    fail_at = settings.get("fail_at_steps")
-    device = ray.train.torch.get_device()
-    loaded = load_model(config.model.load(), checkpoint=config.model.checkpoint, device=device)
-    data = ray.get(settings["data"])
-    trainer = WorkerTrainer(config, loaded.model, data["train"], data["validation"], data["storage_options"],
-                            context.get_world_rank(), context.get_world_size())
-    trainer.restore(ray.train.get_checkpoint())
-    if fail_at:
-        _inject_failures(trainer, fail_at, settings["fail_marker"])
-    trainer.fit()
-
-
-def _inject_failures(trainer: WorkerTrainer, steps: list[int], marker: str) -> None:
-    """Tests: a worker dies once for each of `steps`, at its first report from that step on (a marker
-    file `MARKER-STEP` records that it did, across restarts)."""
-    report = trainer._report
-
-    def failing(metrics: dict[str, Any], save: bool, predictions: Any) -> None:
-        for step in steps:
-            if trainer.step >= step and not os.path.exists(f"{marker}-{step}"):
-                Path(f"{marker}-{step}").write_text(str(trainer.step))
-                raise RuntimeError(f"injected failure at step {trainer.step}")
-        report(metrics, save, predictions)
-
-    trainer._report = failing
-
-
-# Driver
-
-
-def storage(run: RunSection) -> tuple[str, Any]:
-    """Ray Train's storage_path and storage_filesystem for any fsspec URL."""
-    if _is_local(run.storage_path) and not run.storage_options:
-        return os.path.abspath(fsspec.core.strip_protocol(run.storage_path)), None
-    import pyarrow.fs
-
-    fs, path = fsspec.core.url_to_fs(run.storage_path, **run.storage_options)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def _is_local(url: str) -> bool:
-    return fsspec.core.split_protocol(url)[0] in (None, "file", "local")
-
-
-def checkpoint_url(run: RunSection, checkpoint: ray.train.Checkpoint) -> str:
-    """A checkpoint's directory as a URL that `load_model` and fsspec read."""
-    protocol = fsspec.core.split_protocol(run.storage_path)[0]
-    return checkpoint.path if protocol in (None, "file", "local") else f"{protocol}://{checkpoint.path}"
-
-
-def run(config: TrainConfig, fail_at_steps: Sequence[int] = (), fail_marker: str | None = None) -> dict[str, Any]:
-    """Train on the current Ray cluster; returns a summary (final checkpoint URL and metrics).
-    `fail_at_steps` and `fail_marker` are for tests: workers fail once at each of those steps."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    model_config = config.model.load()
-    options = config.datasets.storage_options
-    manifests = [load_manifest(url, options) for url in config.datasets.train]
-    train, skipped = training_rows(manifests)
-    if not train:
-        raise ConfigError(f"the training manifests hold no item with a reference (left out: {dict(skipped)})")
-    tasks = Counter(row["task"] for row in train)
-    for task in tasks:
-        if task not in config.datasets.prompts:
-            model_config.prompt.task_prompt(task)  # raises for a task without any prompt
-    storage_options = [manifest.storage_options for manifest in manifests]  # rows name theirs by `source`
-    validation: list[dict[str, Any]] = []
-    if config.datasets.validation:
-        held_out = load_manifest(config.datasets.validation.manifest, options)
-        validation, skipped_validation = validation_rows(held_out, config.datasets.validation.max_items, len(manifests))
-        storage_options.append(held_out.storage_options)
-        if skipped_validation:
-            log.warning("validation_items_left_out", reasons=dict(skipped_validation))
-    use_gpu = config.run.use_gpu if config.run.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    log.info("train_job_start", name=config.run.name, examples=len(train), tasks=dict(tasks), left_out=dict(skipped),
-             validation_items=len(validation), workers=config.run.num_workers, use_gpu=use_gpu)
-    data = ray.put({"train": train, "validation": validation, "storage_options": storage_options})
-    storage_path, filesystem = storage(config.run)
-    settings = {"config": config.model_dump(mode="json"), "data": data}
-    if fail_at_steps:
-        settings.update(fail_at_steps=list(fail_at_steps), fail_marker=fail_marker)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=settings,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config.run.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(
-            name=config.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-        ),
-    )
-    result = trainer.fit()
-    checkpoint = result.checkpoint
-    summary = {
-        "name": config.run.name,
-        "checkpoint": checkpoint_url(config.run, checkpoint) if checkpoint else None,
-        "weights": f"{checkpoint_url(config.run, checkpoint)}/{WEIGHTS_FILE}" if checkpoint else None,
-        "metrics": result.metrics,
-        "log_dir": str(config.log_dir()),
-    }
-    log.info("train_job_done", **summary)
-    return summary
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="training config (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override, e.g. run.max_steps=100 or model.overrides.lora.r=16")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    # Under `python -m jobs.train` this file is `__main__`, whose functions Ray would pickle by value:
-    # use the importable module's, which workers import by name.
-    from jobs.training import worker as train
-
-    args = parse_args(argv)
-    logs.configure(os.environ.get("RAY_JOB_SUBMISSION_ID") or "train")
-    try:
-        config = train.load_train_config(args.config, parse_overrides(args.set))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-    summary = train.run(config)
-    print(json.dumps(summary, default=str), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -109,8 +109,13 @@ def gpu_limit(container: dict[str, Any]) -> int | None:
 
 
 def entry_module(argv: list[str]) -> tuple[str, list[str]]:
-    """`python -m MODULE ARGS...` -> (MODULE, ARGS)."""
-    assert argv[:2] == ["python", "-m"], f"expected `python -m MODULE ...`, got {argv[:3]}"
+    """`python -m MODULE ARGS...` or `nota-batch COMMAND ARGS...` -> (MODULE, ARGS)."""
+    from jobs.cli import COMMANDS
+
+    if argv[:1] == ["nota-batch"]:
+        assert argv[1] in COMMANDS, f"no nota-batch command {argv[1]}"
+        argv = ["python", "-m", COMMANDS[argv[1]][0], *argv[2:]]
+    assert argv[:2] == ["python", "-m"], f"expected `python -m MODULE ...` or `nota-batch COMMAND ...`, got {argv[:3]}"
     module = argv[2]
     assert importlib.util.find_spec(module) is not None, f"no module {module}"
     return module, argv[3:]
@@ -183,6 +188,7 @@ def test_manifest_kinds():
     assert kinds == [
         ("raycluster.yaml", "ray.io/v1", "RayCluster"),
         ("rayjob.yaml", "ray.io/v1", "RayJob"),
+        ("rayjob.yaml", "v1", "ConfigMap"),
         ("rescore-cronjob.yaml", "batch/v1", "CronJob"),
     ]
     job = one("RayJob")["spec"]
@@ -255,10 +261,19 @@ def test_credentials_come_only_from_secrets():
 # ---------------------------------------------------------------- entrypoints, parsed by the modules themselves
 
 
-def test_rayjob_entrypoint_parses():
+def test_rayjob_entrypoint_parses(tmp_path):
     job = one("RayJob")["spec"]
     module, args = entry_module(shlex.split(job["entrypoint"]))
     assert module == "jobs.infer"
+    # --config names the ConfigMap's run.yaml where the head (the driver) mounts it.
+    config = args[args.index("--config") + 1]
+    (head,) = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    (mount,) = [m for m in head["volumeMounts"] if config.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    run_options = one("ConfigMap")
+    assert volume["configMap"]["name"] == run_options["metadata"]["name"]
+    (tmp_path / "run.yaml").write_text(run_options["data"][config.rsplit("/", 1)[1]])
+    args[args.index("--config") + 1] = str(tmp_path / "run.yaml")
     parsed = parse_entrypoint(module, args)
     assert parsed.accelerator == "gpu", "GPU nodes may join after the job starts: the actors must ask for GPUs"
     assert parsed.manifest.startswith("s3://") and parsed.output.startswith("s3://"), "object storage in and out"
@@ -267,9 +282,8 @@ def test_rayjob_entrypoint_parses():
     # The --set overrides are valid config keys, and every part of the model gets real weights.
     from nota_model.build import random_parts
     from nota_model.config import load_config
-    from nota_model.transcribe import parse_overrides
 
-    config = load_config(parsed.model, parse_overrides(parsed.set))
+    config = load_config(parsed.model, parsed.overrides)
     assert random_parts(config, parsed.checkpoint) == (), "parts with random weights: the text would be meaningless"
     # The starting pool is there when the job is submitted; the pool can grow as far as the group can.
     (group,) = job["rayClusterSpec"]["workerGroupSpecs"]

@@ -20,11 +20,12 @@ from ray._private.log import PlainRayHandler
 from ray.data._internal.logging import get_log_directory
 
 from jobs import logs
-from jobs.corpus.manifest import ItemListShard, load_manifest
+from jobs.corpus.items import ItemListShard
+from jobs.corpus.manifest import load_manifest
 from jobs.infer import parse_args, run
 from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
+from jobs.inference.plan import ReadPlan, TarShard
 from jobs.inference.predict import Predictor, actor_threads
-from jobs.inference.read import ReadPlan, TarShard
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import ShardStaging
 from jobs.corpus.items import ItemListShard

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from jobs.corpus.manifest import build_shards
+from jobs import cli
+from jobs.corpus.build import build_shards
 from jobs.infer import parse_args, run
 from jobs.inference.decode import decode_item
 from jobs.predictions import OUTPUT_SCHEMA, OutputMismatchError, read_predictions
@@ -141,6 +142,14 @@ def test_an_output_made_with_other_settings_is_refused(local_ray, corpus, tmp_pa
     run(job_args(manifest, tmp_path / "out"))
     with pytest.raises(OutputMismatchError, match="another --output"):
         run(job_args(manifest, tmp_path / "out", "--set", "decoding.max_new_tokens=7"))
+
+
+def test_the_command_exits_1_for_failed_items_under_strict_and_2_for_a_mismatched_output(local_ray, corpus, tmp_path):
+    manifest, _ = corpus
+    argv = ["infer", "--manifest", str(manifest), "--model", "tiny", "--output", str(tmp_path / "out"), "--no-score", "--dry-run"]
+    assert cli.main(argv) == 0  # four items failed, but without --strict that is a result
+    assert cli.main([*argv, "--strict"]) == 1
+    assert cli.main(argv[:-1]) == 2  # a model's rows would mix with the dry run's (tests/test_cli.py: the one line)
 
 
 def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, corpus, tmp_path):

@@ -1,4 +1,4 @@
-"""jobs.captions on the real pycocoevalcap jars and Java: CIDEr-D against values derived by hand,
+"""jobs.metrics.captions on the real pycocoevalcap jars and Java: CIDEr-D against values derived by hand,
 METEOR, and how SPICE reports itself unavailable. No test downloads anything."""
 
 from __future__ import annotations

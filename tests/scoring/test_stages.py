@@ -20,6 +20,7 @@ from jobs.predictions import OutputStore, prediction_files
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.items import GROUP_KEYS
 from jobs.scoring.pipeline import score_table
+from jobs.scoring.report import latency_box
 from jobs.scoring.score import long_rows, score, score_rows
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
@@ -109,7 +110,7 @@ def test_distributed_scoring_gives_the_in_process_groups_and_latency_statistics(
     assert in_process["workers"]["w1"]["wall_s"] == 4.0  # its batch is counted once, though split over two files
     ttft = [r["ttft_s"] for shard in shards for r in shard if r["ttft_s"] is not None]
     (expected,) = cbook.boxplot_stats(np.array(ttft))
-    box = score_table(pa_table(shards)).latency[("speech", "asr", "m1")]["ttft_s"]
+    box = latency_box(score_table(pa_table(shards)).latency[("speech", "asr", "m1")]["ttft_s"])
     assert {k: v for k, v in box.items() if k != "fliers"} == pytest.approx({k: v for k, v in expected.items() if k != "fliers"})
     assert (tmp_path / "scores/charts/latency.png").read_bytes().startswith(b"\x89PNG")
 

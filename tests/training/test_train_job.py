@@ -16,7 +16,10 @@ import soundfile as sf
 import torch
 
 from jobs.samples import default_dest, fetch_librivox
-from jobs.training.worker import SEED_FILE, STATE_FILE, VALIDATION_FILE, WEIGHTS_FILE, MetricsLogger, TrainConfig, load_train_config, run, storage
+from jobs.training.config import TrainConfig, load_train_config
+from jobs.training.driver import run, storage
+from jobs.training.logger import MetricsLogger
+from jobs.training.worker import SEED_FILE, STATE_FILE, VALIDATION_FILE, WEIGHTS_FILE
 from nota_model.audio import load_audio
 from nota_model.build import load_model
 from nota_model.checkpoint import read_state_dict

@@ -1,0 +1,123 @@
+"""A batch-inference run's options, typed: from a YAML file (`--config`), then the command line's flags over it.
+
+Every field is also a flag of the same name (`batch_size` is `--batch-size`); unknown keys are errors. A flag
+replaces the file's value, but for the two mappings, which merge key by key: `overrides` (the model config's;
+`--set KEY=VALUE` adds to them) and `storage_options` (`--storage-options JSON`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nota_model.errors import ConfigError, validation_problems
+from nota_model.overrides import deep_merge, parse_overrides
+
+# On a node without GPUs decoding gets this share of a CPU, the model actors the rest.
+CPU_NODE_DECODE_CPUS = 0.25
+
+
+class RunOptions(BaseModel):
+    """What `python -m jobs.infer` (`nota-batch infer`) runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: str = Field(description="corpus manifest (YAML), path or URL")
+    model: str = Field(description="preset name or YAML config")
+    output: str = Field(description="output URL (local path, s3://...)")
+    checkpoint: str | None = Field(None, description="trained parameters (seed .pth or safetensors), path or URL")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="model config overrides: nested in the file (`overrides: {llm: {path: ...}}`), one --set "
+        "KEY=VALUE each on the command line (`--set llm.path=...`)")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for the manifest, the corpus and the output, e.g. an S3 endpoint; credentials "
+        "belong in the standard AWS variables")
+    batch_size: int = Field(8, ge=1, description="items per model batch (pieces of long recordings)")
+    long_audio: Literal["segment", "truncate"] | None = Field(
+        None,
+        description="a recording longer than the model's 30 s window: segment it (speech at pauses found by a VAD, "
+        "other tasks in fixed windows) and stitch the answers, or truncate it to 30 s as the seed does "
+        "(default: the config's audio.long_audio, segment)")
+    pool_size: int | None = Field(None, ge=1, description="model actors to start with (default: one per GPU, else 1)")
+    max_pool_size: int | None = Field(None, ge=1, description="let the pool grow to this many as GPU nodes join")
+    cpus_per_actor: float | None = Field(
+        None, gt=0,
+        description="CPUs reserved per model actor; its model runs as many threads (default: 1 with GPUs; without "
+        "GPUs, a node's CPUs less the decode share, split between the actors on it)")
+    decode_cpus: float | None = Field(
+        None, gt=0,
+        description=f"CPUs reserved per audio decoding task (default: 1 with GPUs, {CPU_NODE_DECODE_CPUS} without)")
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="auto: one GPU per model actor if the cluster has GPUs when the job starts; gpu: always (on an "
+        "autoscaling cluster whose GPU nodes join later); cpu: never")
+    job_id: str | None = Field(None, description="default: the Ray job submission id, else a fresh one")
+    strict: bool = Field(False, description="exit 1 when any item has an error")
+    dry_run: bool = Field(
+        False,
+        description="read and decode every item and write its row (audio seconds, sample rate, channels, errors; "
+        "no text) without loading a model; the output is marked `dry-run` and never mixes with a model's")
+    ray_progress: bool = Field(
+        False, description="show Ray Data's per-operator progress too (by default it goes to Ray Data's log file)")
+    no_score: bool = Field(False, description="skip scoring the corpus at the end (OUTPUT/NAME/_scores)")
+    references: str | None = Field(
+        None, description="a corpus manifest, or a JSONL/Parquet of id and reference, replacing the rows' references")
+    spice_lib: str | None = Field(
+        None, description="folder with the Stanford CoreNLP 3.6.0 jars SPICE needs (default: $NOTA_SPICE_LIB)")
+
+
+def run_options(config: str | None, flags: dict[str, Any]) -> RunOptions:
+    """The options of a run: the YAML file `config` (path or URL; None: none), then `flags` (field names; `set`:
+    a list of KEY=VALUE, `storage_options`: a JSON object) over it."""
+    data = _read(config) if config else {}
+    flags = dict(flags)
+    if "set" in flags:
+        flags["overrides"] = parse_overrides(flags.pop("set"))
+    if isinstance(flags.get("storage_options"), str):
+        flags["storage_options"] = _json_object(flags["storage_options"])
+    merged = {**data, **flags}
+    for mapping in ("overrides", "storage_options"):
+        if isinstance(data.get(mapping), dict) and mapping in flags:
+            merged[mapping] = deep_merge(data[mapping], flags[mapping])
+    try:
+        return RunOptions.model_validate(merged)
+    except ValidationError as err:
+        where = f" ({config} and the flags)" if config else ""
+        raise ConfigError(f"invalid run options{where}: {_explain(err)}") from None
+
+
+def _read(url: str) -> dict[str, Any]:
+    try:
+        with fsspec.open(url, "rb") as file:
+            data = yaml.safe_load(file.read())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the run options {url}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{url} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{url}: run options are a YAML mapping of option names (manifest, model, output, ...)")
+    return data
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError('--storage-options must be a JSON object, e.g. {"client_kwargs": {"endpoint_url": "..."}}')
+    return value
+
+
+def _explain(err: ValidationError) -> str:
+    """One line; a missing option names both of its spellings."""
+    missing = [".".join(map(str, e["loc"])) for e in err.errors() if e["type"] == "missing"]
+    others = [e for e in err.errors() if e["type"] != "missing"]
+    return "; ".join([*(f"{name} is missing (--{name.replace('_', '-')}, or `{name}:` in --config)" for name in missing),
+                      *([validation_problems(others, whole="run options")] if others else [])])

@@ -1,0 +1,81 @@
+"""The read plan, made on the driver: the run's input shards still to do (a tar shard, or `items_per_shard`
+rows of an item list) and how they are cut into read tasks: a task per tar shard; an item list's pending rows
+in tasks of whole blocks (up to about ITEMS_PER_LIST_TASK rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.corpus.items import ItemListShard
+from jobs.corpus.manifest import Manifest
+
+# An item-list read task holds up to about this many rows (fewer on a small corpus, for parallelism).
+ITEMS_PER_LIST_TASK = 1000
+LIST_TASKS_WANTED = 16
+
+
+@dataclass(frozen=True)
+class TarShard:
+    number: int
+    url: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ListSlice:
+    """Items [start, stop) of an item-list shard."""
+
+    shard: ItemListShard
+    start: int
+    stop: int
+
+
+InputShard = TarShard | ItemListShard
+ReadPiece = TarShard | ListSlice
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """The input shards of a run still to do, and what the driver knows of the corpus: its shards, and its items
+    when it is an item list (a tar shard's items are known once it is read)."""
+
+    pending: list[InputShard]
+    shards: int
+    items: int | None
+    pending_items: int | None
+
+    @classmethod
+    def of(cls, manifest: Manifest, done: set[int]) -> ReadPlan:
+        if manifest.items is None:
+            files = manifest.shard_files()
+            pending = [TarShard(number, url, size) for number, (url, size) in enumerate(files) if number not in done]
+            return cls(pending, len(files), None, None)
+        shards = manifest.item_list_shards()
+        pending = [shard for shard in shards if shard.number not in done]
+        return cls(pending, len(shards), sum(s.rows for s in shards), sum(s.rows for s in pending))
+
+    def describe(self) -> str:
+        if self.items is None:
+            return f"{len(self.pending)} of {self.shards} tar shards"
+        return f"{self.pending_items} of {self.items} items"
+
+    def read_tasks(self, block_rows: int) -> list[list[ReadPiece]]:
+        """A task per tar shard; an item list's pending rows cut into tasks of whole blocks (a shard may be
+        split between two), so that every block but the last is full."""
+        if self.pending_items is None:
+            return [[shard] for shard in self.pending]
+        blocks_per_task = max(1, min(ITEMS_PER_LIST_TASK // block_rows, self.pending_items // (block_rows * LIST_TASKS_WANTED)))
+        task_rows = block_rows * blocks_per_task
+        tasks: list[list[ReadPiece]] = [[]]
+        room = task_rows
+        for shard in self.pending:
+            start = 0
+            while start < shard.rows:
+                if room == 0:
+                    tasks.append([])
+                    room = task_rows
+                stop = min(shard.rows, start + room)
+                tasks[-1].append(ListSlice(shard, start, stop))
+                room -= stop - start
+                start = stop
+        return [task for task in tasks if task]

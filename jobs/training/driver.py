@@ -1,0 +1,137 @@
+"""The training run on Ray Train (`TorchTrainer`, DDP): the driver reads the manifests, starts the workers
+and returns where the final checkpoint is; `train_worker` is what each worker runs.
+
+A run resumes from its latest checkpoint after a worker failure (`run.max_failures` restarts) and when
+the same run is started again (same `run.name` and `run.storage_path`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import ray
+import ray.train
+import ray.train.torch
+import structlog
+import torch
+
+from jobs import logs
+from jobs.corpus.manifest import load_manifest
+from jobs.training.config import RunSection, TrainConfig, is_local
+from jobs.training.data import training_rows, validation_rows
+from jobs.training.worker import WEIGHTS_FILE, WorkerTrainer
+from nota_model.build import load_model
+from nota_model.errors import ConfigError
+
+log = structlog.get_logger("nota.train")
+
+
+def train_worker(settings: dict[str, Any]) -> None:
+    """Ray Train's per-worker function."""
+    config = TrainConfig.model_validate(settings["config"])
+    logs.configure(f"train:{config.run.name}")
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))
+    fail_at = settings.get("fail_at_steps")
+    device = ray.train.torch.get_device()
+    loaded = load_model(config.model.load(), checkpoint=config.model.checkpoint, device=device)
+    data = ray.get(settings["data"])
+    trainer = WorkerTrainer(config, loaded.model, data["train"], data["validation"], data["storage_options"],
+                            context.get_world_rank(), context.get_world_size())
+    trainer.restore(ray.train.get_checkpoint())
+    if fail_at:
+        _inject_failures(trainer, fail_at, settings["fail_marker"])
+    trainer.fit()
+
+
+def _inject_failures(trainer: WorkerTrainer, steps: list[int], marker: str) -> None:
+    """Tests: a worker dies once for each of `steps`, at its first report from that step on (a marker
+    file `MARKER-STEP` records that it did, across restarts)."""
+    report = trainer._report
+
+    def failing(metrics: dict[str, Any], save: bool, predictions: Any) -> None:
+        for step in steps:
+            if trainer.step >= step and not os.path.exists(f"{marker}-{step}"):
+                Path(f"{marker}-{step}").write_text(str(trainer.step))
+                raise RuntimeError(f"injected failure at step {trainer.step}")
+        report(metrics, save, predictions)
+
+    trainer._report = failing
+
+
+def storage(run: RunSection) -> tuple[str, Any]:
+    """Ray Train's storage_path and storage_filesystem for any fsspec URL."""
+    if is_local(run.storage_path) and not run.storage_options:
+        return os.path.abspath(fsspec.core.strip_protocol(run.storage_path)), None
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(run.storage_path, **run.storage_options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def checkpoint_url(run: RunSection, checkpoint: ray.train.Checkpoint) -> str:
+    """A checkpoint's directory as a URL that `load_model` and fsspec read."""
+    protocol = fsspec.core.split_protocol(run.storage_path)[0]
+    return checkpoint.path if protocol in (None, "file", "local") else f"{protocol}://{checkpoint.path}"
+
+
+def run(config: TrainConfig, fail_at_steps: Sequence[int] = (), fail_marker: str | None = None) -> dict[str, Any]:
+    """Train on the current Ray cluster; returns a summary (final checkpoint URL and metrics).
+    `fail_at_steps` and `fail_marker` are for tests: workers fail once at each of those steps."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    model_config = config.model.load()
+    options = config.datasets.storage_options
+    manifests = [load_manifest(url, options) for url in config.datasets.train]
+    train, skipped = training_rows(manifests)
+    if not train:
+        raise ConfigError(f"the training manifests hold no item with a reference (left out: {dict(skipped)})")
+    tasks = Counter(row["task"] for row in train)
+    for task in tasks:
+        if task not in config.datasets.prompts:
+            model_config.prompt.task_prompt(task)  # raises for a task without any prompt
+    storage_options = [manifest.storage_options for manifest in manifests]  # rows name theirs by `source`
+    validation: list[dict[str, Any]] = []
+    if config.datasets.validation:
+        held_out = load_manifest(config.datasets.validation.manifest, options)
+        validation, skipped_validation = validation_rows(held_out, config.datasets.validation.max_items, len(manifests))
+        storage_options.append(held_out.storage_options)
+        if skipped_validation:
+            log.warning("validation_items_left_out", reasons=dict(skipped_validation))
+    use_gpu = config.run.use_gpu if config.run.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    log.info("train_job_start", name=config.run.name, examples=len(train), tasks=dict(tasks), left_out=dict(skipped),
+             validation_items=len(validation), workers=config.run.num_workers, use_gpu=use_gpu)
+    data = ray.put({"train": train, "validation": validation, "storage_options": storage_options})
+    storage_path, filesystem = storage(config.run)
+    settings = {"config": config.model_dump(mode="json"), "data": data}
+    if fail_at_steps:
+        settings.update(fail_at_steps=list(fail_at_steps), fail_marker=fail_marker)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=settings,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.run.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=config.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    summary = {
+        "name": config.run.name,
+        "checkpoint": checkpoint_url(config.run, checkpoint) if checkpoint else None,
+        "weights": f"{checkpoint_url(config.run, checkpoint)}/{WEIGHTS_FILE}" if checkpoint else None,
+        "metrics": result.metrics,
+        "log_dir": str(config.log_dir()),
+    }
+    log.info("train_job_done", **summary)
+    return summary

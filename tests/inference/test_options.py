@@ -1,0 +1,64 @@
+"""jobs.infer's typed run options: a YAML file, flags over it, unknown keys refused, every field described."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.infer import parse_args
+from jobs.inference.options import RunOptions
+from nota_model.config import load_config
+from nota_model.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_override_the_file_and_the_mappings_merge_key_by_key(tmp_path):
+    config = write(tmp_path / "run.yaml", "manifest: m.yaml\nmodel: tiny\noutput: out\nbatch_size: 4\n"
+                   "overrides: {decoding: {num_beams: 2, max_new_tokens: 9}}\n"
+                   "storage_options: {anon: true, client_kwargs: {region_name: eu}}\n")
+    options = parse_args(["--config", config, "--batch-size", "16", "--set", "decoding.num_beams=1", "--dry-run",
+                          "--storage-options", '{"client_kwargs": {"endpoint_url": "http://s3"}}'])
+    assert (options.manifest, options.model, options.batch_size, options.dry_run) == ("m.yaml", "tiny", 16, True)
+    assert options.overrides == {"decoding": {"num_beams": 1, "max_new_tokens": 9}}
+    assert options.storage_options == {"anon": True, "client_kwargs": {"region_name": "eu", "endpoint_url": "http://s3"}}
+    assert parse_args(["--config", config]).batch_size == 4
+
+
+def test_flags_alone_give_the_same_options_as_before():
+    options = parse_args(["--manifest", "m", "--model", "tiny", "--output", "o", "--set", "llm.path=/w", "--no-score"])
+    assert options == RunOptions(manifest="m", model="tiny", output="o", overrides={"llm": {"path": "/w"}}, no_score=True)
+    assert (options.batch_size, options.accelerator, options.storage_options) == (8, "auto", {})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("manifest: m\nmodel: tiny\noutput: o\nbatch_sise: 8\n", "batch_sise: Extra inputs are not permitted"),
+    ("model: tiny\noutput: o\n", "manifest is missing (--manifest, or `manifest:` in --config)"),
+    ("manifest: m\nmodel: tiny\noutput: o\naccelerator: tpu\n", "accelerator: Input should be 'auto', 'gpu' or 'cpu'"),
+    ("- manifest: m\n", "run options are a YAML mapping"),
+])
+def test_bad_options_are_config_errors_that_say_what_is_wrong(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_args(["--config", write(tmp_path / "run.yaml", text)])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_option_is_described_and_is_a_flag(capsys):
+    assert [name for name, field in RunOptions.model_fields.items() if not field.description] == []
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    flags = ["--set" if name == "overrides" else f"--{name.replace('_', '-')}" for name in RunOptions.model_fields]
+    assert [flag for flag in flags if f" {flag} " not in help_text and f"[{flag}" not in help_text] == []
+
+
+def test_the_shipped_run_configs_are_valid_and_name_real_config_keys():
+    for path in sorted(REPO.glob("configs/infer-*.yaml")):
+        options = parse_args(["--config", str(path)])
+        load_config(options.model, options.overrides)  # the overrides are the model config's own keys
