@@ -513,7 +513,7 @@ def train_rank(rank: int, port: int, device: str, steps: int, out: str) -> None:
     dist.all_gather(gathered, checksum)
     memory = None
     if model.device.type == "cuda":
-        from jobs.gpu_memory import gpu_memory
+        from jobs.metrics.memory import gpu_memory
 
         memory = gpu_memory(model.device)
     result = {"rank": rank, "device": str(model.device), "model_dtype": str(model.dtype), "autocast": str(amp),

@@ -78,7 +78,7 @@ def efficiency_md(results: dict[str, Any]) -> str:
 
 
 def reserved_and_nvml_gb(memory: dict[str, int | None] | None) -> list[float | None]:
-    """jobs.gpu_memory's peak reserved and NVML process figures in GB (None on CPU or where NVML cannot say)."""
+    """jobs.metrics.memory's peak reserved and NVML process figures in GB (None on CPU or where NVML cannot say)."""
     memory = memory or {}
     return [None if memory.get(key) is None else round(memory[key] / 1e9, 3) for key in ("max_reserved_bytes", "nvml_process_bytes")]
 

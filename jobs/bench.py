@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
 from jobs.cli import module_entry
-from jobs.gpu_memory import gpu_memory
+from jobs.metrics.memory import gpu_memory
 from nota_model.audio import AudioClip
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import DecodingConfig, load_config

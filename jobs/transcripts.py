@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import fsspec
 
-from jobs.outputs import PART_NAME, prediction_files, read_predictions
+from jobs.predictions import PART_NAME, prediction_files, read_predictions
 from nota_model.errors import NotaError
 from nota_model.storage import write_atomically, write_bytes_atomically
 

@@ -3,7 +3,7 @@
 import json
 
 from jobs.export import main
-from jobs.outputs import OutputStore
+from jobs.predictions import OutputStore
 from jobs.transcripts import srt, timestamp, vtt
 from tests.test_score import row
 

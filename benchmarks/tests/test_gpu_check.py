@@ -77,7 +77,7 @@ def test_each_step_reports_its_measurements(quick):
     for batch in bench["batches"]:
         assert batch["ttft_s"]["median"] > 0 and batch["tpot_s"]["median"] > 0 and batch["peak_memory_gb"] > 0
         assert batch["items_per_s"]["median"] > 0 and batch["output_tokens_per_s"]["median"] > 0
-        assert batch["gpu_memory"] is None  # jobs.gpu_memory's figures on a GPU only
+        assert batch["gpu_memory"] is None  # jobs.metrics.memory's figures on a GPU only
     assert [b["batch_size"] for b in bench["v100_emulation"]] == [1, 2] and bench["v100_emulation"][0]["tpot_s"]["median"] > 0
     assert bench["seed_method"]["synchronised"] is False and bench["batch1_comparison"]["tpot_s"]["seed_published"] == 0.038
     assert steps["job"] == {} and steps["training"] == {}

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.metrics import EDIT_COLUMNS
+from jobs.metrics.wer import EDIT_COLUMNS
 from jobs.scoring.item_scores import item_error_rates
 
 WORST_ITEMS = 20  # per group, in the report

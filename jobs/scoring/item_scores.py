@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.metrics import EDIT_COLUMNS
-from jobs.outputs import parquet_bytes
+from jobs.metrics.wer import EDIT_COLUMNS
+from jobs.predictions import parquet_bytes
 from nota_model.storage import write_bytes_atomically
 
 CAPTION_SCORES = ("cider_d", "meteor", "rouge_l")

@@ -33,14 +33,14 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from jobs.gpu_memory import gpu_memory
+from jobs.metrics.memory import gpu_memory
 from jobs.training.config import TrainConfig, ValidationSection
 from jobs.training.data import decode_row
 from jobs.training.logger import MetricsLogger
 from nota_model.build import save_trained
 from nota_model.checkpoint import load_into, read_checkpoint
 from nota_model.config import DecodingConfig
-from nota_model.errors import AudioError, ConfigError
+from nota_model.errors import AudioError
 from nota_model.model import NotaModel
 from nota_model.precision import device_capability, needs_grad_scaler, training_autocast_dtype
 from nota_model.training import (
@@ -370,7 +370,7 @@ def _all_sum(values: list[float], distributed: bool) -> list[float]:
 
 
 def _memory(device: torch.device) -> dict[str, float]:
-    """Peak memory so far: the process's resident set; on a GPU, jobs.gpu_memory's figures."""
+    """Peak memory so far: the process's resident set; on a GPU, jobs.metrics.memory's figures."""
     memory = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
         memory |= {f"gpu_{key.removesuffix('_bytes')}_gb": value / 2**30 for key, value in gpu_memory(device).items() if value is not None}

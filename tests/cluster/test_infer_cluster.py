@@ -28,8 +28,6 @@ from jobs.inference.plan import ReadPlan, TarShard
 from jobs.inference.predict import Predictor, actor_threads
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import ShardStaging
-from jobs.corpus.items import ItemListShard
-from jobs.corpus.manifest import load_manifest
 from jobs.predictions import OutputStore
 from nota_model.config import load_config
 from tests.inference.test_infer import TINY_DECODING, tone, wav_bytes

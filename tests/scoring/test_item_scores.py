@@ -11,8 +11,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from jobs import captions
-from jobs.outputs import OutputStore
-from jobs.score import score
+from jobs.predictions import OutputStore
+from jobs.scoring.score import score
 from jobs.scoring.item_scores import ITEMS_SCHEMA
 from tests.test_score import SPEECH, row, speech_rows
 from tests.test_scoring import GTS, RES, three_shards, write_shards

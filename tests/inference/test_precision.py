@@ -4,10 +4,10 @@ types, training's autocast and gradient scaler, the float16 warning for Qwen2, a
 import pytest
 import torch
 
-import jobs.pipeline.predict as predict
+import jobs.inference.predict as predict
 import nota_model.build as build
-from jobs.outputs import OutputMismatchError, OutputStore
-from jobs.pipeline.settings import JobSettings
+from jobs.predictions import OutputMismatchError, OutputStore
+from jobs.inference.settings import JobSettings
 from nota_model import load_config, load_model
 from nota_model.errors import ConfigError
 from nota_model.precision import (

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from jobs.inference.devices import DEVICE_FAILURE_EXIT_CODE, DeviceFailure, is_device_failure
-from jobs.pipeline.predict import Predictor
-from jobs.pipeline.settings import JobSettings
+from jobs.inference.predict import Predictor
+from jobs.inference.settings import JobSettings
 from nota_model.longform import piece_features
 from tests.conftest import make_clip
 

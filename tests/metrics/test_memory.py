@@ -1,4 +1,4 @@
-"""jobs.gpu_memory with torch's CUDA queries and NVML faked (no GPU here): allocated, reserved and NVML's figures."""
+"""jobs.metrics.memory with torch's CUDA queries and NVML faked (no GPU here): allocated, reserved and NVML's figures."""
 
 import os
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pynvml
 import torch
 
-from jobs.gpu_memory import gpu_memory
+from jobs.metrics.memory import gpu_memory
 
 
 def fake_gpu(monkeypatch, processes):

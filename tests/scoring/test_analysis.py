@@ -5,8 +5,8 @@ import random
 
 import pyarrow as pa
 
-from jobs.outputs import OUTPUT_SCHEMA
-from jobs.score import score
+from jobs.predictions import OUTPUT_SCHEMA
+from jobs.scoring.score import score
 from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.pipeline import score_blocks, score_table
 from tests.test_score import row

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from jobs.inference.progress import Progress, ProgressEstimator, ProgressReport, duration, shard_sizes
-from jobs.pipeline.read import TarShard
-from jobs.pipeline.write import WRITE_RESULT_SCHEMA
+from jobs.inference.plan import TarShard
+from jobs.inference.write import WRITE_RESULT_SCHEMA
 
 
 def simulated_run(seed: int, shards: int = 10, in_flight: int = 3, block: int = 32, spread: float = 0.1) -> tuple[ProgressEstimator, list]:
