@@ -24,7 +24,7 @@ import soundfile as sf
 
 from jobs.corpus.synthesis import SAMPLE_RATE, Voice, augment, check_synthesisers, pick_voice, synthesise, voices
 from jobs.corpus.texts import Exclusions, common_words, transcript, wordnet_texts, word_sequence
-from jobs.manifest import build_shards
+from jobs.corpus.build import build_shards
 
 HELD_OUT_SHARE = 50  # one sentence in this many is held out
 ITEMS_PER_SHARD = 500

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 import structlog
 import torch
 
-from jobs.manifest import Manifest, read_item_bytes
+from jobs.corpus.fetch import read_item_bytes
+from jobs.corpus.manifest import Manifest
 from nota_model.audio import AudioClip, load_audio
 from nota_model.config import NotaConfig
 from nota_model.errors import AudioError, ConfigError
@@ -44,6 +45,7 @@ INDEX_SCHEMA = pa.schema([
     pa.field("frames", pa.int32(), nullable=False),
 ])
 CACHE_FILE = "CACHE.json"
+DONE_FILE = "DONE.json"
 ENCODE_BATCH = 16
 
 log = structlog.get_logger("nota.features")
@@ -62,8 +64,8 @@ def cache_key(config: NotaConfig) -> dict[str, Any]:
 def build_cache(model: NotaModel, manifest: Manifest, directory: Path) -> dict[str, int]:
     """Encode every good item of `manifest` with a reference into `directory`, shard by shard, skipping shards
     already there. Returns counts: items cached, and items left out by reason."""
-    if model.config.speech_encoder.path is None:
-        raise ConfigError("caching random encoder weights makes no sense: give speech_encoder.path")
+    if (directory / DONE_FILE).exists():
+        return json.loads((directory / DONE_FILE).read_text())
     directory.mkdir(parents=True, exist_ok=True)
     _check_key(directory, cache_key(model.config))
     items = manifest.work_items().to_pylist()
@@ -74,7 +76,8 @@ def build_cache(model: NotaModel, manifest: Manifest, directory: Path) -> dict[s
             continue
         rows = [item for item in items if item["shard"] == shard]
         counts.update(_encode_shard(model, manifest, rows, directory, shard))
-        log.info("feature_cache_shard", shard=shard, items=len(rows), **counts)
+        log.info("feature_cache_shard", directory=str(directory), shard=shard, items=len(rows), **counts)
+    (directory / DONE_FILE).write_text(json.dumps(dict(counts)))
     return dict(counts)
 
 
@@ -147,3 +150,18 @@ class CachedStates:
 
     def states_of(self, rows: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
         return [self.states(row) for row in rows]
+
+
+def cache_directories(root: Path, manifests: Sequence[Manifest]) -> list[Path]:
+    """Each training manifest's cache: a subdirectory of `datasets.feature_cache` named after its corpus."""
+    names = [manifest.name for manifest in manifests]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"datasets.feature_cache needs training manifests with distinct names, not {names}")
+    return [root / name for name in names]
+
+
+def cached_training_rows(caches: Sequence[CachedStates]) -> list[dict[str, Any]]:
+    """One row per (cached item, reference), in cache and item order; `cache` names the cache it is in."""
+    return [{"cache": number, "shard": row["shard"], "offset": row["offset"], "frames": row["frames"], "id": row["id"],
+             "task": row["task"], "prompt": row["prompt"], "answer": answer}
+            for number, cache in enumerate(caches) for row in cache.rows for answer in row["reference"]]
