@@ -11,9 +11,14 @@ import torch
 
 from jobs.corpus.manifest import load_manifest
 from jobs.samples import default_dest, fetch_librivox
+from jobs.training.config import TrainConfig
+from jobs.training.driver import run
 from jobs.training.features import DONE_FILE, CachedStates, build_cache, cached_training_rows
+from jobs.training.objective import CTC_HEAD_FILE
+from jobs.training.worker import STATE_FILE
 from nota_model.audio import load_audio
 from nota_model.build import load_model
+from nota_model.checkpoint import read_state_dict
 from nota_model.config import load_config
 from nota_model.errors import ConfigError
 from nota_model.training import CTCHead, ctc_greedy, ctc_loss, prepare_for_training
@@ -112,3 +117,29 @@ def _full_vocabulary_ctc(model, head, tokens, answers) -> float:
     return torch.nn.functional.ctc_loss(
         log_probs, torch.tensor(sum(targets, [])), torch.tensor([len(t) for t in tokens]),
         torch.tensor([len(t) for t in targets]), blank=len(embeddings), zero_infinity=True).item()
+
+
+def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest, tmp_path):
+    """Stage 1 (CTC only, LoRA frozen) then stage 2 (answer and CTC) from its weights, through Ray Train and the
+    feature cache that stage 1's driver builds: the CTC head is saved beside the weights and validated."""
+    def stage(name: str, objective: dict, checkpoint: str | None = None) -> dict:
+        return run(TrainConfig.model_validate({
+            "model": {"config": "tiny", "overrides": SPEECH_ONLY, "checkpoint": checkpoint},
+            "datasets": {"train": [librivox_manifest], "feature_cache": str(tmp_path / "features"),
+                         "validation": {"manifest": librivox_manifest, "decoding": {"max_new_tokens": 8}}},
+            "objective": objective,
+            "run": {"name": name, "storage_path": str(tmp_path / "runs"), "max_steps": 3, "batch_size": 2,
+                    "use_gpu": False, "max_failures": 0, "schedule": {"warmup_steps": 1}},
+        }))
+
+    first = stage("connector", {"answer_weight": 0, "ctc_weight": 1, "frozen": ["lora"]})
+    assert (tmp_path / "features" / "librivox" / DONE_FILE).exists()
+    assert (Path(first["checkpoint"]) / CTC_HEAD_FILE).exists()
+    assert 0 <= first["metrics"]["val/ctc_wer"] and "val/wer" not in first["metrics"]
+    history = torch.load(Path(first["checkpoint"]) / STATE_FILE, weights_only=True)["history"]
+    assert [row["loss"] for row in history] == [None] * 3 and all(row["ctc_loss"] > 0 for row in history)
+
+    second = stage("reader", {"answer_weight": 1, "ctc_weight": 0.5, "frozen": ["lora"]}, first["weights"])
+    assert {"val/wer", "val/ctc_wer", "val/loss"} <= set(second["metrics"])
+    head = read_state_dict(Path(second["checkpoint"]) / CTC_HEAD_FILE)
+    assert not torch.equal(head["blank"], read_state_dict(Path(first["checkpoint"]) / CTC_HEAD_FILE)["blank"])
