@@ -76,13 +76,34 @@ class NotaModel(nn.Module):
         """`audio_tokens` with autograd, for training: frozen encoders (no parameter requiring grad) run
         without building a graph; the layer norms, Q-Former and projection keep theirs."""
         features = compute_features(clips, self.config) if features is None else features
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            states = self._encoder_states(features, clips)
-            window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
-            windows = [split_windows(item.unsqueeze(0), window, stride) for item in states]
-            counts = [len(item) for item in windows]
-            queries = self.speech_query_tokens.expand(sum(counts), -1, -1)
-            tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))
+        with self._autocast():
+            return self._connect(self._encoder_states(features, clips))
+
+    def speech_states(self, clips: Sequence[AudioClip], features: Sequence[ModelFeatures] | None = None) -> list[torch.Tensor]:
+        """The frozen Whisper encoder's states of each clip, (frames, width): what a training feature cache holds."""
+        features = compute_features(clips, self.config) if features is None else features
+        with self._autocast(), torch.no_grad():
+            return self._speech_states(features, clips)
+
+    def tokens_from_speech_states(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`encode_audio` from cached `speech_states` (with autograd through the trained parts). Only for a
+        model without the CED branch, whose input is the speech states alone."""
+        if self.ced is not None:
+            raise ConfigError("cached speech states hold the Whisper branch only: a model with a CED audio encoder "
+                              "(audio_encoder.kind: ced) trains from the audio")
+        with self._autocast():
+            return self._connect([self.ln_speech(item.to(self.device)) for item in states])
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _connect(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each clip's encoder states -> windows -> Q-Former (one query per window) -> projection to the LLM."""
+        window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
+        windows = [split_windows(item.unsqueeze(0), window, stride) for item in states]
+        counts = [len(item) for item in windows]
+        queries = self.speech_query_tokens.expand(sum(counts), -1, -1)
+        tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))
         return [item.flatten(0, 1).to(self.dtype) for item in tokens.split(counts)]
 
     def _encoder_states(self, features: Sequence[ModelFeatures], clips: Sequence[AudioClip]) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nota_model.audio import AudioClip
-from nota_model.checkpoint import is_trained_key, seed_settings
+from nota_model.checkpoint import LORA_MARKER, is_trained_key, seed_settings
 from nota_model.errors import ConfigError
 from nota_model.model import NotaModel, positions
 
@@ -66,11 +66,13 @@ class ScheduleConfig(_Strict):
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: a clip, the prompt it is asked (holding `<SpeechHere>`) and the answer."""
+    """One training example: a clip (or its cached Whisper states), the prompt it is asked (holding
+    `<SpeechHere>`) and the answer."""
 
-    clip: AudioClip
+    clip: AudioClip | None
     prompt: str
     answer: str
+    speech_states: torch.Tensor | None = None  # (frames, width): `NotaModel.speech_states` of the clip, cached
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,68 @@ def build_batch(
 
 def batch_for(model: NotaModel, examples: Sequence[Example], max_answer_tokens: int | None = None) -> TrainingBatch:
     """Encode the clips (frozen encoders without a graph) and build the batch."""
-    tokens = model.encode_audio([example.clip for example in examples])
-    return build_batch(model, tokens, [e.prompt for e in examples], [e.answer for e in examples], max_answer_tokens)
+    return build_batch(model, example_audio_tokens(model, examples), [e.prompt for e in examples],
+                       [e.answer for e in examples], max_answer_tokens)
+
+
+def example_audio_tokens(model: NotaModel, examples: Sequence[Example]) -> list[torch.Tensor]:
+    """The examples' audio tokens, with autograd through the trained parts: from their cached speech states
+    when they carry them, else from their clips."""
+    if all(example.speech_states is not None for example in examples):
+        return model.tokens_from_speech_states([example.speech_states for example in examples])
+    return model.encode_audio([example.clip for example in examples])
+
+
+class CTCHead(torch.nn.Module):
+    """A training-only head that asks each audio token to be the LLM input embedding of the answer token spoken
+    in its window (CTC over the LLM's vocabulary plus a blank): cosine similarity to the LLM's (frozen) input
+    embeddings and to a learned blank vector, times a learned scale. It gives the connector a dense, direct
+    signal from the first step, where the answer loss alone leaves it a long plateau before the LLM uses the
+    audio; it is not part of the model and not saved with it."""
+
+    def __init__(self, hidden_size: int, initial_scale: float = 10.0):
+        super().__init__()
+        self.blank = torch.nn.Parameter(torch.randn(hidden_size) * 0.02)
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(initial_scale)))
+
+    def log_probs(self, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """(T, V + 1) log-probabilities of the V given embeddings' tokens and the blank (last) for (T, hidden)
+        audio tokens."""
+        directions = F.normalize(torch.cat([embeddings.detach(), self.blank.unsqueeze(0)]).float(), dim=-1)
+        return (F.normalize(tokens.float(), dim=-1) @ directions.T * self.log_scale.exp()).log_softmax(-1)
+
+
+def ctc_loss(model: NotaModel, head: CTCHead, audio_tokens: Sequence[torch.Tensor], answers: Sequence[str],
+             negatives: int = 2048) -> torch.Tensor:
+    """Mean over the batch of CTC loss per answer token, over a sampled vocabulary: the batch's answer tokens
+    and `negatives` other tokens drawn at random (a sampled softmax; the full vocabulary costs some forty times
+    more on a CPU). Answers longer than the audio tokens allow give zero (`zero_infinity`): the answer loss
+    still trains them."""
+    embeddings = model.llama_model.get_input_embeddings().weight
+    targets = [torch.tensor(model.tokenizer(answer, add_special_tokens=False).input_ids, dtype=torch.long) for answer in answers]
+    vocabulary = torch.cat(targets).unique()
+    if negatives:
+        drawn = torch.randint(len(embeddings), (negatives,))
+        vocabulary = torch.cat([vocabulary, drawn[~torch.isin(drawn, vocabulary)].unique()])
+    position = torch.full((len(embeddings),), -1, dtype=torch.long)
+    position[vocabulary] = torch.arange(len(vocabulary))
+    lengths = [len(tokens) for tokens in audio_tokens]
+    log_probs = head.log_probs(torch.cat(list(audio_tokens)), embeddings[vocabulary.to(embeddings.device)])
+    padded = torch.nn.utils.rnn.pad_sequence(list(log_probs.split(lengths)))
+    return F.ctc_loss(padded, position[torch.cat(targets)].to(padded.device), torch.tensor(lengths),
+                      torch.tensor([len(t) for t in targets]), blank=len(vocabulary), reduction="mean", zero_infinity=True)
+
+
+def ctc_greedy(model: NotaModel, head: CTCHead, audio_tokens: Sequence[torch.Tensor]) -> list[str]:
+    """The CTC head's best path per clip, repeats merged and blanks dropped, decoded: what the connector alone
+    hears (a validation figure that does not depend on the LLM)."""
+    embeddings = model.llama_model.get_input_embeddings().weight
+    texts = []
+    for tokens in audio_tokens:
+        best = head.log_probs(tokens, embeddings).argmax(-1).tolist()
+        ids = [token for position, token in enumerate(best) if token != embeddings.shape[0] and (position == 0 or best[position - 1] != token)]
+        texts.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
 
 
 def answer_loss(model: NotaModel, batch: TrainingBatch, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
@@ -143,19 +205,25 @@ def answer_loss(model: NotaModel, batch: TrainingBatch, reduction: Literal["mean
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def prepare_for_training(model: NotaModel) -> list[str]:
-    """Freeze everything but the checkpoint's trained parameters, keep those in float32 (the optimizer and
-    the gradient scaler work on them; the frozen LLM may stay in half precision), and set train mode.
-    Returns the trained parameters' names."""
+TrainedPart = Literal["connector", "lora"]
+
+
+def prepare_for_training(model: NotaModel, frozen: Sequence[TrainedPart] = ()) -> list[str]:
+    """Freeze everything but the checkpoint's trained parameters, less the `frozen` parts (`connector`: Q-Former,
+    query tokens, projection, layer norms; `lora`), keep the learning ones in float32 (the optimizer and the
+    gradient scaler work on them; the frozen LLM may stay in half precision), and set train mode. Returns the
+    learning parameters' names."""
     trained = []
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(is_trained_key(name))
+        part = "lora" if LORA_MARKER in name else "connector"
+        parameter.requires_grad_(is_trained_key(name) and part not in frozen)
         if parameter.requires_grad:
             trained.append(name)
             if parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
     if not trained:
-        raise ConfigError("the model has no trained parameters (Q-Former, projection, layer norms, LoRA)")
+        raise ConfigError("no parameter learns: the model has no trained parameters (Q-Former, projection, layer "
+                          f"norms, LoRA), or all of them are frozen ({', '.join(frozen)})")
     train_mode(model)
     return trained
 

@@ -19,7 +19,7 @@ from nota_model.config import NotaConfig, PromptConfig, load_config
 from nota_model.errors import ConfigError, validation_problems
 from nota_model.overrides import deep_merge
 from nota_model.storage import cache_dir
-from nota_model.training import OptimizerConfig, ScheduleConfig
+from nota_model.training import OptimizerConfig, ScheduleConfig, TrainedPart
 
 
 PLACEHOLDER = PromptConfig().speech_placeholder
@@ -67,6 +67,9 @@ class DatasetsSection(_Strict):
     prompts: dict[str, list[str]] = Field(default_factory=dict)  # training prompts per task; default: the model's task prompt
     max_answer_tokens: int = Field(200, ge=2)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for the manifests
+    # A local directory: train from the frozen speech encoder's states cached there (one subdirectory per training
+    # manifest, built before training where missing: jobs.training.features) instead of from the audio.
+    feature_cache: str | None = None
 
     @field_validator("prompts")
     @classmethod
@@ -85,6 +88,22 @@ class DatasetsSection(_Strict):
         if any(w < 0 for w in weights.values()):
             raise ValueError("task_weights must not be negative")
         return weights
+
+
+class ObjectiveSection(_Strict):
+    """What the trained parts learn from in this stage, and which of them learn (jobs.training.objective)."""
+
+    answer_weight: float = Field(1.0, ge=0)  # the answer tokens' cross-entropy through the LLM; 0: no LLM pass
+    ctc_weight: float = Field(0.0, ge=0)  # CTC of the audio tokens against the answer's LLM input embeddings
+    frozen: list[TrainedPart] = Field(default_factory=list)  # trained parts that stay as they are: connector, lora
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectiveSection:
+        if not (self.answer_weight or self.ctc_weight):
+            raise ValueError("objective: give answer_weight or ctc_weight a weight above 0")
+        if not self.answer_weight and "lora" not in self.frozen:
+            raise ValueError("objective: without the answer term (answer_weight 0) the LLM is not run: freeze lora")
+        return self
 
 
 class RunSection(_Strict):
@@ -134,6 +153,7 @@ class TrainConfig(_Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     datasets: DatasetsSection
     run: RunSection
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     def log_dir(self) -> Path:

@@ -21,12 +21,15 @@ import structlog
 import torch
 
 from jobs import logs
-from jobs.corpus.manifest import load_manifest
+from jobs.corpus.manifest import Manifest, load_manifest
 from jobs.training.config import RunSection, TrainConfig, is_local
 from jobs.training.data import training_rows, validation_rows
+from jobs.training.features import DONE_FILE, CachedStates, build_cache, cache_directories, cached_training_rows
+from jobs.training.objective import load_ctc_head
 from jobs.training.worker import WEIGHTS_FILE, WorkerTrainer
 from nota_model.build import load_model
 from nota_model.errors import ConfigError
+from nota_model.storage import resolve
 
 log = structlog.get_logger("nota.train")
 
@@ -41,8 +44,11 @@ def train_worker(settings: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     loaded = load_model(config.model.load(), checkpoint=config.model.checkpoint, device=device)
     data = ray.get(settings["data"])
+    caches = [CachedStates.open(Path(directory), loaded.model.config) for directory in data["caches"]]
     trainer = WorkerTrainer(config, loaded.model, data["train"], data["validation"], data["storage_options"],
-                            context.get_world_rank(), context.get_world_size())
+                            context.get_world_rank(), context.get_world_size(), caches)
+    if config.model.checkpoint:  # the stage before's CTC head, when it saved one beside its weights
+        load_ctc_head(trainer.objective, resolve(config.model.checkpoint).parent)
     trainer.restore(ray.train.get_checkpoint())
     if fail_at:
         _inject_failures(trainer, fail_at, settings["fail_marker"])
@@ -62,6 +68,18 @@ def _inject_failures(trainer: WorkerTrainer, steps: list[int], marker: str) -> N
         report(metrics, save, predictions)
 
     trainer._report = failing
+
+
+def prepare_caches(config: TrainConfig, manifests: Sequence[Manifest]) -> list[Path]:
+    """The training manifests' feature caches, built here first where they are missing or incomplete."""
+    directories = cache_directories(Path(config.datasets.feature_cache).expanduser(), manifests)
+    model = None
+    for manifest, directory in zip(manifests, directories):
+        if not (directory / DONE_FILE).exists():
+            model = model or load_model(config.model.load()).model
+            log.info("feature_cache_build", manifest=manifest.name, directory=str(directory))
+            log.info("feature_cache_built", directory=str(directory), **build_cache(model, manifest, directory))
+    return directories
 
 
 def storage(run: RunSection) -> tuple[str, Any]:
@@ -89,7 +107,12 @@ def run(config: TrainConfig, fail_at_steps: Sequence[int] = (), fail_marker: str
     model_config = config.model.load()
     options = config.datasets.storage_options
     manifests = [load_manifest(url, options) for url in config.datasets.train]
-    train, skipped = training_rows(manifests)
+    caches: list[str] = []
+    if config.datasets.feature_cache:
+        caches = [str(directory) for directory in prepare_caches(config, manifests)]
+        train, skipped = cached_training_rows([CachedStates.open(Path(d), model_config) for d in caches]), Counter()
+    else:
+        train, skipped = training_rows(manifests)
     if not train:
         raise ConfigError(f"the training manifests hold no item with a reference (left out: {dict(skipped)})")
     tasks = Counter(row["task"] for row in train)
@@ -107,7 +130,7 @@ def run(config: TrainConfig, fail_at_steps: Sequence[int] = (), fail_marker: str
     use_gpu = config.run.use_gpu if config.run.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     log.info("train_job_start", name=config.run.name, examples=len(train), tasks=dict(tasks), left_out=dict(skipped),
              validation_items=len(validation), workers=config.run.num_workers, use_gpu=use_gpu)
-    data = ray.put({"train": train, "validation": validation, "storage_options": storage_options})
+    data = ray.put({"train": train, "validation": validation, "storage_options": storage_options, "caches": caches})
     storage_path, filesystem = storage(config.run)
     settings = {"config": config.model_dump(mode="json"), "data": data}
     if fail_at_steps:

@@ -20,6 +20,7 @@ import json
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,7 +37,9 @@ import torch.distributed as dist
 from jobs.metrics.memory import gpu_memory
 from jobs.training.config import TrainConfig, ValidationSection
 from jobs.training.data import decode_row
+from jobs.training.features import CachedStates
 from jobs.training.logger import MetricsLogger
+from jobs.training.objective import Objective, autocast, load_ctc_head, save_ctc_head
 from nota_model.build import save_trained
 from nota_model.checkpoint import load_into, read_checkpoint
 from nota_model.config import DecodingConfig
@@ -48,6 +51,7 @@ from nota_model.training import (
     answer_loss,
     batch_for,
     choose_prompt,
+    ctc_greedy,
     epoch_order,
     make_optimizer,
     make_scheduler,
@@ -74,33 +78,19 @@ log = structlog.get_logger("nota.train")
 
 
 
-class _LossModule(torch.nn.Module):
-    """What DDP wraps: the model, with a forward that encodes the clips and returns the mean answer loss
-    and the number of answer tokens."""
-
-    def __init__(self, model: NotaModel, max_answer_tokens: int, amp_dtype: torch.dtype | None):
-        super().__init__()
-        self.model = model
-        self.max_answer_tokens = max_answer_tokens
-        self.amp_dtype = amp_dtype
-
-    def forward(self, examples: list[Example]) -> tuple[torch.Tensor, int]:
-        with autocast(self.model.device, self.amp_dtype):
-            batch = batch_for(self.model, examples, self.max_answer_tokens)
-            return answer_loss(self.model, batch), batch.answer_tokens
-
-
 class WorkerTrainer:
     def __init__(self, config: TrainConfig, model: NotaModel, train: list[dict[str, Any]], validation: list[dict[str, Any]],
-                 storage_options: list[dict[str, Any]], rank: int, world_size: int):
+                 storage_options: list[dict[str, Any]], rank: int, world_size: int, caches: Sequence[CachedStates] = ()):
         self.config, self.run, self.model = config, config.run, model
         self.train_rows, self.validation_rows, self.storage_options = train, validation, storage_options
+        self.caches = caches  # the feature caches that rows with a `cache` number come from
         self.rank, self.world_size = rank, world_size
         self.device = model.device
         self.amp_dtype = _amp_dtype(self.run.amp, self.device)
-        self.trained = prepare_for_training(model)
+        self.trained = prepare_for_training(model, config.objective.frozen)
+        self.objective = Objective(model, config.objective, config.datasets.max_answer_tokens, self.amp_dtype)
         self.module = ray.train.torch.prepare_model(
-            _LossModule(model, config.datasets.max_answer_tokens, self.amp_dtype),
+            self.objective,
             move_to_device=False,
             parallel_strategy_kwargs={"broadcast_buffers": False},
         )
@@ -110,7 +100,7 @@ class WorkerTrainer:
         self.epoch_size = config.datasets.samples_per_epoch or len(train)
         self.steps_per_epoch = steps_per_epoch(self.epoch_size, world_size, self.run.batch_size, self.run.gradient_accumulation)
         self.total_steps = self.run.max_steps or self.run.epochs * self.steps_per_epoch
-        self.optimizer = make_optimizer(model, self.run.optimizer)
+        self.optimizer = make_optimizer(self.objective, self.run.optimizer)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, self.run.optimizer, self.run.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype, model.dtype))
         self.step = 0
@@ -132,6 +122,7 @@ class WorkerTrainer:
             weights = read_checkpoint(Path(directory) / WEIGHTS_FILE)
             load_into(self.model, weights.tensors, required=set(self.model.trained_state_dict()), source=str(directory))
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+            load_ctc_head(self.objective, Path(directory))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -167,13 +158,16 @@ class WorkerTrainer:
         examples, failed = [], 0
         for index, position in zip(indices, positions):
             row = self.train_rows[int(index)]
+            prompt = row["prompt"] or choose_prompt(self.prompts[row["task"]], self.run.seed, epoch, position)
+            if "cache" in row:
+                examples.append(Example(None, prompt, row["answer"], self.caches[row["cache"]].states(row)))
+                continue
             try:
                 clip = decode_row(row, self.storage_options, self.model)
             except AudioError as err:
                 failed += 1
                 log.warning("train_item_skipped", id=row["id"], audio=row["audio"], error=err.code, message=err.message)
                 continue
-            prompt = row["prompt"] or choose_prompt(self.prompts[row["task"]], self.run.seed, epoch, position)
             examples.append(Example(clip, prompt, row["answer"]))
         return examples, failed
 
@@ -189,7 +183,7 @@ class WorkerTrainer:
         self._submit(self.step)
         while self.step < self.total_steps:
             self._submit(self.step + 1)
-            loss, samples, tokens = self._train_step()
+            loss, ctc, samples, tokens = self._train_step()
             window_samples += samples
             window_steps += 1
             last = self.step == self.total_steps
@@ -203,7 +197,7 @@ class WorkerTrainer:
                 continue
             elapsed = time.perf_counter() - window_started
             metrics = {
-                "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss,
+                "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss, "ctc_loss": ctc,
                 "lr": self.history[-1]["lr"], "answer_tokens": tokens,
                 "steps_per_s": window_steps / elapsed, "samples_per_s": window_samples / elapsed,
                 "skipped_items": self.skipped_items, **_memory(self.device),
@@ -218,10 +212,12 @@ class WorkerTrainer:
         if self.logger:
             self.logger.close()
 
-    def _train_step(self) -> tuple[float, int, int]:
+    def _train_step(self) -> tuple[float | None, float | None, int, int]:
+        """One optimizer step; returns the answer loss per answer token and the CTC loss per sample (None for a
+        term the objective leaves out), the samples and the answer tokens."""
         torch.manual_seed(step_seed(self.run.seed, self.step, self.rank))
         micro_batches = self._micro_batches(self.step)
-        loss_sum, tokens, samples, failed = 0.0, 0, 0, 0
+        loss_sum, ctc_sum, tokens, samples, failed = 0.0, 0.0, 0, 0, 0
         for micro in range(len(micro_batches)):
             examples, skipped = self._pending.pop((self.step, micro)).result()
             failed += skipped
@@ -230,25 +226,27 @@ class WorkerTrainer:
                                    "check the corpus with `python -m jobs.manifest validate`")
             sync = micro == len(micro_batches) - 1 or not self.distributed
             with nullcontext() if sync else self.module.no_sync():
-                loss, count = self.module(examples)
-                self.scaler.scale(loss / len(micro_batches)).backward()
-            loss_sum += loss.item() * count
-            tokens += count
+                step_loss = self.module(examples)
+                self.scaler.scale(step_loss.total / len(micro_batches)).backward()
+            loss_sum += (step_loss.answer or 0.0) * step_loss.answer_tokens
+            ctc_sum += (step_loss.ctc or 0.0) * len(examples)
+            tokens += step_loss.answer_tokens
             samples += len(examples)
         if self.run.optimizer.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.run.optimizer.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for p in self.objective.parameters() if p.requires_grad], self.run.optimizer.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
-        loss_sum, tokens, samples, failed = _all_sum([loss_sum, tokens, samples, failed], self.distributed)
+        loss_sum, ctc_sum, tokens, samples, failed = _all_sum([loss_sum, ctc_sum, tokens, samples, failed], self.distributed)
         self.skipped_items += int(failed)
-        loss = loss_sum / max(tokens, 1)
-        self.history.append({"step": self.step, "loss": loss, "lr": lr, "samples": int(samples)})
-        return loss, int(samples), int(tokens)
+        loss = loss_sum / max(tokens, 1) if self.config.objective.answer_weight else None
+        ctc = ctc_sum / max(samples, 1) if self.objective.ctc_head is not None else None
+        self.history.append({"step": self.step, "loss": loss, "ctc_loss": ctc, "lr": lr, "samples": int(samples)})
+        return loss, ctc, int(samples), int(tokens)
 
     # Validation
 
@@ -271,14 +269,18 @@ class WorkerTrainer:
             if not rows:
                 continue
             prompts = [row["prompt"] or self.model.prompt_for(row["task"]) for row in rows]
+            texts, ctc_texts = [None] * len(rows), [None] * len(rows)
             with torch.no_grad(), autocast(self.device, self.amp_dtype):
-                output = self.model.generate(clips, prompts, decoding)
-                examples = [Example(clip, prompt, row["reference"][0]) for clip, prompt, row in zip(clips, prompts, rows)]
-                batch = batch_for(self.model, examples, self.config.datasets.max_answer_tokens)
-                loss_sum += float(answer_loss(self.model, batch, reduction="sum"))
-                tokens += batch.answer_tokens
-            results += [{"id": row["id"], "task": row["task"], "reference": row["reference"], "text": text, "error": None}
-                        for row, text in zip(rows, output.texts)]
+                if self.config.objective.answer_weight:
+                    texts = self.model.generate(clips, prompts, decoding).texts
+                    examples = [Example(clip, prompt, row["reference"][0]) for clip, prompt, row in zip(clips, prompts, rows)]
+                    batch = batch_for(self.model, examples, self.config.datasets.max_answer_tokens)
+                    loss_sum += float(answer_loss(self.model, batch, reduction="sum"))
+                    tokens += batch.answer_tokens
+                if self.objective.ctc_head is not None:
+                    ctc_texts = ctc_greedy(self.model, self.objective.ctc_head, self.model.encode_audio(clips))
+            results += [{"id": row["id"], "task": row["task"], "reference": row["reference"], "text": text, "ctc_text": ctc_text,
+                         "error": None} for row, text, ctc_text in zip(rows, texts, ctc_texts)]
         train_mode(self.model)
         loss_sum, tokens = _all_sum([loss_sum, tokens], self.distributed)
         gathered = [results]
@@ -288,7 +290,7 @@ class WorkerTrainer:
         if self.rank != 0:
             return {}, None
         predictions = [row for part in gathered for row in part]
-        scores = {"val/loss": loss_sum / max(tokens, 1), "val/items": len(predictions), "val/seconds": time.perf_counter() - started,
+        scores = {"val/loss": loss_sum / tokens if tokens else None, "val/items": len(predictions), "val/seconds": time.perf_counter() - started,
                   **validation_scores(predictions, validation)}
         log.info("validation", step=self.step, **scores)
         return scores, predictions
@@ -312,6 +314,7 @@ class WorkerTrainer:
 
     def _write_checkpoint(self, directory: Path, metrics: dict[str, Any], predictions: list[dict[str, Any]] | None) -> None:
         save_trained(self.model, directory / WEIGHTS_FILE)
+        save_ctc_head(self.objective, directory)
         (directory / MODEL_CONFIG_FILE).write_text(self.model.config.to_yaml())
         state = {
             "step": self.step, "history": self.history, "skipped_items": self.skipped_items,
@@ -335,11 +338,14 @@ def validation_scores(predictions: list[dict[str, Any]], validation: ValidationS
     scores: dict[str, Any] = {}
     good = [row for row in predictions if row["error"] is None]
     scores["val/errors"] = len(predictions) - len(good)
-    asr = [row for row in good if row["task"] == "asr"]
+    asr = [row for row in good if row["task"] == "asr" and row["text"] is not None]
     if asr:
         errors = corpus_wer([row["reference"][0] for row in asr], [row["text"] for row in asr])
         scores.update({"val/wer": errors.wer, "val/cer": errors.cer})
-    aac = [row for row in good if row["task"] == "aac"]
+    heard = [row for row in good if row["task"] == "asr" and row.get("ctc_text") is not None]
+    if heard:  # what the connector alone hears, through the CTC head
+        scores["val/ctc_wer"] = corpus_wer([row["reference"][0] for row in heard], [row["ctc_text"] for row in heard]).wer
+    aac = [row for row in good if row["task"] == "aac" and row["text"] is not None]
     if aac and validation.captions:
         try:
             captions = caption_scores([row["reference"] for row in aac], [row["text"] for row in aac], validation.spice_lib)
@@ -349,10 +355,6 @@ def validation_scores(predictions: list[dict[str, Any]], validation: ValidationS
             scores.update({"val/cider_d": captions.cider_d, "val/meteor": captions.meteor, "val/spice": captions.spice,
                            "val/spider": captions.spider})
     return scores
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

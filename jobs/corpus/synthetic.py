@@ -1,0 +1,127 @@
+"""A synthetic speech-recognition corpus: texts (`jobs.corpus.texts`) spoken by many voices (`jobs.corpus.synthesis`),
+packed as WebDataset tar shards with a manifest, like any corpus the job reads.
+
+Two splits, disjoint in voices and in sentences:
+- `train`: WordNet example sentences (alone or two joined), WordNet glosses and random word sequences, spoken
+  by the training voices;
+- `held-out`: WordNet sentences of the held-out share (1 in 50, by a hash of the text) spoken by held-out voices.
+
+Every item is a pure function of (seed, split, number): a killed build resumes where it stopped and a rebuild
+gives the same corpus. Nothing of the evaluation corpora (the LibriVox and spoken-card transcripts) enters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import soundfile as sf
+
+from jobs.corpus.synthesis import SAMPLE_RATE, Voice, augment, check_synthesisers, pick_voice, synthesise, voices
+from jobs.corpus.texts import Exclusions, common_words, transcript, wordnet_texts, word_sequence
+from jobs.corpus.build import build_shards
+
+HELD_OUT_SHARE = 50  # one sentence in this many is held out
+ITEMS_PER_SHARD = 500
+SOURCES = """# Sources and licences of this corpus
+
+- Texts: WordNet 3.0 (Debian `wordnet-base`; Princeton WordNet licence: free to use, copy, modify and distribute
+  with its copyright notice) example sentences and glosses; random sequences of words from the SCOWL word list
+  (Debian `wamerican`; SCOWL's licence: free use with notice).
+- Voices: espeak-ng (GPL-3; its voice data), flite (BSD-style; CMU voices kal, awb, rms, slt), festival with
+  festvox-kallpc16k, festvox-kdlpc16k (free use) and festvox-us-slt-hts (CMU ARCTIC, BSD-style).
+- Left out: every text sharing a word 5-gram with, or holding the whole of, a LibriVox or spoken-card transcript.
+"""
+
+
+@dataclass(frozen=True)
+class PlannedItem:
+    id: str
+    text: str  # what the synthesiser reads
+    reference: str  # the transcript the model learns to write
+    kind: str  # example, examples, gloss, words
+    voice: Voice
+    seed: int
+
+
+def plan(split: str, count: int, seed: int, exclusions: Exclusions) -> list[PlannedItem]:
+    """The split's items: texts and voices drawn from a generator seeded by (seed, split)."""
+    held_out = split == "held-out"
+    examples, glosses = wordnet_texts()
+    keep = lambda texts: [t for t in texts if _is_held_out(t) == held_out and not exclusions.excludes(t)]  # noqa: E731
+    examples, glosses = keep(examples), keep(glosses)
+    words = common_words()
+    pool = voices(held_out)
+    rng = random.Random(f"{seed}:{split}")
+    items = []
+    for number in range(count):
+        kind = rng.choices(("example", "examples", "gloss", "words"), weights=(1, 0, 1, 0) if held_out else (3, 2, 3, 2))[0]
+        text = _text(kind, examples, glosses, words, rng)
+        items.append(PlannedItem(f"{split}-{number:06d}", text, transcript(text), kind, pick_voice(pool, rng), rng.getrandbits(62)))
+    return items
+
+
+def _text(kind: str, examples: Sequence[str], glosses: Sequence[str], words: Sequence[str], rng: random.Random) -> str:
+    if kind == "example":
+        return rng.choice(examples)
+    if kind == "examples":
+        return f"{rng.choice(examples)}, {rng.choice(examples)}"
+    if kind == "gloss":
+        return rng.choice(glosses)
+    return word_sequence(words, rng)
+
+
+def _is_held_out(text: str) -> bool:
+    return int(hashlib.blake2b(transcript(text).encode(), digest_size=8).hexdigest(), 16) % HELD_OUT_SHARE == 0
+
+
+def render(item: PlannedItem, audio_dir: Path) -> Path:
+    """Synthesise and augment one item into `audio_dir/ID.flac` with its transcript in `ID.txt` (kept if there)."""
+    path = audio_dir / f"{item.id}.flac"
+    if not path.exists():
+        rng = random.Random(item.seed)
+        audio = augment(synthesise(item.text, item.voice, rng), rng)
+        partial = path.with_suffix(".part.flac")
+        sf.write(partial, audio, SAMPLE_RATE, subtype="PCM_16")
+        partial.rename(path)
+    path.with_suffix(".txt").write_text(item.reference + "\n")
+    return path
+
+
+def build_split(split: str, count: int, dest: Path, seed: int, exclusions: Exclusions, workers: int) -> Path:
+    """Render the split's items (resuming) and pack them; returns its manifest. A built split is left as it is."""
+    manifest = dest / f"{split}.yaml"
+    if manifest.exists():
+        return manifest
+    items = plan(split, count, seed, exclusions)
+    audio_dir = dest / "audio" / split
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for done, _ in enumerate(pool.map(render, items, [audio_dir] * len(items), chunksize=16), 1):
+            if done % 500 == 0 or done == len(items):
+                print(f"{split}: {done}/{len(items)} items rendered", flush=True)
+    _write_sources(dest / f"{split}-items.jsonl", items)
+    return Path(build_shards(audio_dir, None, f"synthetic-{split}", "asr", str(dest / split), ITEMS_PER_SHARD))
+
+
+def _write_sources(path: Path, items: Iterable[PlannedItem]) -> None:
+    with path.open("w") as file:
+        for item in items:
+            row = {**asdict(item), "voice": item.voice.label}
+            file.write(json.dumps(row) + "\n")
+
+
+def build(dest: Path, train_items: int, held_out_items: int, seed: int, evaluation_transcripts: Iterable[str],
+          workers: int = 2) -> dict[str, Path]:
+    """Both splits under `dest` (`train.yaml`, `held-out.yaml`, shards, per-item sources, SOURCES.md)."""
+    check_synthesisers()
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "SOURCES.md").write_text(SOURCES)
+    exclusions = Exclusions.of(evaluation_transcripts)
+    return {split: build_split(split, count, dest, seed, exclusions, workers)
+            for split, count in (("held-out", held_out_items), ("train", train_items))}

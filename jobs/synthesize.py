@@ -1,0 +1,44 @@
+"""Build the synthetic speech-recognition training corpus (`jobs.corpus.synthetic`) once, into the cache.
+
+    python -m jobs.synthesize [--dest DIR] [--train-items 10000] [--held-out-items 400] [--seed 0] [--workers 2]
+
+Needs Debian's synthesisers and texts: apt-get install espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k
+festvox-us-slt-hts wordnet-base wamerican. Idempotent and resumable: a split whose manifest exists is kept, and a
+killed build continues with the items it has not rendered. Prints the manifests as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jobs.corpus.synthetic import build
+from jobs.samples import default_dest, fetch_cards, fetch_librivox
+from nota_model.errors import NotaError
+from nota_model.storage import cache_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dest", type=Path, default=cache_dir() / "corpora" / "synthetic-speech")
+    parser.add_argument("--train-items", type=int, default=10000)
+    parser.add_argument("--held-out-items", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    samples = default_dest()
+    evaluation = [json.loads(line)["reference"] for fetch in (fetch_librivox, fetch_cards)
+                  for line in fetch(samples).read_text().splitlines()]
+    try:
+        manifests = build(args.dest, args.train_items, args.held_out_items, args.seed, evaluation, args.workers)
+    except NotaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({split: str(path) for split, path in manifests.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
