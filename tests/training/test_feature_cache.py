@@ -3,7 +3,6 @@ refuses another encoder's states; the CTC head's loss and greedy decoding; stage
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
