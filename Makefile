@@ -8,7 +8,13 @@ STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 SAMPLES := $${NOTA_CACHE:-$$HOME/.cache/nota}/samples
 
-.PHONY: setup samples run test clean
+# Debian packages: speech synthesis and texts for the synthetic training corpus (jobs.synthesize); the tests
+# synthesise with espeak-ng alone.
+SPEECH_TOOLS := espeak-ng wordnet-base wamerican
+CORPUS_TOOLS := $(SPEECH_TOOLS) flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
+apt_install = dpkg -s $(1) >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(1); }
+
+.PHONY: setup samples speech-tools corpus run test clean
 
 setup: $(STAMP)
 
@@ -27,7 +33,16 @@ run: samples
 	$(PY) -m jobs.infer --manifest manifests/animals-sample.yaml --model tiny --output out/predictions
 	$(PY) -m jobs.score --predictions out/predictions --output out/scores
 
-test: samples
+speech-tools:
+	$(call apt_install,$(SPEECH_TOOLS))
+
+# The synthetic speech corpus NOTA-small trains on (configs/nota-small-*.yaml), built once into the cache.
+corpus: samples
+	$(call apt_install,$(CORPUS_TOOLS))
+	$(PY) -m jobs.packs whisper-base smollm2-135m-instruct
+	$(PY) -m jobs.synthesize
+
+test: samples speech-tools
 	$(PY) -m pytest -q
 
 clean:
