@@ -5,7 +5,7 @@ import json
 from jobs.export import main
 from jobs.predictions import OutputStore
 from jobs.transcripts import srt, timestamp, vtt
-from tests.test_score import row
+from tests.scoring.test_score import row
 
 PIECES = [{"start": 0.0, "end": 29.48, "text": " It was the best of times,"},
           {"start": 29.48, "end": 3725.4567, "text": "it was the worst of times. "}]

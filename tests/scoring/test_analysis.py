@@ -9,8 +9,8 @@ from jobs.predictions import OUTPUT_SCHEMA
 from jobs.scoring.score import score
 from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.pipeline import score_blocks, score_table
-from tests.test_score import row
-from tests.test_scoring import pa_table, three_shards, write_shards
+from tests.scoring.test_score import row
+from tests.scoring.test_stages import pa_table, three_shards, write_shards
 
 KEY = ("speech", "asr", "m1")
 WORDS = ["cat", "dog", "sat", "ran", "home", "there", "hello", "red", "blue", "fish"]

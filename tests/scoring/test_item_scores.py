@@ -14,8 +14,8 @@ from jobs import captions
 from jobs.predictions import OutputStore
 from jobs.scoring.score import score
 from jobs.scoring.item_scores import ITEMS_SCHEMA
-from tests.test_score import SPEECH, row, speech_rows
-from tests.test_scoring import GTS, RES, three_shards, write_shards
+from tests.scoring.test_score import SPEECH, row, speech_rows
+from tests.scoring.test_stages import GTS, RES, three_shards, write_shards
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
 
