@@ -10,7 +10,7 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from jobs import captions
+from jobs.metrics import captions
 from jobs.predictions import OutputStore
 from jobs.scoring.score import score
 from jobs.scoring.item_scores import ITEMS_SCHEMA
