@@ -33,6 +33,8 @@ COMMANDS = {
     "bench": ("jobs.bench", "time a model: TTFT, TPOT, memory per batch size"),
     "packs": ("jobs.packs", "build the model packs (converted weights) into the cache"),
     "samples": ("jobs.samples", "fetch the sample audio and write its item lists"),
+    "export": ("jobs.export", "write stored predictions as SRT or WebVTT subtitles, or JSONL"),
+    "synthesize": ("jobs.synthesize", "build the synthetic speech corpus NOTA-small trains on"),
 }
 
 Main = Callable[[list[str] | None], int | None]
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     argv = sys.argv[1:] if argv is None else argv
     at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
     parser = argparse.ArgumentParser(prog="nota-batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="commands:\n" + "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
+                                     epilog="commands:\n" + "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
                                      + "\n\n`nota-batch COMMAND --help` shows a command's arguments.")
     parser.add_argument("--version", action="version", version=f"nota-batch {_version()}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")

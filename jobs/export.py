@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
+from jobs.cli import module_entry
 from jobs.transcripts import FORMATS, export
-from nota_model.errors import NotaError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,15 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder URL the files go to")
     parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
     args = parser.parse_args(argv)
-    try:
-        counts = export(args.predictions, args.output, args.format, json.loads(args.storage_options))
-    except NotaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    counts = export(args.predictions, args.output, args.format, json.loads(args.storage_options))
     print(f"{counts['written']} items written to {args.output}" + (
         f", {counts['skipped']} skipped (an error or no text)" if counts["skipped"] else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))

@@ -29,7 +29,7 @@ from jobs.scoring.score import flat_values, score
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 
-COMPARED = ("wer", "cer", "cider_d", "spice", "spider", "meteor", "items_per_s", "x_real_time",
+COMPARED = ("wer", "cer", "cider_d", "spice", "spider", "meteor", "bleu_4", "rouge_l", "items_per_s", "x_real_time",
             "output_tokens_per_s", "ttft_s.p50", "tpot_s.p50")
 COMPARISON_SCHEMA = pa.schema(
     [

@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from jobs.cli import module_entry
 from jobs.corpus.synthetic import build
 from jobs.samples import default_dest, fetch_cards, fetch_librivox
-from nota_model.errors import NotaError
 from nota_model.storage import cache_dir
 
 
@@ -31,14 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     samples = default_dest()
     evaluation = [json.loads(line)["reference"] for fetch in (fetch_librivox, fetch_cards)
                   for line in fetch(samples).read_text().splitlines()]
-    try:
-        manifests = build(args.dest, args.train_items, args.held_out_items, args.seed, evaluation, args.workers)
-    except NotaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    manifests = build(args.dest, args.train_items, args.held_out_items, args.seed, evaluation, args.workers)
     print(json.dumps({split: str(path) for split, path in manifests.items()}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_entry(main))
