@@ -29,7 +29,7 @@ FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshol
 
 def test_the_model_actor_is_restarted_on_another_node_when_its_node_is_lost(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {FAKE_GPUS_ENV: "1"}
-    child = subprocess.run([sys.executable, "-m", "tests.test_node_loss", str(tmp_path)], env=env, capture_output=True,
+    child = subprocess.run([sys.executable, "-m", "tests.cluster.test_node_loss", str(tmp_path)], env=env, capture_output=True,
                            text=True, timeout=240, cwd=Path(__file__).resolve().parents[2])
     assert child.returncode == 0, child.stderr[-3000:]
     removed = json.loads((tmp_path / "removed.json").read_text())["node"]
