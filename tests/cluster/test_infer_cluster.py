@@ -202,6 +202,15 @@ def test_actors_sharing_a_gpu_each_get_their_share_and_the_pool_counts_them():
         resource_sizing(on_gpu=False, pool=1, actor_cpus=1.0, decode_cpus=None, gpus_per_actor=0.5)
 
 
+def test_half_a_gpu_per_actor_starts_two_actors_on_each_fake_gpu(local_ray, tmp_path):
+    # local_ray: 4 CPUs and 2 fake GPUs; four actors of half a GPU and half a CPU leave decoding and writing theirs
+    manifest = write_corpus(tmp_path, 8)
+    run(parse_args(job_argv(manifest, tmp_path / "out", "--gpus-per-actor", "0.5", "--cpus-per-actor", "0.5", "--no-score")))
+    rows = rows_by_id(tmp_path / "out")
+    assert len(rows) == 8 and all(row["error"] is None for row in rows.values())
+    assert {row["worker"].split(":gpu=")[1].split(":")[0] for row in rows.values()} <= {"0", "1"}
+
+
 def test_building_the_dataset_makes_no_deprecated_call(local_ray, tmp_path):
     manifest = load_manifest(str(write_corpus(tmp_path, 4)))
     args = parse_args(job_argv(tmp_path / "corpus.yaml", tmp_path / "out"))
