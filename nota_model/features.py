@@ -67,9 +67,21 @@ def compute_features(clips: Sequence[AudioClip], config: ModelConfig) -> list[Mo
     """Each clip's features for the model `config` describes, each clip on its own.
     Raises AudioError (too_short) for a clip shorter than CED's one patch."""
     mel_bins = config.num_mel_bins if config.model_kind == "whisper" else config.speech_encoder.num_mel_bins
-    ced = config.audio_encoder if isinstance(config, NotaConfig) and config.audio_encoder.kind == "ced" else None
+    ced = _ced_config(config)
     return [ModelFeatures(*whisper_log_mel(clip.waveform, mel_bins), ced=None if ced is None else ced_mel(clip.waveform, ced))
             for clip in clips]
+
+
+def check_feature_inputs(clips: Sequence[AudioClip], config: ModelConfig) -> None:
+    """Raises the AudioError `compute_features` would for these clips, without computing any feature (for a
+    run that writes no model output but must still name every clip the model could not take)."""
+    ced = _ced_config(config)
+    for clip in clips if ced is not None else ():
+        check_ced_length(ced, len(clip.waveform))
+
+
+def _ced_config(config: ModelConfig) -> AudioEncoderConfig | None:
+    return config.audio_encoder if isinstance(config, NotaConfig) and config.audio_encoder.kind == "ced" else None
 
 
 def whisper_log_mel(waveform: np.ndarray, num_mel_bins: int) -> tuple[np.ndarray, float]:

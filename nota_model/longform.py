@@ -18,7 +18,7 @@ import numpy as np
 
 from nota_model.audio import SAMPLE_RATE, AudioClip
 from nota_model.config import DecodingConfig, ModelConfig
-from nota_model.features import ModelFeatures, compute_features
+from nota_model.features import ModelFeatures, check_feature_inputs, compute_features
 from nota_model.segment import Piece
 
 
@@ -107,8 +107,17 @@ def piece_clip(clip: AudioClip, piece: Piece, min_samples: int) -> AudioClip:
 
 def piece_features(clip: AudioClip, pieces: Sequence[Piece], config: ModelConfig) -> list[ModelFeatures]:
     """The model's features of each piece of a clip, as `generate_pieces` runs them."""
+    return compute_features(_piece_clips(clip, pieces, config), config)
+
+
+def check_pieces(clip: AudioClip, pieces: Sequence[Piece], config: ModelConfig) -> None:
+    """Raises the AudioError `piece_features` would, without computing the features."""
+    check_feature_inputs(_piece_clips(clip, pieces, config), config)
+
+
+def _piece_clips(clip: AudioClip, pieces: Sequence[Piece], config: ModelConfig) -> list[AudioClip]:
     min_samples = round(config.audio.min_seconds * SAMPLE_RATE)
-    return compute_features([piece_clip(clip, piece, min_samples) for piece in pieces], config)
+    return [piece_clip(clip, piece, min_samples) for piece in pieces]
 
 
 def stitch(texts: Sequence[str]) -> str:

@@ -18,6 +18,7 @@ from jobs.inference.read import CorpusDatasource, ReadContext, shard_work_items
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging, finish_shard, write_rows
 from nota_model.config import ModelConfig
+from nota_model.errors import ConfigError
 
 BLOCKS_PER_ACTOR = 4
 # A decode block holds up to this many model batches: its clips are sorted by duration, so that each batch
@@ -32,10 +33,10 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
     """Rows of the write stage's results (`write.WRITE_RESULT_SCHEMA`): a few per block, no item data."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     on_gpu = uses_gpus(options.accelerator)
-    pool = options.pool_size or max(gpus, 1)
+    pool = options.pool_size or default_pool_size(gpus, on_gpu, options.actors_per_gpu)
     # A dry run has no model: reading and decoding are the work, a CPU each.
     sizing = (ResourceSizing(0.0, options.decode_cpus or 1.0) if options.dry_run
-              else resource_sizing(on_gpu, pool, options.cpus_per_actor, options.decode_cpus))
+              else resource_sizing(on_gpu, pool, options.cpus_per_actor, options.decode_cpus, options.gpus_per_actor))
     block_rows = decode_block_rows(plan.pending_items, options.batch_size, pool)
     context = ray.data.DataContext.get_current()
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
@@ -44,7 +45,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
     tasks = plan.read_tasks(block_rows)
-    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging.expect))
+    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging.expect, dry_run=options.dry_run))
     # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
     # minimum parallelism (200), and the model's batches cut from the pieces would not be full.
     decoded = ray.data.read_datasource(source, num_cpus=sizing.decode_cpus, override_num_blocks=len(tasks))
@@ -58,7 +59,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
             batch_format="pyarrow",
             fn_constructor_kwargs={"config": config, "checkpoint": options.checkpoint, "settings": settings, **(predictor_kwargs or {})},
             compute=ray.data.ActorPoolStrategy(min_size=pool, max_size=max(pool, options.max_pool_size or pool)),
-            num_gpus=1 if on_gpu else 0,
+            num_gpus=sizing.actor_gpus,
             num_cpus=sizing.actor_cpus,
             # A lost actor (its node gone, or ended by a device failure: devices.end_actor) is restarted and its
             # batches retried; an actor that keeps failing fails the job instead of looping on a broken GPU.
@@ -91,14 +92,27 @@ def _finish_shard(shard: InputShard, manifest: Manifest, staging: ShardStaging, 
 class ResourceSizing:
     actor_cpus: float
     decode_cpus: float
+    actor_gpus: float = 0.0
 
 
-def resource_sizing(on_gpu: bool, pool: int, actor_cpus: float | None, decode_cpus: float | None) -> ResourceSizing:
-    """CPUs for each model actor and each decode task. A GPU actor needs one CPU to feed its GPU and decoding
-    takes whole CPUs beside it. Without GPUs the model is the work: decoding gets a small share of a node and
-    the actors on it split the rest, so that the model's threads have the cores and decoding never starves it."""
+def default_pool_size(gpus: int, on_gpu: bool, actors_per_gpu: int) -> int:
+    """Model actors to start with when --pool-size is not given: `actors_per_gpu` (1 / --gpus-per-actor) for
+    each GPU up when the job starts on a GPU run, else one per GPU; at least one."""
+    return max(1, gpus * (actors_per_gpu if on_gpu else 1))
+
+
+def resource_sizing(on_gpu: bool, pool: int, actor_cpus: float | None, decode_cpus: float | None,
+                    gpus_per_actor: float = 1.0) -> ResourceSizing:
+    """CPUs (and GPUs) for each model actor and each decode task. A GPU actor gets its share of a GPU and
+    needs one CPU to feed it, and decoding takes whole CPUs beside it. Without GPUs the model is the work:
+    decoding gets a small share of a node and the actors on it split the rest, so that the model's threads have
+    the cores and decoding never starves it."""
     if on_gpu:
-        return ResourceSizing(actor_cpus or 1.0, decode_cpus or 1.0)
+        return ResourceSizing(actor_cpus or 1.0, decode_cpus or 1.0, gpus_per_actor)
+    if gpus_per_actor != 1:
+        raise ConfigError(f"--gpus-per-actor {gpus_per_actor} is for GPU runs, but this run's model actors run on "
+                          "CPUs (--accelerator auto and no GPU in the cluster when the job started): use "
+                          "--accelerator gpu on a cluster whose GPU nodes join later, or drop --gpus-per-actor")
     decode_cpus = decode_cpus or CPU_NODE_DECODE_CPUS
     if actor_cpus is None:
         node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]

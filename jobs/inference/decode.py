@@ -1,5 +1,6 @@
 """The decode stage: each work item's audio bytes decoded, in the read tasks, to the model's waveform, its
-pieces and their input features (the model actor then only runs forwards)."""
+pieces and their input features (the model actor then only runs forwards). A dry run, which has no model,
+gets neither waveform nor features: only what its rows say (the clip's metadata, the pieces, the errors)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from jobs.corpus.items import WORK_ITEM_SCHEMA
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig, ModelConfig
 from nota_model.errors import AudioError
-from nota_model.longform import piece_features
+from nota_model.longform import check_pieces, piece_features
 from nota_model.segment import plan_pieces
 
 DECODED_SCHEMA = (
@@ -44,19 +45,26 @@ def decoded_block(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
-def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, features_for: ModelConfig | None = None) -> dict[str, Any]:
+def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, features_for: ModelConfig | None = None,
+                dry_run: bool = False) -> dict[str, Any]:
     """A work item with its decoded audio (`waveform`, `clip`), the pieces the model is to run (`pieces`: the
     whole clip when it fits the model's window or `audio.long_audio` is `truncate`, else the long recording's
     segments) and, given a model config, each piece's input features (`features`); or with the error. `data`
-    is the item's bytes, None when it already has an error."""
+    is the item's bytes, None when it already has an error. A `dry_run` item gets no waveform and no features
+    (nothing would use them), but the same errors: its pieces are checked against the model's input needs."""
     item.update(waveform=None, clip=None, pieces=None, features=None)
     if data is not None:
         try:
             whole = audio.long_audio == "segment"
             clip = load_audio(data, audio, name=item.get("member") or item["audio"], whole=whole)
             pieces = plan_pieces(clip.waveform, item["task"], audio.max_seconds)
-            features = None if features_for is None else [piece.to_bytes() for piece in piece_features(clip, pieces, features_for)]
-            item.update(waveform=clip.waveform.tobytes(), clip=json.dumps(clip.metadata()), pieces=pieces, features=features)
+            item.update(clip=json.dumps(clip.metadata()), pieces=pieces)
+            if dry_run:
+                if features_for is not None:
+                    check_pieces(clip, pieces, features_for)
+            else:
+                features = None if features_for is None else [piece.to_bytes() for piece in piece_features(clip, pieces, features_for)]
+                item.update(waveform=clip.waveform.tobytes(), features=features)
         except AudioError as err:
-            item.update(error=err.code, error_message=err.message)
+            item.update(error=err.code, error_message=err.message, clip=None, pieces=None)
     return item

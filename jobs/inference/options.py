@@ -12,13 +12,15 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nota_model.errors import ConfigError, validation_problems
 from nota_model.overrides import deep_merge, parse_overrides
 
 # On a node without GPUs decoding gets this share of a CPU, the model actors the rest.
 CPU_NODE_DECODE_CPUS = 0.25
+# A GPU's share per actor may leave this much of each GPU unused: 0.333 (three actors) is 1/3.
+GPU_SHARE_SLACK = 0.01
 
 
 class RunOptions(BaseModel):
@@ -44,7 +46,8 @@ class RunOptions(BaseModel):
         description="a recording longer than the model's 30 s window: segment it (speech at pauses found by a VAD, "
         "other tasks in fixed windows) and stitch the answers, or truncate it to 30 s as the seed does "
         "(default: the config's audio.long_audio, segment)")
-    pool_size: int | None = Field(None, ge=1, description="model actors to start with (default: one per GPU, else 1)")
+    pool_size: int | None = Field(
+        None, ge=1, description="model actors to start with (default: 1 / --gpus-per-actor per GPU, else 1)")
     max_pool_size: int | None = Field(None, ge=1, description="let the pool grow to this many as GPU nodes join")
     cpus_per_actor: float | None = Field(
         None, gt=0,
@@ -53,10 +56,15 @@ class RunOptions(BaseModel):
     decode_cpus: float | None = Field(
         None, gt=0,
         description=f"CPUs reserved per audio decoding task (default: 1 with GPUs, {CPU_NODE_DECODE_CPUS} without)")
+    gpus_per_actor: float = Field(
+        1.0, gt=0, le=1,
+        description="share of a GPU per model actor, 1/k for a whole k so that k actors fill each GPU (0.5, 0.25, "
+        "0.333): several copies of a small model on one GPU, each in its own share of the GPU's memory; GPU runs "
+        "only")
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto",
-        description="auto: one GPU per model actor if the cluster has GPUs when the job starts; gpu: always (on an "
-        "autoscaling cluster whose GPU nodes join later); cpu: never")
+        description="auto: GPUs for the model actors (--gpus-per-actor each) if the cluster has GPUs when the job "
+        "starts; gpu: always (on an autoscaling cluster whose GPU nodes join later); cpu: never")
     job_id: str | None = Field(None, description="default: the Ray job submission id, else a fresh one")
     strict: bool = Field(False, description="exit 1 when any item has an error")
     dry_run: bool = Field(
@@ -70,6 +78,27 @@ class RunOptions(BaseModel):
         None, description="a corpus manifest, or a JSONL/Parquet of id and reference, replacing the rows' references")
     spice_lib: str | None = Field(
         None, description="folder with the Stanford CoreNLP 3.6.0 jars SPICE needs (default: $NOTA_SPICE_LIB)")
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _whole_gpus(cls, share: float) -> float:
+        """Actors on a GPU must fill it: with 0.4, two fit and a fifth of every GPU would stay unused."""
+        if 1 - int(1 / share + 1e-9) * share > GPU_SHARE_SLACK:
+            raise ValueError(f"gpus_per_actor {share} does not divide a GPU: give 1/k for a whole k (1, 0.5, 0.333, "
+                             f"0.25, 0.2, ...), so that k actors fill each GPU")
+        return share
+
+    @model_validator(mode="after")
+    def _gpu_share_on_gpus(self) -> RunOptions:
+        if self.accelerator == "cpu" and self.gpus_per_actor != 1:
+            raise ValueError("gpus_per_actor is for GPU runs; with accelerator cpu the model actors take "
+                             "--cpus-per-actor CPUs each: drop --gpus-per-actor")
+        return self
+
+    @property
+    def actors_per_gpu(self) -> int:
+        """Model actors that share one GPU (1 / gpus_per_actor)."""
+        return int(1 / self.gpus_per_actor + 1e-9)
 
 
 def run_options(config: str | None, flags: dict[str, Any]) -> RunOptions:

@@ -45,6 +45,7 @@ class ReadContext:
     config: ModelConfig  # the model the items are decoded for: its audio settings and input features
     block_rows: int
     record_items: Callable[[int, int], None]  # (shard, its item count), before the shard's last rows leave
+    dry_run: bool = False  # decode without the model's inputs (decode.decode_item)
 
 
 def read_pieces(pieces: list[ReadPiece], context: ReadContext) -> Iterator[pa.Table]:
@@ -61,7 +62,7 @@ def read_pieces(pieces: list[ReadPiece], context: ReadContext) -> Iterator[pa.Ta
             if len(block) == context.block_rows:
                 yield decoded_block(block)
                 block = []
-            block.append(decode_item(item, data, context.config.audio, features_for=context.config))
+            block.append(decode_item(item, data, context.config.audio, features_for=context.config, dry_run=context.dry_run))
             items += 1
         if isinstance(piece, TarShard):
             context.record_items(piece.number, items)

@@ -23,13 +23,14 @@ from jobs import logs
 from jobs.corpus.items import ItemListShard
 from jobs.corpus.manifest import load_manifest
 from jobs.infer import parse_args, run
-from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, resource_sizing
+from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, default_pool_size, resource_sizing
 from jobs.inference.plan import ReadPlan, TarShard
 from jobs.inference.predict import Predictor, actor_threads
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import ShardStaging
 from jobs.predictions import OutputStore
 from nota_model.config import load_config
+from nota_model.errors import ConfigError
 from tests.inference.test_infer import TINY_DECODING, tone, wav_bytes
 
 
@@ -186,10 +187,28 @@ def test_cpu_actors_take_the_node_but_a_decode_share_and_run_that_many_threads(l
     # local_ray: one node of 4 CPUs (and 2 fake GPUs)
     assert resource_sizing(on_gpu=False, pool=1, actor_cpus=None, decode_cpus=None) == ResourceSizing(3.75, 0.25)
     assert resource_sizing(on_gpu=False, pool=2, actor_cpus=None, decode_cpus=None) == ResourceSizing(1.875, 0.25)
-    assert resource_sizing(on_gpu=True, pool=2, actor_cpus=None, decode_cpus=None) == ResourceSizing(1.0, 1.0)
+    assert resource_sizing(on_gpu=True, pool=2, actor_cpus=None, decode_cpus=None) == ResourceSizing(1.0, 1.0, 1.0)
     assert resource_sizing(on_gpu=False, pool=1, actor_cpus=2.0, decode_cpus=1.0) == ResourceSizing(2.0, 1.0)
     threads = ray.remote(num_cpus=1.75)(actor_threads)
     assert ray.get(threads.remote()) == 2
+
+
+def test_actors_sharing_a_gpu_each_get_their_share_and_the_pool_counts_them():
+    assert resource_sizing(on_gpu=True, pool=8, actor_cpus=None, decode_cpus=None, gpus_per_actor=0.25) == ResourceSizing(1.0, 1.0, 0.25)
+    assert [default_pool_size(gpus=2, on_gpu=True, actors_per_gpu=k) for k in (1, 2, 4)] == [2, 4, 8]
+    assert default_pool_size(gpus=2, on_gpu=False, actors_per_gpu=1) == 2  # --accelerator cpu: one per GPU, as before
+    assert default_pool_size(gpus=0, on_gpu=True, actors_per_gpu=4) == 1  # GPU nodes yet to join
+    with pytest.raises(ConfigError, match="--gpus-per-actor 0.5 is for GPU runs.*no GPU in the cluster"):
+        resource_sizing(on_gpu=False, pool=1, actor_cpus=1.0, decode_cpus=None, gpus_per_actor=0.5)
+
+
+def test_half_a_gpu_per_actor_starts_two_actors_on_each_fake_gpu(local_ray, tmp_path):
+    # local_ray: 4 CPUs and 2 fake GPUs; four actors of half a GPU and half a CPU leave decoding and writing theirs
+    manifest = write_corpus(tmp_path, 8)
+    run(parse_args(job_argv(manifest, tmp_path / "out", "--gpus-per-actor", "0.5", "--cpus-per-actor", "0.5", "--no-score")))
+    rows = rows_by_id(tmp_path / "out")
+    assert len(rows) == 8 and all(row["error"] is None for row in rows.values())
+    assert {row["worker"].split(":gpu=")[1].split(":")[0] for row in rows.values()} <= {"0", "1"}
 
 
 def test_building_the_dataset_makes_no_deprecated_call(local_ray, tmp_path):

@@ -43,3 +43,22 @@ def test_ray_assignment_decides_the_device(local_ray):
     no_fakes = {"env_vars": {FAKE_GPUS_ENV: "0"}}
     with pytest.raises(GPUUnavailableError, match="sees no CUDA device"):
         ray.get(_device_in_actor.options(num_gpus=1, runtime_env=no_fakes, max_retries=0).remote(False))
+
+
+@ray.remote(num_cpus=0)
+class _GPUShare:
+    def device(self) -> tuple[list, str]:
+        torch.cuda.is_available = lambda: True  # this actor's torch, as on a GPU node
+        return ray.get_gpu_ids(), str(actor_device())
+
+
+def test_actors_sharing_a_gpu_run_on_the_one_ray_assigned(local_ray):
+    # local_ray: two fake GPUs, each shared by two actors of half a GPU
+    actors = [_GPUShare.options(num_gpus=0.5).remote() for _ in range(4)]
+    try:
+        assigned = ray.get([actor.device.remote() for actor in actors], timeout=120)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    assert sorted(str(gpu) for gpus, _ in assigned for gpu in gpus) == ["0", "0", "1", "1"], assigned
+    assert all(len(gpus) == 1 and device == "cuda:0" for gpus, device in assigned)

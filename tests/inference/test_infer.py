@@ -264,3 +264,19 @@ def test_decoding_ships_the_models_features_and_the_actor_uses_them():
     assert long["pieces"] == [(0, 480000), (480000, 640000)] and second.whisper.shape[1] < first.whisper.shape[1]
     too_short = decode_item(dict(item), wav_bytes(tone(0.01), 16000), config.audio.model_copy(update={"min_seconds": 0.0}), features_for=config)
     assert too_short["error"] == "too_short" and too_short["features"] is None
+
+
+def test_a_dry_runs_decode_computes_no_features_and_ships_no_waveform_but_finds_the_same_errors(monkeypatch):
+    config = load_config("tiny")
+    item = {"id": "a", "audio": "a.wav", "error": None, "task": "aac"}
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("a dry run computed the model's features")
+
+    monkeypatch.setattr("jobs.inference.decode.piece_features", no_features)
+    long = decode_item(dict(item), wav_bytes(tone(40.0), 16000), config.audio, features_for=config, dry_run=True)
+    assert long["error"] is None and long["waveform"] is None and long["features"] is None
+    assert long["pieces"] == [(0, 480000), (480000, 640000)] and json.loads(long["clip"])["original_seconds"] == pytest.approx(40.0)
+    short_audio = config.audio.model_copy(update={"min_seconds": 0.0})
+    too_short = decode_item(dict(item), wav_bytes(tone(0.01), 16000), short_audio, features_for=config, dry_run=True)
+    assert (too_short["error"], too_short["clip"]) == ("too_short", None)

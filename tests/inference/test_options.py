@@ -62,3 +62,15 @@ def test_the_shipped_run_configs_are_valid_and_name_real_config_keys():
     for path in sorted(REPO.glob("configs/infer-*.yaml")):
         options = parse_args(["--config", str(path)])
         load_config(options.model, options.overrides)  # the overrides are the model config's own keys
+
+
+def test_a_gpu_share_per_actor_is_one_over_a_whole_number_of_actors_per_gpu():
+    args = ["--manifest", "m", "--model", "tiny", "--output", "o"]
+    assert parse_args(args).actors_per_gpu == 1
+    assert [parse_args([*args, "--gpus-per-actor", share]).actors_per_gpu for share in ("0.5", "0.333", "0.25")] == [2, 3, 4]
+    for share, message in [("0.4", "gpus_per_actor 0.4 does not divide a GPU: give 1/k"),
+                           ("0", "greater than 0"), ("1.5", "less than or equal to 1")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_args([*args, "--gpus-per-actor", share])
+    with pytest.raises(ConfigError, match="gpus_per_actor is for GPU runs.*drop --gpus-per-actor"):
+        parse_args([*args, "--gpus-per-actor", "0.5", "--accelerator", "cpu"])
