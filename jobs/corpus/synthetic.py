@@ -86,8 +86,8 @@ def render(item: PlannedItem, audio_dir: Path) -> Path:
     if not path.exists():
         rng = random.Random(item.seed)
         audio = augment(synthesise(item.text, item.voice, rng), rng)
-        partial = path.with_suffix(".part.flac")
-        sf.write(partial, audio, SAMPLE_RATE, subtype="PCM_16")
+        partial = path.with_name(f"{path.name}.part")  # not *.flac: a killed render leaves no audio file behind
+        sf.write(partial, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         partial.rename(path)
     path.with_suffix(".txt").write_text(item.reference + "\n")
     return path
