@@ -50,6 +50,7 @@ import ray
 import soundfile as sf
 
 from jobs.infer import parse_args, run
+from jobs.inference.devices import FAKE_GPUS_ENV
 from jobs.inference.predict import Predictor, worker_name
 from jobs.inference.settings import JobSettings
 from nota_model.build import LoadedModel
@@ -180,7 +181,8 @@ def spawn(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.scaling", "--one", str(nodes), "--corpus", str(args.corpus), "--work", str(args.work),
                "--items", str(args.items), "--cost-s", str(args.cost_s), "--batch-size", str(args.batch_size),
                "--cpus-per-node", str(args.cpus_per_node), "--head-cpus", str(args.head_cpus)]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # Its GPUs are Ray's fake ones: the actors run the stub on the CPU (jobs.inference.devices).
+    env = {**{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}, FAKE_GPUS_ENV: "1"}
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              cwd=Path(__file__).resolve().parent.parent)
     try:
