@@ -141,7 +141,8 @@ class CTCHead(torch.nn.Module):
     in its window (CTC over the LLM's vocabulary plus a blank): cosine similarity to the LLM's (frozen) input
     embeddings and to a learned blank vector, times a learned scale. It gives the connector a dense, direct
     signal from the first step, where the answer loss alone leaves it a long plateau before the LLM uses the
-    audio; it is not part of the model and not saved with it."""
+    audio. It is not part of the model (nor of its trained weights); the trainer keeps it beside them, so that
+    the next stage goes on with it."""
 
     def __init__(self, hidden_size: int, initial_scale: float = 10.0):
         super().__init__()
@@ -158,8 +159,8 @@ class CTCHead(torch.nn.Module):
 def ctc_loss(model: NotaModel, head: CTCHead, audio_tokens: Sequence[torch.Tensor], answers: Sequence[str],
              negatives: int = 2048) -> torch.Tensor:
     """Mean over the batch of CTC loss per answer token, over a sampled vocabulary: the batch's answer tokens
-    and `negatives` other tokens drawn at random (a sampled softmax; the full vocabulary costs some forty times
-    more on a CPU). Answers longer than the audio tokens allow give zero (`zero_infinity`): the answer loss
+    and `negatives` other tokens drawn at random (a sampled softmax: the full vocabulary's logits cost far more
+    than the connector on a CPU). Answers longer than the audio tokens allow give zero (`zero_infinity`): the answer loss
     still trains them."""
     embeddings = model.llama_model.get_input_embeddings().weight
     targets = [torch.tensor(model.tokenizer(answer, add_special_tokens=False).input_ids, dtype=torch.long) for answer in answers]
