@@ -2,7 +2,7 @@
 asked, a CTC loss that aligns the audio tokens with the answer's LLM input embeddings (`nota_model.training.CTCHead`).
 
 The CTC term trains the connector from the first step without the LLM (a stage with `answer_weight: 0` runs no
-LLM at all, about twenty times cheaper a step); the answer term then teaches the LLM side to read the tokens.
+LLM at all, so its steps are cheap); the answer term then teaches the LLM side to read the tokens.
 """
 
 from __future__ import annotations
