@@ -90,6 +90,11 @@ def test_a_killed_actor_is_replaced_and_its_batch_redone(local_ray, corpus, undi
 
     def kill_one_predictor() -> None:
         pid = _wait_for_predictor_pid()
+        # Kill as soon as the first rows are staged: a batch has gone through, most are still to come (a fixed
+        # wait could outlast the whole job on an idle machine).
+        deadline = time.monotonic() + 120
+        while not list(output.glob("faults/_staging/*/rows-*")) + list(output.glob("faults/part-*")) and time.monotonic() < deadline:
+            time.sleep(0.02)
         if not list(output.glob("faults/_SUCCESS.json")):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
@@ -151,7 +156,6 @@ def _wait_for_predictor_pid(timeout: float = 120) -> int:
     while time.monotonic() < deadline:
         pids = predictor_pids()
         if pids:
-            time.sleep(3.0)  # let it load the model and take a batch
             return pids[0]
         time.sleep(0.2)
     raise AssertionError("no Predictor actor came up")
