@@ -2,6 +2,7 @@
 
 import json
 
+from jobs.cli import run_command
 from jobs.export import main
 from jobs.predictions import OutputStore
 from jobs.transcripts import srt, timestamp, vtt
@@ -57,5 +58,5 @@ def test_export_jsonl_has_a_line_an_item_in_corpus_order(tmp_path):
 
 
 def test_no_predictions_is_a_clear_error(tmp_path, capsys):
-    assert main(["--predictions", str(tmp_path), "--format", "srt", "--output", str(tmp_path / "out")]) == 2
+    assert run_command(main, ["--predictions", str(tmp_path), "--format", "srt", "--output", str(tmp_path / "out")]) == 2
     assert "no prediction files" in capsys.readouterr().err
