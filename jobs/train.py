@@ -35,7 +35,7 @@ import ray
 from jobs import logs
 from jobs.cli import module_entry
 from jobs.training.config import load_train_config
-from jobs.training.driver import run
+from jobs.training.driver import publish, run
 from nota_model.overrides import parse_overrides
 
 
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="training config (YAML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override, e.g. run.max_steps=100 or model.overrides.lora.r=16")
+    parser.add_argument("--publish", metavar="PATH", help="train nothing: write the run's latest checkpoint here, "
+                        "in float16, as weights to ship (a preset's trained_weights)")
     return parser.parse_args(argv)
 
 
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_train_config(args.config, parse_overrides(args.set))
     logs.configure(os.environ.get("RAY_JOB_SUBMISSION_ID") or "train")
+    if args.publish:
+        print(json.dumps(publish(config, args.publish)), flush=True)
+        return 0
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     summary = run(config)

@@ -27,7 +27,9 @@ from nota_model.checkpoint import (
     save_state_dict,
     seed_settings,
 )
-from nota_model.config import AudioEncoderConfig, LLMConfig, ModelConfig, NotaConfig, SpeechEncoderConfig, WhisperASRConfig
+from nota_model.config import (
+    AudioEncoderConfig, LLMConfig, ModelConfig, NotaConfig, SpeechEncoderConfig, WhisperASRConfig, checkpoint_for,
+)
 from nota_model.errors import ConfigError
 from nota_model.model import NotaModel
 from nota_model.precision import Capability, ct2_compute_type, device_capability, float16_overflow_warning, resolve_dtype
@@ -73,7 +75,7 @@ def load_model(
         if checkpoint:
             raise ConfigError("the Whisper reference model takes no checkpoint: its weights are at its config's path")
         return _load_whisper(config, device, threads)
-    return _load_nota(config, checkpoint, device)
+    return _load_nota(config, checkpoint_for(config, checkpoint), device)
 
 
 def model_identity(config: ModelConfig, checkpoint: str | None = None, capability: Capability = None) -> str:
@@ -84,6 +86,7 @@ def model_identity(config: ModelConfig, checkpoint: str | None = None, capabilit
         weights = resolve(config.path) / "model.safetensors"
         identity = f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
         return f"{identity}+{precision_tag(config, capability)}"
+    checkpoint = checkpoint_for(config, checkpoint)
     return _nota_identity(config.name, sha256_of(resolve(checkpoint)) if checkpoint else None, precision_tag(config, capability))
 
 
@@ -169,7 +172,7 @@ def random_parts(config: ModelConfig, checkpoint: str | None) -> tuple[str, ...]
         "speech encoder": config.speech_encoder.path is None,
         "audio encoder": config.audio_encoder.kind != "none" and config.audio_encoder.path is None,
         "LLM": config.llm.path is None,
-        "Q-Former, projection and LoRA": checkpoint is None,
+        "Q-Former, projection and LoRA": checkpoint_for(config, checkpoint) is None,
     }
     return tuple(name for name, random in parts.items() if random)
 

@@ -117,6 +117,15 @@ def save_state_dict(tensors: dict[str, torch.Tensor], path: Path, metadata: dict
     safetensors.torch.save_file(contiguous, str(path), metadata=metadata)
 
 
+def publish_trained(source: Path, target: Path, notes: dict[str, str]) -> None:
+    """Write a trained checkpoint as weights to ship: its tensors in float16 (the trained parts of a small model
+    are a few MB), its metadata (the settings it was trained with) and `notes` (where it came from)."""
+    with safetensors.safe_open(str(source), "pt") as file:
+        metadata = file.metadata() or {}
+    tensors = {key: value.half() if value.is_floating_point() else value for key, value in read_state_dict(source).items()}
+    save_state_dict(tensors, target, metadata={**metadata, **notes})
+
+
 def load_into(
     module: torch.nn.Module,
     checkpoint: dict[str, torch.Tensor],

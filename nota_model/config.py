@@ -254,6 +254,9 @@ class NotaConfig(_ModelConfig):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     seed: int = 0
+    # The trained parameters (Q-Former, projection, LoRA; safetensors) the config ships with, loaded when no
+    # checkpoint is given: a path, `pkg://nota_model/weights/...` or an fsspec URL. None: random until trained.
+    trained_weights: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> NotaConfig:
@@ -268,6 +271,11 @@ class NotaConfig(_ModelConfig):
 
 
 ModelConfig = NotaConfig | WhisperASRConfig
+
+
+def checkpoint_for(config: ModelConfig, checkpoint: str | None) -> str | None:
+    """The trained parameters a model runs with: the checkpoint given, else those its config ships with."""
+    return checkpoint or (config.trained_weights if isinstance(config, NotaConfig) else None)
 
 
 def preset_names() -> list[str]:

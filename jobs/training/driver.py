@@ -8,6 +8,7 @@ the same run is started again (same `run.name` and `run.storage_path`).
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from jobs.training.features import DONE_FILE, CachedStates, build_cache, cache_d
 from jobs.training.objective import load_ctc_head
 from jobs.training.worker import WEIGHTS_FILE, WorkerTrainer
 from nota_model.build import load_model
+from nota_model.checkpoint import publish_trained
 from nota_model.errors import ConfigError
 from nota_model.storage import resolve
 
@@ -96,6 +98,21 @@ def checkpoint_url(run: RunSection, checkpoint: ray.train.Checkpoint) -> str:
     """A checkpoint's directory as a URL that `load_model` and fsspec read."""
     protocol = fsspec.core.split_protocol(run.storage_path)[0]
     return checkpoint.path if protocol in (None, "file", "local") else f"{protocol}://{checkpoint.path}"
+
+
+def publish(config: TrainConfig, target: str) -> dict[str, Any]:
+    """The run's latest checkpoint written to `target` as weights to ship (`checkpoint.publish_trained`)."""
+    fs, root = fsspec.core.url_to_fs(f"{config.run.storage_path.rstrip('/')}/{config.run.name}", **config.run.storage_options)
+    checkpoints = sorted(path for path in fs.ls(root, detail=False) if path.rsplit("/", 1)[-1].startswith("checkpoint_"))
+    if not checkpoints:
+        raise ConfigError(f"run {config.run.name!r} has no checkpoint under {config.run.storage_path}: train it first")
+    latest = checkpoints[-1]
+    step = int(latest.rsplit("_", 1)[-1])
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / "model.safetensors"
+        fs.get(f"{latest}/{WEIGHTS_FILE}", str(local))
+        publish_trained(local, Path(target), {"run": config.run.name, "step": str(step)})
+    return {"run": config.run.name, "step": step, "checkpoint": latest, "published": target}
 
 
 def run(config: TrainConfig, fail_at_steps: Sequence[int] = (), fail_marker: str | None = None) -> dict[str, Any]:

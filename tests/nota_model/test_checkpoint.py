@@ -6,6 +6,7 @@ from transformers import AutoTokenizer, WhisperConfig, WhisperModel
 
 from nota_model.build import build_audio_encoder, load_model, save_trained
 from nota_model.ced import CEDEncoder
+from nota_model.checkpoint import publish_trained, read_checkpoint
 from nota_model.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from tests.conftest import make_clip
 
@@ -91,6 +92,22 @@ def test_safetensors_round_trip_gives_the_same_outputs(tiny_config, tmp_path):
     fresh = load_model(tiny_config, device="cpu").model
     assert (fresh.next_token_logits(clips, prompts) - first.next_token_logits(clips, prompts)).abs().max() > 1e-3
     torch.testing.assert_close(second.next_token_logits(clips, prompts), first.next_token_logits(clips, prompts))
+
+
+def test_published_weights_are_float16_keep_their_settings_and_load_as_the_configs_own(tiny_config, tmp_path):
+    trained = load_model(tiny_config, device="cpu").model
+    trained.load_state_dict(trained_with_noise(trained), strict=False)
+    save_trained(trained, tmp_path / "trained.safetensors")
+    publish_trained(tmp_path / "trained.safetensors", tmp_path / "shipped.safetensors", {"run": "r", "step": "7"})
+    shipped = read_checkpoint(tmp_path / "shipped.safetensors")
+    assert {tensor.dtype for tensor in shipped.tensors.values()} == {torch.float16}
+    assert shipped.trained_with == read_checkpoint(tmp_path / "trained.safetensors").trained_with
+    config = tiny_config.with_overrides({"trained_weights": str(tmp_path / "shipped.safetensors")})
+    loaded = load_model(config, device="cpu")  # no checkpoint given: the config's own
+    assert "Q-Former, projection and LoRA" not in loaded.random_parts and "+ckpt:sha256:" in loaded.identity
+    clips, prompts = [make_clip(2.0)], [tiny_config.prompt.task_prompt("asr")]
+    torch.testing.assert_close(loaded.model.next_token_logits(clips, prompts), trained.next_token_logits(clips, prompts),
+                               atol=2e-2, rtol=0)
 
 
 def test_checkpoint_errors_are_specific(tiny_config, tmp_path):
