@@ -98,9 +98,12 @@ class NotaModel(nn.Module):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _connect(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each clip's encoder states -> windows -> Q-Former (one query per window) -> projection to the LLM."""
+        """Each clip's encoder states -> windows -> Q-Former (one query per window) -> projection to the LLM.
+        The states are cast to the model's dtype first: the layer norms return float32 under autocast, and the
+        windows (overlapping copies of the states) would be float32 too, though their only readers, the
+        Q-Former's key and value projections, cast them to the same dtype anyway."""
         window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
-        windows = [split_windows(item.unsqueeze(0), window, stride) for item in states]
+        windows = [split_windows(item.to(self.dtype).unsqueeze(0), window, stride) for item in states]
         counts = [len(item) for item in windows]
         queries = self.speech_query_tokens.expand(sum(counts), -1, -1)
         tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))

@@ -132,6 +132,14 @@ def test_half_precision_casts_the_encoders_matrices_and_keeps_norms_and_connecto
     assert model.generate([make_clip(1.5)], prompts_for(model, [ASR]), DecodingConfig(num_beams=2, max_new_tokens=3)).decode_steps >= 1
 
 
+def test_half_precision_windows_reach_the_qformer_in_half_precision(tiny_config):
+    model = load_model(tiny_config.with_overrides({"dtype": "bfloat16"}), device="cpu").model
+    seen = []
+    model.speech_Qformer.register_forward_pre_hook(lambda module, args: seen.append(args[1].dtype))
+    model.audio_tokens([make_clip(1.5), make_clip(0.7)])
+    assert seen == [torch.bfloat16]
+
+
 def test_loading_the_model_warns_of_nothing(tiny_config):  # an actor's warnings reach the job's log
     with warnings.catch_warnings():
         warnings.simplefilter("error")
