@@ -131,7 +131,8 @@ class CachedStates:
     def open(cls, directory: Path, config: NotaConfig) -> CachedStates:
         path = directory / CACHE_FILE
         if not path.exists():
-            raise ConfigError(f"{directory} holds no feature cache: build it with `python -m jobs.train --build-cache`")
+            raise ConfigError(f"{directory} holds no feature cache: jobs.train builds it before training "
+                              "when datasets.feature_cache names its parent")
         if json.loads(path.read_text()) != cache_key(config):
             raise ConfigError(f"{directory} caches states of another encoder or audio set-up than the model's")
         width = config.speech_encoder.width

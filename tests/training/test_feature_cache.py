@@ -118,13 +118,16 @@ def _full_vocabulary_ctc(model, head, tokens, answers) -> float:
         torch.tensor([len(t) for t in targets]), blank=len(embeddings), zero_infinity=True).item()
 
 
-def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest, tmp_path):
+def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest, tmp_path, monkeypatch):
     """Stage 1 (CTC only, LoRA frozen) then stage 2 (answer and CTC) from its weights, through Ray Train and the
-    feature cache that stage 1's driver builds: the CTC head is saved beside the weights and validated."""
+    feature cache that stage 1's driver builds: the CTC head is saved beside the weights and validated.
+    The cache's path is relative to the driver's working directory, which the workers do not share."""
+    monkeypatch.chdir(tmp_path)
+
     def stage(name: str, objective: dict, checkpoint: str | None = None) -> dict:
         return run(TrainConfig.model_validate({
             "model": {"config": "tiny", "overrides": SPEECH_ONLY, "checkpoint": checkpoint},
-            "datasets": {"train": [librivox_manifest], "feature_cache": str(tmp_path / "features"),
+            "datasets": {"train": [librivox_manifest], "feature_cache": "features",
                          "validation": {"manifest": librivox_manifest, "decoding": {"max_new_tokens": 8}}},
             "objective": objective,
             "run": {"name": name, "storage_path": str(tmp_path / "runs"), "max_steps": 3, "batch_size": 2,
