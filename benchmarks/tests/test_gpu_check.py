@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.gpu_check import ROOT, STEPS, Context, StepRun, UtilisationSampler
+from benchmarks.gpu_check.context import ROOT, Context
+from benchmarks.gpu_check.efficiency import UtilisationSampler
+from benchmarks.gpu_check.runner import STEPS, StepRun
 from benchmarks.gpu_wheels import install
 from nota_model.storage import cache_dir
 
