@@ -21,8 +21,8 @@ from benchmarks.gpu_check.context import ROOT, Context
 from benchmarks.gpu_check.efficiency import efficiency, job
 from benchmarks.gpu_check.machine import absent, machine
 from benchmarks.gpu_check.precision import correctness
+from benchmarks.gpu_check.report import markdown
 from benchmarks.gpu_check.training import training, two_workers
-from benchmarks.gpu_check_report import markdown
 
 TOTAL_BUDGET_S = 300  # on a GPU: 5 minutes, so that a 15-minute device lease holds a rerun
 MIN_STEP_S = 15  # a step is skipped when less than this is left of the total budget
