@@ -28,13 +28,15 @@ def machine(ctx: Context) -> None:
                  "gpus": torch.cuda.device_count(), "torch_arch_list": torch.cuda.get_arch_list()}
     try:
         import pynvml
-
-        pynvml.nvmlInit()
-        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        pynvml.nvmlShutdown()
-    except pynvml.NVMLError as err:
-        info["driver"] = None
-        info["nvml"] = str(err)
+    except ImportError as err:  # the wheels folder brings nvidia-ml-py; without it, say so
+        info["driver"], info["nvml"] = None, str(err)
+    else:
+        try:
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError as err:
+            info["driver"], info["nvml"] = None, str(err)
     ctx.save(info)
 
 
