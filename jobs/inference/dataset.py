@@ -9,7 +9,7 @@ from typing import Any
 import ray
 
 from jobs.corpus.manifest import Manifest
-from jobs.inference.devices import ACTOR_MAX_RESTARTS, uses_gpus
+from jobs.inference.devices import uses_gpus
 from jobs.inference.decode import MAX_CLIP_BYTES
 from jobs.inference.options import CPU_NODE_DECODE_CPUS, RunOptions
 from jobs.inference.plan import InputShard, ListSlice, ReadPlan, TarShard
@@ -63,7 +63,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
             num_cpus=sizing.actor_cpus,
             # A lost actor (its node gone, or ended by a device failure: devices.end_actor) is restarted and its
             # batches retried; an actor that keeps failing fails the job instead of looping on a broken GPU.
-            max_restarts=ACTOR_MAX_RESTARTS,
+            max_restarts=options.actor_restarts,
             max_task_retries=-1,
         )
     # The write stage stages a decode block's worth of rows at a time: few files a shard, and shards committed

@@ -51,8 +51,6 @@ def assigned_device(gpu_ids: Sequence[int | str], fake_gpus: bool = False) -> to
 # succeed, so they end the actor (Ray restarts it and redoes its batch) instead of becoming error rows.
 DEVICE_FAILURE_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
                           "no kernel image", "illegal memory access", "NCCL error", "CUDA driver error")
-# Restarts of one model actor before the job fails: a node lost now and then is survived, a broken GPU is not.
-ACTOR_MAX_RESTARTS = 3
 DEVICE_FAILURE_EXIT_CODE = 75
 
 
@@ -70,7 +68,7 @@ def is_device_failure(err: BaseException) -> bool:
 
 def end_actor(err: DeviceFailure) -> None:
     """End this actor's process, saying why on its stderr (the Ray worker log): Ray Data then restarts the
-    actor, up to ACTOR_MAX_RESTARTS times, and redoes its batch on the new one. An exception would instead
+    actor, up to `--actor-restarts` times, and redoes its batch on the new one. An exception would instead
     keep the broken CUDA context alive (actor tasks are not retried on application errors) or fail the job."""
     print(f"nota-batch: model actor {os.getpid()} ends on a device failure, for Ray to restart it: {err.__cause__!r}",
           file=sys.stderr, flush=True)

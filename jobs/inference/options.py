@@ -49,6 +49,9 @@ class RunOptions(BaseModel):
     pool_size: int | None = Field(
         None, ge=1, description="model actors to start with (default: 1 / --gpus-per-actor per GPU, else 1)")
     max_pool_size: int | None = Field(None, ge=1, description="let the pool grow to this many as GPU nodes join")
+    actor_restarts: int = Field(
+        3, ge=0, description="restarts of a model actor whose node is lost or whose device fails, "
+        "its batches redone, before the job fails (a node lost now and then is survived, a broken GPU is not)")
     cpus_per_actor: float | None = Field(
         None, gt=0,
         description="CPUs reserved per model actor; its model runs as many threads (default: 1 with GPUs; without "

@@ -214,7 +214,7 @@ def test_building_the_dataset_makes_no_deprecated_call(local_ray, tmp_path):
         warnings.simplefilter("always")
         build_dataset(ReadPlan.of(manifest, set()), manifest, load_config("tiny"), args, settings, staging)
     # Ray's own DataContext deprecations name Ray's files; a deprecated call of ours names jobs/ (its stacklevel).
-    # Known and kept: the model actors' max_restarts (devices.ACTOR_MAX_RESTARTS) can only be passed as a Ray remote
+    # Known and kept: the model actors' max_restarts (--actor-restarts) can only be passed as a Ray remote
     # argument, which Ray 2.60 (pinned) deprecates for 2.64 without a named replacement.
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if Path(w.filename).is_relative_to(JOBS)
             and not ("ray_remote_args" in str(w.message) and _calls_map_batches_with_max_restarts(w.filename, w.lineno))]
@@ -225,7 +225,7 @@ def _calls_map_batches_with_max_restarts(filename: str, lineno: int) -> bool:
     """The warned call is the model stage's map_batches, which passes max_restarts (and nothing else deprecated)."""
     lines = Path(filename).read_text().splitlines()
     call = "\n".join(lines[lineno - 1 : lineno + 14])
-    return call.lstrip().startswith("rows = decoded.map_batches(") and "max_restarts=ACTOR_MAX_RESTARTS" in call
+    return call.lstrip().startswith("rows = decoded.map_batches(") and "max_restarts=options.actor_restarts" in call
 
 
 def test_ray_data_keeps_its_progress_on_the_terminal_and_its_warnings_in_its_log_file(local_ray):
@@ -282,6 +282,6 @@ def test_a_device_failure_restarts_the_actor_and_redoes_its_batch(local_ray, tmp
 def test_a_device_that_keeps_failing_fails_the_job(local_ray, tmp_path):
     manifest = write_corpus(tmp_path, 2)
     with pytest.raises(Exception, match="(?i)actor|died|restart"):
-        run(parse_args(job_argv(manifest, tmp_path / "out", "--pool-size", "1", "--no-score")),
+        run(parse_args(job_argv(manifest, tmp_path / "out", "--pool-size", "1", "--no-score", "--actor-restarts", "1")),
             predictor=DeviceFailingPredictor, predictor_kwargs={"marker": str(tmp_path / "m"), "always": True})
     assert not list((tmp_path / "out").glob("faults/part-*.parquet")), "no shard was written as if its items had failed"
