@@ -36,6 +36,14 @@ class ModelSection(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None  # trained parameters to start from (seed .pth or safetensors), path or URL
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute(cls, checkpoint: str | None) -> str | None:
+        """A local path made absolute here: the workers do not run in the driver's working directory."""
+        if checkpoint is None or not is_local(checkpoint):
+            return checkpoint
+        return str(Path(fsspec.core.strip_protocol(checkpoint)).expanduser().absolute())
+
     def load(self) -> NotaConfig:
         config = load_config(self.config, self.overrides)
         if not isinstance(config, NotaConfig):

@@ -3,6 +3,7 @@ refuses another encoder's states; the CTC head's loss and greedy decoding; stage
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def _full_vocabulary_ctc(model, head, tokens, answers) -> float:
 def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest, tmp_path, monkeypatch):
     """Stage 1 (CTC only, LoRA frozen) then stage 2 (answer and CTC) from its weights, through Ray Train and the
     feature cache that stage 1's driver builds: the CTC head is saved beside the weights and validated.
-    The cache's path is relative to the driver's working directory, which the workers do not share."""
+    The cache's and the checkpoint's paths are relative to the driver's working directory, which the workers
+    do not share."""
     monkeypatch.chdir(tmp_path)
 
     def stage(name: str, objective: dict, checkpoint: str | None = None) -> dict:
@@ -141,7 +143,7 @@ def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest,
     history = torch.load(Path(first["checkpoint"]) / STATE_FILE, weights_only=True)["history"]
     assert [row["loss"] for row in history] == [None] * 3 and all(row["ctc_loss"] > 0 for row in history)
 
-    second = stage("reader", {"answer_weight": 1, "ctc_weight": 0.5, "frozen": ["lora"]}, first["weights"])
+    second = stage("reader", {"answer_weight": 1, "ctc_weight": 0.5, "frozen": ["lora"]}, os.path.relpath(first["weights"]))
     assert {"val/wer", "val/ctc_wer", "val/loss"} <= set(second["metrics"])
     head = read_state_dict(Path(second["checkpoint"]) / CTC_HEAD_FILE)
     assert not torch.equal(head["blank"], read_state_dict(Path(first["checkpoint"]) / CTC_HEAD_FILE)["blank"])
