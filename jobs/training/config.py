@@ -9,11 +9,11 @@ checkpoints go) and `logging` (TensorBoard by default, wandb when asked, offline
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nota_model.config import NotaConfig, PromptConfig, load_config
 from nota_model.errors import ConfigError, validation_problems
@@ -25,6 +25,17 @@ from nota_model.training import OptimizerConfig, ScheduleConfig, TrainedPart
 PLACEHOLDER = PromptConfig().speech_placeholder
 
 
+def absolute_if_local(location: str) -> str:
+    """A local path made absolute where the config is read (the driver): the workers do not run in the
+    driver's working directory. URLs stay as they are."""
+    if not is_local(location):
+        return location
+    return str(Path(fsspec.core.strip_protocol(location)).expanduser().absolute())
+
+
+Location = Annotated[str, AfterValidator(absolute_if_local)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,15 +45,7 @@ class ModelSection(_Strict):
 
     config: str = "nota-0.5b"
     overrides: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None  # trained parameters to start from (seed .pth or safetensors), path or URL
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _absolute(cls, checkpoint: str | None) -> str | None:
-        """A local path made absolute here: the workers do not run in the driver's working directory."""
-        if checkpoint is None or not is_local(checkpoint):
-            return checkpoint
-        return str(Path(fsspec.core.strip_protocol(checkpoint)).expanduser().absolute())
+    checkpoint: Location | None = None  # trained parameters to start from (seed .pth or safetensors), path or URL
 
     def load(self) -> NotaConfig:
         config = load_config(self.config, self.overrides)
@@ -77,7 +80,7 @@ class DatasetsSection(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for the manifests
     # A local directory: train from the frozen speech encoder's states cached there (one subdirectory per training
     # manifest, built before training where missing: jobs.training.features) instead of from the audio.
-    feature_cache: str | None = None
+    feature_cache: Location | None = None
 
     @field_validator("prompts")
     @classmethod
@@ -116,7 +119,7 @@ class ObjectiveSection(_Strict):
 
 class RunSection(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    storage_path: str  # local path or fsspec URL; checkpoints go to STORAGE/NAME/checkpoint_*
+    storage_path: Location  # local path or fsspec URL; checkpoints go to STORAGE/NAME/checkpoint_*
     storage_options: dict[str, Any] = Field(default_factory=dict)
     epochs: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; give exactly one of epochs and max_steps
@@ -148,12 +151,12 @@ class WandbSection(_Strict):
     project: str = "nota"
     entity: str | None = None
     mode: Literal["online", "offline"] = "online"  # offline: written under `dir`, `wandb sync` later
-    dir: str | None = None
+    dir: Location | None = None
 
 
 class LoggingSection(_Strict):
     tensorboard: bool = True
-    dir: str | None = None  # local directory for TensorBoard events and metrics.jsonl; default below
+    dir: Location | None = None  # local directory for TensorBoard events and metrics.jsonl; default below
     wandb: WandbSection = Field(default_factory=WandbSection)
 
 

@@ -74,8 +74,7 @@ def _inject_failures(trainer: WorkerTrainer, steps: list[int], marker: str) -> N
 
 def prepare_caches(config: TrainConfig, manifests: Sequence[Manifest]) -> list[Path]:
     """The training manifests' feature caches, built here first where they are missing or incomplete."""
-    # absolute: the workers do not run in the driver's working directory
-    directories = cache_directories(Path(config.datasets.feature_cache).expanduser().absolute(), manifests)
+    directories = cache_directories(Path(config.datasets.feature_cache), manifests)
     model = None
     for manifest, directory in zip(manifests, directories):
         if not (directory / DONE_FILE).exists():

@@ -122,8 +122,8 @@ def _full_vocabulary_ctc(model, head, tokens, answers) -> float:
 def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest, tmp_path, monkeypatch):
     """Stage 1 (CTC only, LoRA frozen) then stage 2 (answer and CTC) from its weights, through Ray Train and the
     feature cache that stage 1's driver builds: the CTC head is saved beside the weights and validated.
-    The cache's and the checkpoint's paths are relative to the driver's working directory, which the workers
-    do not share."""
+    The cache's, the checkpoint's and the storage's paths are relative to the driver's working directory, which
+    the workers do not share."""
     monkeypatch.chdir(tmp_path)
 
     def stage(name: str, objective: dict, checkpoint: str | None = None) -> dict:
@@ -132,12 +132,13 @@ def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest,
             "datasets": {"train": [librivox_manifest], "feature_cache": "features",
                          "validation": {"manifest": librivox_manifest, "decoding": {"max_new_tokens": 8}}},
             "objective": objective,
-            "run": {"name": name, "storage_path": str(tmp_path / "runs"), "max_steps": 3, "batch_size": 2,
+            "run": {"name": name, "storage_path": "runs", "max_steps": 3, "batch_size": 2,
                     "use_gpu": False, "max_failures": 0, "schedule": {"warmup_steps": 1}},
         }))
 
     first = stage("connector", {"answer_weight": 0, "ctc_weight": 1, "frozen": ["lora"]})
     assert (tmp_path / "features" / "librivox" / DONE_FILE).exists()
+    assert (tmp_path / "runs" / "connector" / "logs" / "metrics.jsonl").exists()
     assert (Path(first["checkpoint"]) / CTC_HEAD_FILE).exists()
     assert 0 <= first["metrics"]["val/ctc_wer"] and "val/wer" not in first["metrics"]
     history = torch.load(Path(first["checkpoint"]) / STATE_FILE, weights_only=True)["history"]
