@@ -8,6 +8,7 @@ the same run is started again (same `run.name` and `run.storage_path`).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ from nota_model.build import load_model
 from nota_model.checkpoint import publish_trained
 from nota_model.errors import ConfigError
 from nota_model.storage import resolve
+
+# A checkpoint's directory (worker.py names them), beside Ray Train's own files
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)")
 
 log = structlog.get_logger("nota.train")
 
@@ -103,11 +107,11 @@ def checkpoint_url(run: RunSection, checkpoint: ray.train.Checkpoint) -> str:
 def publish(config: TrainConfig, target: str) -> dict[str, Any]:
     """The run's latest checkpoint written to `target` as weights to ship (`checkpoint.publish_trained`)."""
     fs, root = fsspec.core.url_to_fs(f"{config.run.storage_path.rstrip('/')}/{config.run.name}", **config.run.storage_options)
-    checkpoints = sorted(path for path in fs.ls(root, detail=False) if path.rsplit("/", 1)[-1].startswith("checkpoint_"))
+    names = [(CHECKPOINT_NAME.fullmatch(path.rsplit("/", 1)[-1]), path) for path in fs.ls(root, detail=False)]
+    checkpoints = sorted((int(name.group(1)), path) for name, path in names if name)
     if not checkpoints:
         raise ConfigError(f"run {config.run.name!r} has no checkpoint under {config.run.storage_path}: train it first")
-    latest = checkpoints[-1]
-    step = int(latest.rsplit("_", 1)[-1])
+    step, latest = checkpoints[-1]
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / "model.safetensors"
         fs.get(f"{latest}/{WEIGHTS_FILE}", str(local))

@@ -12,7 +12,7 @@ import torch
 from jobs.corpus.manifest import load_manifest
 from jobs.samples import default_dest, fetch_librivox
 from jobs.training.config import TrainConfig
-from jobs.training.driver import run
+from jobs.training.driver import publish, run
 from jobs.training.features import DONE_FILE, CachedStates, build_cache, cached_training_rows
 from jobs.training.objective import CTC_HEAD_FILE
 from jobs.training.worker import STATE_FILE
@@ -126,15 +126,18 @@ def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest,
     the workers do not share."""
     monkeypatch.chdir(tmp_path)
 
-    def stage(name: str, objective: dict, checkpoint: str | None = None) -> dict:
-        return run(TrainConfig.model_validate({
+    def config(name: str, objective: dict, checkpoint: str | None = None) -> TrainConfig:
+        return TrainConfig.model_validate({
             "model": {"config": "tiny", "overrides": SPEECH_ONLY, "checkpoint": checkpoint},
             "datasets": {"train": [librivox_manifest], "feature_cache": "features",
                          "validation": {"manifest": librivox_manifest, "decoding": {"max_new_tokens": 8}}},
             "objective": objective,
             "run": {"name": name, "storage_path": "runs", "max_steps": 3, "batch_size": 2,
                     "use_gpu": False, "max_failures": 0, "schedule": {"warmup_steps": 1}},
-        }))
+        })
+
+    def stage(name: str, objective: dict, checkpoint: str | None = None) -> dict:
+        return run(config(name, objective, checkpoint))
 
     first = stage("connector", {"answer_weight": 0, "ctc_weight": 1, "frozen": ["lora"]})
     assert (tmp_path / "features" / "librivox" / DONE_FILE).exists()
@@ -148,3 +151,7 @@ def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest,
     assert {"val/wer", "val/ctc_wer", "val/loss"} <= set(second["metrics"])
     head = read_state_dict(Path(second["checkpoint"]) / CTC_HEAD_FILE)
     assert not torch.equal(head["blank"], read_state_dict(Path(first["checkpoint"]) / CTC_HEAD_FILE)["blank"])
+    # --publish: the run's latest checkpoint (Ray Train's own files beside it are no checkpoint), in float16
+    published = publish(config("reader", {"answer_weight": 1}), "shipped.safetensors")
+    assert published["step"] == 3 and Path(published["checkpoint"]).name == "checkpoint_00000003"
+    assert {tensor.dtype for tensor in read_state_dict(tmp_path / "shipped.safetensors").values()} == {torch.float16}
