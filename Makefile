@@ -28,8 +28,9 @@ samples: setup
 	$(PY) -m jobs.samples
 
 run: samples
-	$(PY) -m jobs.packs whisper-base
+	$(PY) -m jobs.packs whisper-base smollm2-135m-instruct
 	$(PY) -m jobs.infer --manifest manifests/librivox-sample.yaml --model whisper-base --output out/predictions
+	$(PY) -m jobs.infer --manifest manifests/librivox-sample.yaml --model nota-small --output out/predictions/nota-small
 	$(PY) -m jobs.infer --manifest manifests/animals-sample.yaml --model tiny --output out/predictions
 	$(PY) -m jobs.score --predictions out/predictions --output out/scores
 
