@@ -62,13 +62,18 @@ class Checkpoint:
 def read_checkpoint(path: Path) -> Checkpoint:
     """A trained checkpoint: a seed `.pth` (`{"model": ..., "config": {"model": ...}}`) or our safetensors."""
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(str(path), "pt") as file:
-            metadata = file.metadata() or {}
+        metadata = safetensors_metadata(path)
         return Checkpoint(read_state_dict(path), json.loads(metadata.get(SETTINGS_METADATA_KEY, "{}")))
     loaded = _torch_load(path)
     run_config = loaded.get("config") if isinstance(loaded, dict) else None
     model_config = run_config.get("model", {}) if isinstance(run_config, dict) else {}
     return Checkpoint(_unwrap(loaded, path), {k: v for k, v in model_config.items() if k in SEED_SETTINGS})
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's string metadata (ours: the settings it was trained with, where it came from)."""
+    with safetensors.safe_open(str(path), "pt") as file:
+        return file.metadata() or {}
 
 
 def seed_settings(config: NotaConfig) -> dict[str, Any]:
@@ -120,8 +125,7 @@ def save_state_dict(tensors: dict[str, torch.Tensor], path: Path, metadata: dict
 def publish_trained(source: Path, target: Path, notes: dict[str, str]) -> None:
     """Write a trained checkpoint as weights to ship: its tensors in float16 (the trained parts of a small model
     are a few MB), its metadata (the settings it was trained with) and `notes` (where it came from)."""
-    with safetensors.safe_open(str(source), "pt") as file:
-        metadata = file.metadata() or {}
+    metadata = safetensors_metadata(source)
     tensors = {key: value.half() if value.is_floating_point() else value for key, value in read_state_dict(source).items()}
     save_state_dict(tensors, target, metadata={**metadata, **notes})
 
