@@ -134,6 +134,25 @@ def test_only_the_checkpoint_parameters_train_and_all_of_them_get_gradients(trai
     model.zero_grad(set_to_none=True)
 
 
+def test_bfloat16_autocast_on_cpu_keeps_the_loss_and_float32_gradients(trainee, clips):
+    """`run.amp: bfloat16` on a CPU (NOTA-small's stage 3): the loss stays near float32's, and the trained values
+    get float32 gradients (autocast computes in bfloat16 but leaves the parameters as they are)."""
+    model = trainee
+    batch = batch_for(model, [Example(c, p, a) for c, p, a in zip(clips, _prompts(model), ANSWERS)])
+    with torch.no_grad():
+        reference = answer_loss(model, batch).item()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = answer_loss(model, batch)
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(reference, rel=0.05) and loss.item() != reference  # near, yet computed in bfloat16
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+    model.zero_grad(set_to_none=True)
+
+
 def test_a_few_steps_lower_the_loss_of_a_fixed_batch(trainee, clips):
     model = trainee
     examples = [Example(c, p, a) for c, p, a in zip(clips, _prompts(model), ANSWERS)]
