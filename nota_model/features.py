@@ -65,11 +65,14 @@ class ModelFeatures:
 
 def compute_features(clips: Sequence[AudioClip], config: ModelConfig) -> list[ModelFeatures]:
     """Each clip's features for the model `config` describes, each clip on its own.
-    Raises AudioError (too_short) for a clip shorter than CED's one patch."""
+    Raises AudioError (too_short) for a clip shorter than CED's one patch. The front ends compute in float32
+    whatever autocast the caller runs under (training's validation runs under `run.amp`): a bfloat16 log-mel
+    would be coarser than what the encoders were trained on."""
     mel_bins = config.num_mel_bins if config.model_kind == "whisper" else config.speech_encoder.num_mel_bins
     ced = _ced_config(config)
-    return [ModelFeatures(*whisper_log_mel(clip.waveform, mel_bins), ced=None if ced is None else ced_mel(clip.waveform, ced))
-            for clip in clips]
+    with torch.autocast("cpu", enabled=False):
+        return [ModelFeatures(*whisper_log_mel(clip.waveform, mel_bins), ced=None if ced is None else ced_mel(clip.waveform, ced))
+                for clip in clips]
 
 
 def check_feature_inputs(clips: Sequence[AudioClip], config: ModelConfig) -> None:

@@ -41,6 +41,19 @@ def test_features_survive_their_bytes_and_are_float32():
             assert back.ced.dtype == np.float32 and np.array_equal(back.ced, features.ced)
 
 
+def test_features_stay_float32_under_cpu_bfloat16_autocast(tiny):
+    """Training validates under `run.amp` (bfloat16 on a CPU): the front ends ignore it, and generation runs."""
+    clips = [make_clip(2.0), make_clip(3.3, seed=4)]
+    expected = compute_features(clips, tiny.model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = compute_features(clips, tiny.model.config)
+        texts = tiny.model.generate(clips, [tiny.model.config.prompt.task_prompt("asr")] * 2).texts
+    for got, want in zip(features, expected):
+        assert got.whisper.dtype == np.float32 and np.array_equal(got.whisper, want.whisper)
+        assert got.ced.dtype == np.float32 and np.array_equal(got.ced, want.ced)
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+
+
 def test_ced_features_are_the_encoders_own_front_end(tiny):
     clip = make_clip(3.3, seed=4)
     shipped = compute_features([clip], tiny.model.config)[0].ced
