@@ -13,9 +13,9 @@ from tests.inference.test_infer import read_rows
 
 pytestmark = pytest.mark.real_weights
 
-# The LibriVox sample's WER the shipped weights reach (71.8 %, nota_model/weights/nota-small.md), with room for a
+# The LibriVox sample's WER the shipped weights reach (49.3 %, nota_model/weights/nota-small.md), with room for a
 # few words decoded otherwise on another CPU's float rounding. The target (30 %) is not reached yet.
-LIBRIVOX_WER_CEILING = 0.80
+LIBRIVOX_WER_CEILING = 0.60
 
 
 @pytest.fixture(scope="module")
