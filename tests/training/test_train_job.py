@@ -178,6 +178,19 @@ def test_shipped_training_configs_are_valid():
         assert config.model.load().model_kind == "nota", path
 
 
+def test_nota_small_stages_start_from_earlier_stages_and_not_from_the_weights_they_ship():
+    # A stage that started from the shipped file would train on from its own output when run again.
+    runs = []
+    for path in sorted(Path(__file__).parents[2].glob("configs/nota-small-*.yaml")):
+        config = load_train_config(str(path))
+        model = config.model.load()
+        assert model.name == "nota-small" and model.trained_weights is None, path
+        if runs:
+            assert any(f"/{run}/checkpoint_" in config.model.checkpoint for run in runs), path
+        runs.append(config.run.name)
+    assert len(runs) >= 3
+
+
 def test_metrics_go_to_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     calls = {}
 
