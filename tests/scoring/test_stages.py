@@ -24,7 +24,7 @@ from jobs.scoring.report import latency_box
 from jobs.scoring.score import long_rows, score, score_rows
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
-from tests.scoring.test_score import SPEECH, T0, row, speech_rows
+from tests.scoring.test_score import SPEECH, row, speech_rows
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
 GTS = {0: ["a dog barks loudly outside", "the dog is barking"], 1: ["rain falls on the roof"],
