@@ -1,9 +1,10 @@
 """Build the synthetic speech-recognition training corpus (`jobs.corpus.synthetic`) once, into the cache.
 
-    python -m jobs.synthesize [--dest DIR] [--train-items 10000] [--held-out-items 400] [--seed 0] [--workers 2]
+    python -m jobs.synthesize [--dest DIR] [--train-items 10000] [--train-parts 1] [--held-out-items 400] [--seed 0] [--workers 2]
 
 Needs Debian's synthesisers and texts: apt-get install espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k
-festvox-us-slt-hts wordnet-base wamerican. Idempotent and resumable: a split whose manifest exists is kept, and a
+festvox-us-slt-hts wordnet-base wamerican. `--train-parts K` builds the training split in K parts of
+`--train-items` each (`train`, `train-2`, ...; manifests `manifests/synthetic-speech-train*.yaml`). Idempotent and resumable: a split whose manifest exists is kept, and a
 killed build continues with the items it has not rendered. Prints the manifests as JSON.
 """
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, default=cache_dir() / "corpora" / "synthetic-speech")
     parser.add_argument("--train-items", type=int, default=10000)
+    parser.add_argument("--train-parts", type=int, default=1, help="more training parts: train-2, train-3, ...")
     parser.add_argument("--held-out-items", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = default_dest()
     evaluation = [json.loads(line)["reference"] for fetch in (fetch_librivox, fetch_cards)
                   for line in fetch(samples).read_text().splitlines()]
-    manifests = build(args.dest, args.train_items, args.held_out_items, args.seed, evaluation, args.workers)
+    manifests = build(args.dest, args.train_items, args.held_out_items, args.seed, evaluation, args.workers, args.train_parts)
     print(json.dumps({split: str(path) for split, path in manifests.items()}))
     return 0
 

@@ -3,7 +3,8 @@ packed as WebDataset tar shards with a manifest, like any corpus the job reads.
 
 Two splits, disjoint in voices and in sentences:
 - `train`: WordNet example sentences (alone or two joined), WordNet glosses and random word sequences, spoken
-  by the training voices;
+  by the training voices; more of it comes as further parts `train-2`, `train-3`, ... (each its own draws, ids,
+  shards and manifest, so a corpus grows without changing the parts already built or cached);
 - `held-out`: WordNet sentences of the held-out share (1 in 50, by a hash of the text) spoken by held-out voices.
 
 Every item is a pure function of (seed, split, number): a killed build resumes where it stopped and a rebuild
@@ -117,11 +118,17 @@ def _write_sources(path: Path, items: Iterable[PlannedItem]) -> None:
 
 
 def build(dest: Path, train_items: int, held_out_items: int, seed: int, evaluation_transcripts: Iterable[str],
-          workers: int = 2) -> dict[str, Path]:
-    """Both splits under `dest` (`train.yaml`, `held-out.yaml`, shards, per-item sources, SOURCES.md)."""
+          workers: int = 2, train_parts: int = 1) -> dict[str, Path]:
+    """Both splits under `dest` (`held-out.yaml`, `train.yaml` and `train-N.yaml` for the further parts of
+    `train_items` each, shards, per-item sources, SOURCES.md)."""
     check_synthesisers()
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "SOURCES.md").write_text(SOURCES)
     exclusions = Exclusions.of(evaluation_transcripts)
-    return {split: build_split(split, count, dest, seed, exclusions, workers)
-            for split, count in (("held-out", held_out_items), ("train", train_items))}
+    splits = [("held-out", held_out_items)] + [(train_split(part), train_items) for part in range(1, train_parts + 1)]
+    return {split: build_split(split, count, dest, seed, exclusions, workers) for split, count in splits}
+
+
+def train_split(part: int) -> str:
+    """The training split's name of part `part` (1: `train`, as built before parts existed)."""
+    return "train" if part == 1 else f"train-{part}"

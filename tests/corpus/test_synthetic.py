@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from jobs.corpus.synthesis import SAMPLE_RATE, Voice, augment, voices
-from jobs.corpus.synthetic import _is_held_out, plan, render
+from jobs.corpus.synthetic import _is_held_out, plan, render, train_split
 from jobs.corpus.texts import Exclusions, is_speakable, transcript, wordnet_texts
 
 LIBRIVOX = "and mister john dashwood had then leisure to consider how much there might be prudently in his power"
@@ -69,6 +69,10 @@ def test_the_plan_is_a_pure_function_of_seed_and_number_and_holds_sentences_out(
     assert all(_is_held_out(item.text) for item in held_out)
     assert not any(_is_held_out(item.text) for item in train if item.kind in ("example", "gloss"))
     assert {item.voice for item in held_out} <= set(voices(held_out=True))
+    second = plan(train_split(2), 300, 0, exclusions)  # a further training part: other draws, other ids
+    assert train_split(1) == "train" and second[0].id == "train-2-000000"
+    assert {item.text for item in second} != {item.text for item in train}
+    assert not any(_is_held_out(item.text) for item in second if item.kind in ("example", "gloss"))
 
 
 @needs_tools
