@@ -117,6 +117,10 @@ def is_trained_key(key: str) -> bool:
 
 
 def save_state_dict(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as safetensors to `path`, a new or regular file (safetensors replaces whatever is there,
+    a device such as /dev/null included)."""
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file: give a file path to write the weights to")
     path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     safetensors.torch.save_file(contiguous, str(path), metadata=metadata)

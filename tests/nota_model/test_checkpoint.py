@@ -1,4 +1,5 @@
 import os
+import stat
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from transformers import AutoTokenizer, WhisperConfig, WhisperModel
 
 from nota_model.build import build_audio_encoder, load_model, save_trained
 from nota_model.ced import CEDEncoder
-from nota_model.checkpoint import publish_trained, read_checkpoint
+from nota_model.checkpoint import publish_trained, read_checkpoint, save_state_dict
 from nota_model.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from tests.conftest import make_clip
 
@@ -92,6 +93,15 @@ def test_safetensors_round_trip_gives_the_same_outputs(tiny_config, tmp_path):
     fresh = load_model(tiny_config, device="cpu").model
     assert (fresh.next_token_logits(clips, prompts) - first.next_token_logits(clips, prompts)).abs().max() > 1e-3
     torch.testing.assert_close(second.next_token_logits(clips, prompts), first.next_token_logits(clips, prompts))
+
+
+def test_weights_are_written_to_regular_files_only(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # like /dev/null: not a file that safetensors may replace
+    for target in (fifo, tmp_path):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            save_state_dict({"w": torch.zeros(2)}, target)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_published_weights_are_float16_keep_their_settings_and_load_as_the_configs_own(tiny_config, tmp_path):
