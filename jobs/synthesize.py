@@ -3,9 +3,10 @@
     python -m jobs.synthesize [--dest DIR] [--train-items 10000] [--train-parts 1] [--held-out-items 400] [--seed 0] [--workers 2]
 
 Needs Debian's synthesisers and texts: apt-get install espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k
-festvox-us-slt-hts wordnet-base wamerican. `--train-parts K` builds the training split in K parts of
-`--train-items` each (`train`, `train-2`, ...; manifests `manifests/synthetic-speech-train*.yaml`). Idempotent and resumable: a split whose manifest exists is kept, and a
-killed build continues with the items it has not rendered. Prints the manifests as JSON.
+festvox-us-slt-hts wordnet-base wamerican. `--train-parts K` builds the training split in K parts of `--train-items`
+each (`train`, `train-2`, ...; manifests `manifests/synthetic-speech-train*.yaml`). Idempotent and resumable: a split
+whose manifest exists is kept, and a killed build continues with the items it has not rendered. Prints the
+manifests as JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.train_parts < 1:
+        parser.error("--train-parts: give 1 or more")
     samples = default_dest()
     evaluation = [json.loads(line)["reference"] for fetch in (fetch_librivox, fetch_cards)
                   for line in fetch(samples).read_text().splitlines()]
