@@ -128,8 +128,8 @@ def measure(predictions: str, output: str, distributed: bool | None = None, refe
     `distributed` as jobs.score takes it (today's scorer has no such choice: None)."""
     import ray
 
-    import jobs.scoring.score
-    from jobs.scoring.score import score
+    import jobs.scoring.scorer
+    from jobs.scoring.scorer import score
 
     started = time.perf_counter()
     choice = {} if distributed is None else {"distributed": distributed}
@@ -138,7 +138,7 @@ def measure(predictions: str, output: str, distributed: bool | None = None, refe
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "quality": groups[0]["quality"],
-        "scorer_code": jobs.scoring.score.__file__,
+        "scorer_code": jobs.scoring.scorer.__file__,
         "ray_data": ray.is_initialized(),
     }))
 

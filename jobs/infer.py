@@ -29,7 +29,7 @@ import ray
 
 from jobs import logs
 from jobs.cli import module_entry
-from jobs.corpus.manifest import load_manifest
+from jobs.corpus.manifest_schema import load_manifest
 from jobs.inference.dataset import build_dataset, finish_shards
 from jobs.inference.devices import run_capability, uses_gpus
 from jobs.inference.options import RunOptions, run_options
@@ -40,7 +40,7 @@ from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging
 from jobs.predictions import OutputStore
 from jobs.scoring import report
-from jobs.scoring.score import score
+from jobs.scoring.scorer import score
 from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
 from nota_model.overrides import deep_merge
@@ -58,12 +58,12 @@ def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_k
     log = logs.configure(job_id)
     storage_options = options.storage_options
     manifest = load_manifest(options.manifest, storage_options)
-    long_audio = {"audio": {"long_audio": options.long_audio}} if options.long_audio else {}
-    config = load_config(options.model, deep_merge(options.overrides, long_audio))
+    long_form = {"audio": {"long_form": options.long_form}} if options.long_form else {}
+    config = load_config(options.model, deep_merge(options.overrides, long_form))
     identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator)))
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), options.batch_size)
     store = OutputStore(options.output, manifest.name, storage_options)
-    store.claim({"model": identity, "decoding": settings.decoding, "long_audio": config.audio.long_audio})
+    store.claim({"model": identity, "decoding": settings.decoding, "long_form": config.audio.long_form})
 
     done = store.completed_shards()
     plan = ReadPlan.of(manifest, done)

@@ -1,5 +1,5 @@
 """Manifests from the command line: validate one, build tar shards and a manifest from a folder of audio, or
-import the seed's annotation JSON (jobs.corpus.manifest does the work).
+import the seed's annotation JSON (jobs.corpus.manifest_schema does the work).
 
 Usage:
   python -m jobs.manifest validate MANIFEST
@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.cli import module_entry
-from jobs.corpus.build import build_shards, import_seed
+from jobs.corpus.make import build_shards, import_seed
 from jobs.corpus.errors import ManifestError
-from jobs.corpus.manifest import Manifest, load_manifest
+from jobs.corpus.manifest_schema import Manifest, load_manifest
 
 
 def summarize(manifest: Manifest, items: pa.Table) -> dict[str, Any]:

@@ -64,6 +64,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 PART_NAME = re.compile(r"part-(\d{5,})\.parquet$")
+LEGACY_RUN_KEYS = {"long_audio": "long_form"}  # outputs of earlier versions stay resumable
 
 
 class OutputMismatchError(NotaError):
@@ -94,7 +95,7 @@ class OutputStore:
         """Record what this output is made with, or refuse to mix in results of another model or decoding."""
         path = f"{self.dir}/_RUN.json"
         if self.fs.exists(path):
-            recorded = json.loads(self.fs.cat_file(path))
+            recorded = _renamed_keys(json.loads(self.fs.cat_file(path)))
             if recorded != run:
                 raise OutputMismatchError(
                     f"{self.url} (corpus {self.dir.rsplit('/', 1)[-1]}) holds results of {recorded}, not {run}: "
@@ -115,6 +116,11 @@ class OutputStore:
             rows += len(column)
             errors.update({entry["values"]: entry["counts"] for entry in column.drop_null().value_counts().to_pylist()})
         return rows, errors
+
+
+def _renamed_keys(run: dict[str, Any]) -> dict[str, Any]:
+    """A `_RUN.json` written before `long_audio` was named `long_form`, read under today's key."""
+    return {LEGACY_RUN_KEYS.get(key, key): value for key, value in run.items()}
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

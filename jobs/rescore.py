@@ -25,7 +25,7 @@ import pyarrow as pa
 from jobs.cli import module_entry
 from jobs.predictions import parquet_bytes, prediction_files
 from jobs.score import add_scoring_arguments
-from jobs.scoring.score import flat_values, score
+from jobs.scoring.scorer import flat_values, score
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 

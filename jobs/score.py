@@ -27,7 +27,7 @@ import sys
 
 from jobs.cli import module_entry
 from jobs.scoring import report
-from jobs.scoring.score import score
+from jobs.scoring.scorer import score
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Build the synthetic speech-recognition training corpus (`jobs.corpus.synthetic`) once, into the cache.
+"""Build the synthetic speech-recognition training corpus (`jobs.corpus.synthetic_speech`) once, into the cache.
 
     python -m jobs.synthesize [--dest DIR] [--train-items 10000] [--train-parts 1] [--held-out-items 400] [--seed 0] [--workers 2]
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import module_entry
-from jobs.corpus.synthetic import build
+from jobs.corpus.synthetic_speech import build
 from jobs.samples import default_dest, fetch_cards, fetch_librivox
 from nota_model.storage import cache_dir
 

@@ -185,7 +185,7 @@ class DecodingConfig(_Strict):
 
 class AudioConfig(_Strict):
     """How a clip is prepared: the seed pads to at least 1 s and truncates to 30 s (`max_seconds`, the model's
-    window). `long_audio` says what the batch runners do with a longer recording: `segment` it into pieces of
+    window). `long_form` says what the batch runners do with a longer recording: `segment` it into pieces of
     at most the window (`nota_model.segment`), or `truncate` it to the window as the seed does. Recordings
     over `max_recording_seconds` are refused (error `audio_too_long`) before their samples are decoded."""
 
@@ -193,7 +193,7 @@ class AudioConfig(_Strict):
     channel_mode: Literal["mean", "first"] = "mean"
     min_seconds: float = 1.0
     max_seconds: float = 30.0
-    long_audio: Literal["segment", "truncate"] = "segment"
+    long_form: Literal["segment", "truncate"] = "segment"
     max_recording_seconds: float = Field(3600.0, gt=0)
 
 

@@ -24,7 +24,7 @@ from nota_model.audio import AudioClip, load_audio
 from nota_model.build import load_model
 from nota_model.config import load_config
 from nota_model.errors import AudioError
-from nota_model.longform import generate_pieces
+from nota_model.long_form import generate_pieces
 from nota_model.overrides import parse_overrides
 from nota_model.segment import plan_pieces
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, Any]]:
     """One row per item, in order: the answer, or the audio error that kept the item out of the batch.
-    Recordings over the window are segmented (unless the config's `audio.long_audio` is `truncate`) and
+    Recordings over the window are segmented (unless the config's `audio.long_form` is `truncate`) and
     the pieces of the whole batch share model batches of the batch's size."""
     rows: list[dict[str, Any]] = [
         {"id": item.id, "task": item.task, "text": None, "error": None, "reference": item.reference} for item in batch
@@ -105,7 +105,7 @@ def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, An
     ready: list[tuple[int, AudioClip]] = []
     for position, item in enumerate(batch):
         try:
-            ready.append((position, load_audio(item.audio, audio, whole=audio.long_audio == "segment")))
+            ready.append((position, load_audio(item.audio, audio, whole=audio.long_form == "segment")))
         except AudioError as err:
             rows[position].update(error=err.code, message=err.message)
     if ready:

@@ -21,7 +21,7 @@ from jobs.corpus.urls import absolute_url, parent_url, protocol_problem
 from nota_model.config import PromptConfig
 
 if TYPE_CHECKING:
-    from jobs.corpus.manifest import Manifest
+    from jobs.corpus.manifest_schema import Manifest
 
 SPEECH_PLACEHOLDER = PromptConfig().speech_placeholder
 ITEM_LIST_SUFFIXES = (".jsonl", ".parquet")

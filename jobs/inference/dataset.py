@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from jobs.corpus.manifest import Manifest
+from jobs.corpus.manifest_schema import Manifest
 from jobs.inference.devices import uses_gpus
 from jobs.inference.decode import MAX_CLIP_BYTES
 from jobs.inference.options import CPU_NODE_DECODE_CPUS, RunOptions

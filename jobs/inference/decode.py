@@ -14,7 +14,7 @@ from jobs.corpus.items import WORK_ITEM_SCHEMA
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig, ModelConfig
 from nota_model.errors import AudioError
-from nota_model.longform import check_pieces, piece_features
+from nota_model.long_form import check_pieces, piece_features
 from nota_model.segment import plan_pieces
 
 DECODED_SCHEMA = (
@@ -48,14 +48,14 @@ def decoded_block(rows: list[dict[str, Any]]) -> pa.Table:
 def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, features_for: ModelConfig | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
     """A work item with its decoded audio (`waveform`, `clip`), the pieces the model is to run (`pieces`: the
-    whole clip when it fits the model's window or `audio.long_audio` is `truncate`, else the long recording's
+    whole clip when it fits the model's window or `audio.long_form` is `truncate`, else the long recording's
     segments) and, given a model config, each piece's input features (`features`); or with the error. `data`
     is the item's bytes, None when it already has an error. A `dry_run` item gets no waveform and no features
     (nothing would use them), but the same errors: its pieces are checked against the model's input needs."""
     item.update(waveform=None, clip=None, pieces=None, features=None)
     if data is not None:
         try:
-            whole = audio.long_audio == "segment"
+            whole = audio.long_form == "segment"
             clip = load_audio(data, audio, name=item.get("member") or item["audio"], whole=whole)
             pieces = plan_pieces(clip.waveform, item["task"], audio.max_seconds)
             item.update(clip=json.dumps(clip.metadata()), pieces=pieces)

@@ -41,11 +41,11 @@ class RunOptions(BaseModel):
         description="fsspec options for the manifest, the corpus and the output, e.g. an S3 endpoint; credentials "
         "belong in the standard AWS variables")
     batch_size: int = Field(8, ge=1, description="items per model batch (pieces of long recordings)")
-    long_audio: Literal["segment", "truncate"] | None = Field(
+    long_form: Literal["segment", "truncate"] | None = Field(
         None,
         description="a recording longer than the model's 30 s window: segment it (speech at pauses found by a VAD, "
         "other tasks in fixed windows) and stitch the answers, or truncate it to 30 s as the seed does "
-        "(default: the config's audio.long_audio, segment)")
+        "(default: the config's audio.long_form, segment)")
     pool_size: int | None = Field(
         None, ge=1, description="model actors to start with (default: 1 / --gpus-per-actor per GPU, else 1)")
     max_pool_size: int | None = Field(None, ge=1, description="let the pool grow to this many as GPU nodes join")

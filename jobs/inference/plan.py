@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.corpus.items import ItemListShard
-from jobs.corpus.manifest import Manifest
+from jobs.corpus.manifest_schema import Manifest
 
 # An item-list read task holds up to about this many rows (fewer on a small corpus, for parallelism).
 ITEMS_PER_LIST_TASK = 1000

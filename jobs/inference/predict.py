@@ -24,7 +24,7 @@ from nota_model.build import load_model
 from nota_model.config import ModelConfig
 from nota_model.errors import AudioError, ConfigError
 from nota_model.features import ModelFeatures
-from nota_model.longform import LongFormOutput, generate_pieces, piece_features
+from nota_model.long_form import LongFormOutput, generate_pieces, piece_features
 
 
 def actor_threads() -> int:

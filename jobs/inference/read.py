@@ -19,7 +19,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from jobs.corpus.items import WorkItemChecks, item_list_rows
-from jobs.corpus.manifest import Manifest
+from jobs.corpus.manifest_schema import Manifest
 from jobs.corpus.tars import shard_items
 from jobs.inference.decode import DECODED_SCHEMA, decode_item, decoded_block, read_item_audio
 from jobs.inference.plan import ListSlice, ReadPiece, TarShard

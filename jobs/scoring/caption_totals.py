@@ -21,7 +21,7 @@ from jobs.metrics.captions import (BLEU_STATISTICS, CaptionScores, Ngram, bleu_f
 from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.frequencies import DocumentFrequencies
 from jobs.scoring.item_scores import ItemsOut, caption_item_scores
-from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
 from jobs.scoring.totals import split
 

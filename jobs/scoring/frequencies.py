@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.metrics.captions import Ngram, document_frequency
-from jobs.scoring.items import GROUP_KEYS, captioned
+from jobs.scoring.item_table import GROUP_KEYS, captioned
 from jobs.scoring.ngrams import NgramCounts, hashes, range_of
 from jobs.scoring.totals import split
 

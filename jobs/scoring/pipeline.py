@@ -19,7 +19,7 @@ from jobs.predictions import OUTPUT_SCHEMA, prediction_files
 from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_scores import ItemsOut, asr_item_scores
-from jobs.scoring.items import READ_COLUMNS, captioned, item_table
+from jobs.scoring.item_table import READ_COLUMNS, captioned, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.references import read_references
 from jobs.scoring.sizing import IN_PROCESS_S, single_process_seconds

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.corpus.manifest import load_manifest
+from jobs.corpus.manifest_schema import load_manifest
 from nota_model.errors import NotaError
 
 REFERENCE_SCHEMA = pa.schema([

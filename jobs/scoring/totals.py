@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from jobs.metrics.speed import Speed, speed
 from jobs.metrics.wer import EDIT_COLUMNS, word_errors
 from jobs.scoring.analysis import Analysis
-from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
 
 LATENCIES = ("ttft_s", "tpot_s")

@@ -79,7 +79,7 @@ class DatasetsSection(_Strict):
     max_answer_tokens: int = Field(200, ge=2)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for the manifests
     # A local directory: train from the frozen speech encoder's states cached there (one subdirectory per training
-    # manifest, built before training where missing: jobs.training.features) instead of from the audio.
+    # manifest, built before training where missing: jobs.training.state_cache) instead of from the audio.
     feature_cache: Location | None = None
 
     @field_validator("prompts")

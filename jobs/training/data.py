@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jobs.corpus.fetch import read_item_bytes
-from jobs.corpus.manifest import Manifest
+from jobs.corpus.manifest_schema import Manifest
 from nota_model.audio import AudioClip, load_audio
 from nota_model.model import NotaModel
 

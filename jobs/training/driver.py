@@ -23,10 +23,10 @@ import structlog
 import torch
 
 from jobs import logs
-from jobs.corpus.manifest import Manifest, load_manifest
+from jobs.corpus.manifest_schema import Manifest, load_manifest
 from jobs.training.config import RunSection, TrainConfig, is_local
 from jobs.training.data import training_rows, validation_rows
-from jobs.training.features import DONE_FILE, CachedStates, build_cache, cache_directories, cached_training_rows
+from jobs.training.state_cache import DONE_FILE, CachedStates, build_cache, cache_directories, cached_training_rows
 from jobs.training.objective import load_ctc_head
 from jobs.training.worker import WEIGHTS_FILE, WorkerTrainer
 from nota_model.build import load_model

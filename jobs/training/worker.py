@@ -37,7 +37,7 @@ import torch.distributed as dist
 from jobs.metrics.memory import gpu_memory
 from jobs.training.config import TrainConfig, ValidationSection
 from jobs.training.data import decode_row
-from jobs.training.features import CachedStates
+from jobs.training.state_cache import CachedStates
 from jobs.training.logger import MetricsLogger
 from jobs.training.objective import Objective, autocast, load_ctc_head, save_ctc_head
 from nota_model.build import save_trained

@@ -21,7 +21,7 @@ from ray.data._internal.logging import get_log_directory
 
 from jobs import logs
 from jobs.corpus.items import ItemListShard
-from jobs.corpus.manifest import load_manifest
+from jobs.corpus.manifest_schema import load_manifest
 from jobs.infer import parse_args, run
 from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, default_pool_size, resource_sizing
 from jobs.inference.plan import ReadPlan, TarShard

@@ -1,4 +1,4 @@
-"""jobs.corpus.manifest: manifests loaded and checked, item lists cut into shards and enumerated into work items;
+"""jobs.corpus.manifest_schema: manifests loaded and checked, item lists cut into shards and enumerated into work items;
 the helpers here write the small corpora the other tests of jobs.corpus read too."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import soundfile as sf
 from jobs.cli import run_command
 from jobs.corpus.errors import ManifestError
 from jobs.corpus.items import WORK_ITEM_SCHEMA
-from jobs.corpus.manifest import Manifest, load_manifest
+from jobs.corpus.manifest_schema import Manifest, load_manifest
 from jobs.manifest import main
 from jobs.samples import default_dest, fetch_animals, fetch_librivox
 from nota_model.storage import cache_dir

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from jobs.corpus import tars
-from jobs.corpus.build import build_shards
+from jobs.corpus.make import build_shards
 from jobs.corpus.fetch import read_item_bytes
-from jobs.corpus.manifest import Manifest, load_manifest
+from jobs.corpus.manifest_schema import Manifest, load_manifest
 from tests.corpus.test_manifest import audio_folder, rows, write_audio
 
 

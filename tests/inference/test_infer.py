@@ -12,14 +12,14 @@ import pytest
 import soundfile as sf
 
 from jobs import cli
-from jobs.corpus.build import build_shards
+from jobs.corpus.make import build_shards
 from jobs.infer import parse_args, run
 from jobs.inference.decode import decode_item
 from jobs.predictions import OUTPUT_SCHEMA, OutputMismatchError, read_predictions
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
 from nota_model.features import ModelFeatures, compute_features
-from nota_model.longform import generate_pieces
+from nota_model.long_form import generate_pieces
 from nota_model.segment import plan_pieces
 from tests.s3 import moto_server, s3_filesystem
 

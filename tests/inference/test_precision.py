@@ -1,6 +1,8 @@
 """The float type by compute capability (monkeypatched: no GPU here): auto, bfloat16 checks, CTranslate2's compute
 types, training's autocast and gradient scaler, the float16 warning for Qwen2, and pre-cast encoder weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -95,7 +97,7 @@ def test_an_output_claimed_in_one_precision_refuses_another(tiny_config, tmp_pat
     store = OutputStore(str(tmp_path), "corpus")
 
     def claim(capability):
-        store.claim({"model": build.model_identity(tiny_config, capability=capability), "decoding": "d", "long_audio": "segment"})
+        store.claim({"model": build.model_identity(tiny_config, capability=capability), "decoding": "d", "long_form": "segment"})
 
     claim(None)
     claim(None)  # the same precision resumes
@@ -109,3 +111,12 @@ def test_an_actor_refuses_another_precision_than_the_runs(tiny_config, local_ray
     settings = JobSettings(corpus="c", job_id="j", model_identity="tiny+no-checkpoint+bfloat16", decoding="d")
     with pytest.raises(ConfigError, match=r"runs tiny\+no-checkpoint\+float32 but the run writes tiny\+no-checkpoint\+bfloat16"):
         predict.Predictor(tiny_config, None, settings)
+
+
+def test_an_output_written_before_long_form_was_named_so_still_resumes(tmp_path):
+    store = OutputStore(str(tmp_path), "corpus")
+    run = {"model": "tiny+no-checkpoint+float32", "decoding": "d"}
+    (tmp_path / "corpus/_RUN.json").write_text(json.dumps({**run, "long_audio": "segment"}))
+    store.claim({**run, "long_form": "segment"})
+    with pytest.raises(OutputMismatchError):
+        store.claim({**run, "long_form": "truncate"})

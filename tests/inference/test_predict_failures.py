@@ -11,7 +11,7 @@ import torch
 from jobs.inference.devices import DEVICE_FAILURE_EXIT_CODE, DeviceFailure, is_device_failure
 from jobs.inference.predict import Predictor
 from jobs.inference.settings import JobSettings
-from nota_model.longform import piece_features
+from nota_model.long_form import piece_features
 from tests.conftest import make_clip
 
 

@@ -6,7 +6,7 @@ import random
 import pyarrow as pa
 
 from jobs.predictions import OUTPUT_SCHEMA
-from jobs.scoring.score import score
+from jobs.scoring.scorer import score
 from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.pipeline import score_blocks, score_table
 from tests.scoring.test_score import row

@@ -12,7 +12,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 from jobs.metrics import captions
 from jobs.predictions import OutputStore
-from jobs.scoring.score import score
+from jobs.scoring.scorer import score
 from jobs.scoring.item_scores import ITEMS_SCHEMA
 from tests.scoring.test_score import SPEECH, row, speech_rows
 from tests.scoring.test_stages import GTS, RES, three_shards, write_shards

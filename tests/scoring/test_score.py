@@ -13,7 +13,7 @@ from jobs.predictions import OUTPUT_SCHEMA, OutputStore
 from jobs.rescore import COMPARISON_SCHEMA, rescore
 from jobs.score import main
 from jobs.scoring.references import REFERENCE_SCHEMA, read_references, referenced
-from jobs.scoring.score import METRICS_SCHEMA, score, score_rows, submission_csv
+from jobs.scoring.scorer import METRICS_SCHEMA, score, score_rows, submission_csv
 from nota_model.errors import NotaError
 from tests.s3 import moto_server, s3_filesystem
 

@@ -18,10 +18,10 @@ from jobs.metrics.captions import (bleu_from_statistics, bleu_statistics, cider_
                                    meteor_from_statistics, meteor_scores, meteor_statistics, rouge_l_items)
 from jobs.predictions import OutputStore, prediction_files
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
-from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.pipeline import score_table
 from jobs.scoring.report import latency_box
-from jobs.scoring.score import long_rows, score, score_rows
+from jobs.scoring.scorer import long_rows, score, score_rows
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
 from tests.scoring.test_score import SPEECH, row, speech_rows

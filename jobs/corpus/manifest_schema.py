@@ -8,7 +8,7 @@ list). `shard_items` streams one tar shard (its items with their audio bytes, as
 input row or tar key, invalid ones included, so nothing is lost silently). `Manifest.work_items()` enumerates
 the whole corpus into one table (`validate`); `read_item_bytes` reads one item's audio (a whole file, or a
 byte range of a tar) with retries. `python -m jobs.manifest` is the command line
-over them; jobs.corpus.build makes corpora.
+over them; jobs.corpus.make makes corpora.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from jobs.predictions import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions
 from jobs.scoring import report
 from jobs.scoring.item_scores import ITEMS_FOLDER, ItemsOut
-from jobs.scoring.items import GROUP_KEYS
+from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.pipeline import score_predictions, score_table
 from nota_model.storage import write_atomically, write_bytes_atomically
 

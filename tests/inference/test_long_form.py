@@ -1,5 +1,5 @@
 """Long recordings: cut at pauses (Silero VAD) or into fixed windows, every item's pieces batched together,
-answers stitched in order, and the job's `segments` column (`--long-audio segment|truncate`)."""
+answers stitched in order, and the job's `segments` column (`--long-form segment|truncate`)."""
 
 import json
 from types import SimpleNamespace
@@ -20,7 +20,7 @@ from nota_model.audio import SAMPLE_RATE, AudioClip, prepare_waveform
 from nota_model.config import AudioConfig, DecodingConfig
 from nota_model.decoding import GenerationOutput
 from nota_model.errors import AudioError
-from nota_model.longform import generate_pieces
+from nota_model.long_form import generate_pieces
 from nota_model.segment import plan_pieces, speech_spans
 from nota_model.transcribe import Item, run_batch
 
@@ -184,7 +184,7 @@ def test_the_job_segments_long_recordings_into_one_row_each(local_ray, long_corp
     assert [(s["start"], s["end"]) for s in sounds["segments"]] == [(0.0, 30.0), (30.0, pytest.approx(seconds))]
     assert (silence["text"], silence["segments"], silence["ttft_s"]) == ("", [], None)
     assert short["segments"] == [{"start": 0.0, "end": 5.0, "text": short["text"]}]
-    assert json.loads((tmp_path / "out/long/_RUN.json").read_text())["long_audio"] == "segment"
+    assert json.loads((tmp_path / "out/long/_RUN.json").read_text())["long_form"] == "segment"
     groups = {group["task"]: group for group in score_predictions(str(tmp_path / "out"), distributed=False).groups}
     assert (groups["asr"]["segmented_items"], groups["aac"]["segmented_items"]) == (2, 1)  # speech and silence; sounds
 
@@ -193,7 +193,7 @@ def test_the_job_segments_long_recordings_into_one_row_each(local_ray, long_corp
 def test_decoding_plans_the_pieces_or_truncates_as_the_config_says(mode, speech, tmp_path):
     sf.write(tmp_path / "speech.wav", speech, SAMPLE_RATE)
     item = {"id": "speech", "audio": str(tmp_path / "speech.wav"), "task": "asr", "error": None}
-    row = decode_item(item, (tmp_path / "speech.wav").read_bytes(), AudioConfig(long_audio=mode))
+    row = decode_item(item, (tmp_path / "speech.wav").read_bytes(), AudioConfig(long_form=mode))
     clip = json.loads(row["clip"])
     if mode == "segment":
         assert not clip["truncated"] and len(row["waveform"]) == 4 * len(speech) and len(row["pieces"]) == 2

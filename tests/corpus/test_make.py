@@ -1,4 +1,4 @@
-"""jobs.corpus.build: tar shards and manifests from a folder of audio, and the seed's files imported."""
+"""jobs.corpus.make: tar shards and manifests from a folder of audio, and the seed's files imported."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import tarfile
 
 import pytest
 
-from jobs.corpus.build import build_shards, import_seed
+from jobs.corpus.make import build_shards, import_seed
 from jobs.corpus.errors import ManifestError
 from jobs.corpus.fetch import read_item_bytes
-from jobs.corpus.manifest import load_manifest
+from jobs.corpus.manifest_schema import load_manifest
 from jobs.manifest import main
 from nota_model.errors import AudioError
 from tests.corpus.test_manifest import audio_folder, rows, write_audio, write_jsonl

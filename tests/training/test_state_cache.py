@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.corpus.manifest import load_manifest
+from jobs.corpus.manifest_schema import load_manifest
 from jobs.samples import default_dest, fetch_librivox
 from jobs.training.config import TrainConfig
 from jobs.training.driver import publish, run
-from jobs.training.features import DONE_FILE, CachedStates, build_cache, cached_training_rows
+from jobs.training.state_cache import DONE_FILE, CachedStates, build_cache, cached_training_rows
 from jobs.training.objective import CTC_HEAD_FILE
 from jobs.training.worker import STATE_FILE
 from nota_model.audio import load_audio

@@ -28,7 +28,7 @@ import structlog
 import torch
 
 from jobs.corpus.fetch import read_item_bytes
-from jobs.corpus.manifest import Manifest
+from jobs.corpus.manifest_schema import Manifest
 from nota_model.audio import AudioClip, load_audio
 from nota_model.config import NotaConfig
 from nota_model.errors import AudioError, ConfigError

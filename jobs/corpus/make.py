@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from jobs.corpus.errors import ManifestError, explain
 from jobs.corpus.fetch import IO_ERRORS
 from jobs.corpus.items import SPEECH_PLACEHOLDER, ItemFields, as_list, one_or_list
-from jobs.corpus.manifest import validated
+from jobs.corpus.manifest_schema import validated
 from jobs.corpus.tars import AUDIO_EXTENSIONS
 from jobs.corpus.urls import absolute_url, glob_files, parent_url, resolve_url
 from nota_model.storage import write_atomically

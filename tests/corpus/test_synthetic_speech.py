@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jobs.corpus.synthesis import SAMPLE_RATE, Voice, augment, voices
-from jobs.corpus.synthetic import _is_held_out, plan, render, train_split
+from jobs.corpus.voices import SAMPLE_RATE, Voice, augment, voices
+from jobs.corpus.synthetic_speech import _is_held_out, plan, render, train_split
 from jobs.corpus.texts import Exclusions, is_speakable, transcript, wordnet_texts
 
 LIBRIVOX = "and mister john dashwood had then leisure to consider how much there might be prudently in his power"

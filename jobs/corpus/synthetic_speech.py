@@ -1,4 +1,4 @@
-"""A synthetic speech-recognition corpus: texts (`jobs.corpus.texts`) spoken by many voices (`jobs.corpus.synthesis`),
+"""A synthetic speech-recognition corpus: texts (`jobs.corpus.texts`) spoken by many voices (`jobs.corpus.voices`),
 packed as WebDataset tar shards with a manifest, like any corpus the job reads.
 
 Two splits, disjoint in voices and in sentences:
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import soundfile as sf
 
-from jobs.corpus.synthesis import SAMPLE_RATE, Voice, augment, check_synthesisers, pick_voice, synthesise, voices
+from jobs.corpus.voices import SAMPLE_RATE, Voice, augment, check_synthesisers, pick_voice, synthesise, voices
 from jobs.corpus.texts import Exclusions, common_words, transcript, wordnet_texts, word_sequence
-from jobs.corpus.build import build_shards
+from jobs.corpus.make import build_shards
 
 HELD_OUT_SHARE = 50  # one sentence in this many is held out
 ITEMS_PER_SHARD = 500
