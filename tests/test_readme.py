@@ -1,6 +1,6 @@
 """The READMEs' tables that mirror code say what the code does: the batch job's options (RunOptions), the output
-columns (OUTPUT_SCHEMA), the commands (jobs.cli.COMMANDS), the manifest fields (Manifest) and the work-item
-columns (WORK_ITEM_SCHEMA). A field added, renamed or dropped in one place and not the other fails here."""
+columns (OUTPUT_SCHEMA), the commands (jobs.cli.COMMANDS), the modules of the layout table, the manifest fields
+(Manifest) and the work-item columns (WORK_ITEM_SCHEMA). A field added, renamed or dropped in one place and not the other fails here."""
 
 from __future__ import annotations
 
@@ -106,6 +106,15 @@ def test_the_commands_named_in_the_readme_are_the_cli_registry():
     assert sorted(set(quoted(listed))) == sorted(COMMANDS)
     layout = next(cells for cells in table(section("README.md", "## Layout"), "| path | what |") if cells[0] == "`jobs/`")
     assert {module for module, _ in COMMANDS.values()} <= set(quoted(layout[1]))
+
+
+def test_the_modules_the_layout_table_names_exist():
+    """Each package row's plain `names` are modules of that package (renamed modules leave no stale names)."""
+    for cells in table(section("README.md", "## Layout"), "| path | what |"):
+        package = REPO / cells[0].strip("`")
+        if (package / "__init__.py").exists():
+            named = {name for name in quoted(cells[1]) if re.fullmatch(r"[a-z_]+", name)}
+            assert named <= {path.stem for path in package.glob("*.py")}, cells[0]
 
 
 @pytest.mark.parametrize("heading, header, names", [
