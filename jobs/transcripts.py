@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import fsspec
 
-from jobs.predictions import PART_NAME, prediction_files, read_predictions
+from jobs.predictions import PART_NAME, prediction_files, read_predictions, require_bucket
 from nota_model.errors import NotaError
 from nota_model.storage import write_atomically, write_bytes_atomically
 
@@ -92,6 +92,7 @@ def export(predictions: str, output: str, kind: str, storage_options: dict[str, 
     if kind not in FORMATS:
         raise NotaError(f"unknown format {kind!r}: choose one of {', '.join(FORMATS)}")
     options = storage_options or {}
+    require_bucket(output, options)
     out_fs, out_root = fsspec.core.url_to_fs(output, **options)
     counts: Counter = Counter()
     for corpus, rows in _corpora(predictions, options):

@@ -1,5 +1,5 @@
-"""An output in an S3 bucket that does not exist is refused up front (exit 2), never created: by the batch job
-and by the scorer (its output and its submission CSVs)."""
+"""An output in an S3 bucket that does not exist is refused up front (exit 2), never created: by the batch job,
+the scorer (its output and its submission CSVs) and the export."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from jobs.cli import run_command
 from jobs.infer import parse_args, run
 from jobs.predictions import MissingBucketError, OutputStore, require_bucket
 from jobs.scoring.scorer import score
+from jobs.transcripts import export
 from tests.corpus.test_manifest import write_jsonl, write_manifest
 from tests.s3 import moto_fixture, s3_filesystem
 
@@ -43,3 +44,10 @@ def test_the_scorer_refuses_an_output_or_submission_in_a_missing_bucket(s3, tmp_
         with pytest.raises(MissingBucketError, match=f"bucket {MISSING} does not exist"):
             score(str(tmp_path / "predictions"), output, submission=submission, storage_options=s3)
     assert not s3_filesystem(s3).exists(MISSING) and not (tmp_path / "scores").exists()
+
+
+def test_the_export_refuses_an_output_in_a_missing_bucket(s3, tmp_path):
+    OutputStore(str(tmp_path / "predictions"), "speech").write_shard(0, [])
+    with pytest.raises(MissingBucketError, match=f"bucket {MISSING} does not exist"):
+        export(str(tmp_path / "predictions"), f"s3://{MISSING}/subtitles", "vtt", s3)
+    assert not s3_filesystem(s3).exists(MISSING)

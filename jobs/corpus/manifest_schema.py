@@ -40,8 +40,8 @@ from jobs.corpus.tars import shard_items
 from jobs.corpus.urls import glob_files, parent_url, protocol_problem, resolve_url
 from nota_model.config import PromptConfig
 
-# The tasks a model answers without a prompt of the item's own: the prompts every NOTA config has
-# (`prompt.tasks`); the Whisper reference models answer `asr` alone. A config may name more.
+# The tasks a model answers without a prompt of the item's own: those of a NOTA config's default prompts
+# (`prompt.tasks`), of which the Whisper reference models answer `asr` alone. A config may name others.
 KNOWN_TASKS = tuple(sorted(PromptConfig().tasks))
 
 
