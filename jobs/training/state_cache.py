@@ -149,9 +149,6 @@ class CachedStates:
         values = self.arrays[row["shard"]][row["offset"] : row["offset"] + row["frames"]]
         return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
-    def states_of(self, rows: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
-        return [self.states(row) for row in rows]
-
 
 def cache_directories(root: Path, manifests: Sequence[Manifest]) -> list[Path]:
     """Each training manifest's cache: a subdirectory of `datasets.feature_cache` named after its corpus."""
