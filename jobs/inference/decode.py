@@ -9,7 +9,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.corpus.fetch import read_item_bytes
 from jobs.corpus.items import WORK_ITEM_SCHEMA
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig, ModelConfig
@@ -26,17 +25,6 @@ DECODED_SCHEMA = (
 # A decoded clip of up to 30 s: float32 at 16 kHz, and its features (at most 3000 Whisper frames of up to 128
 # bins, 3001 CED frames of 64 bins, float32). A long recording makes its block larger.
 MAX_CLIP_BYTES = 30 * 16000 * 4 + (3000 * 128 + 3001 * 64) * 4
-
-
-def read_item_audio(item: dict[str, Any], storage_options: dict[str, Any]) -> bytes | None:
-    """The bytes of an item-list item's audio file (one request), or None with the item's error set."""
-    if item["error"] is not None:
-        return None
-    try:
-        return read_item_bytes(item, storage_options)
-    except AudioError as err:
-        item.update(error=err.code, error_message=err.message)
-        return None
 
 
 def decoded_block(rows: list[dict[str, Any]]) -> pa.Table:

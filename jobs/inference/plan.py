@@ -6,32 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs.corpus.items import ItemListShard
 from jobs.corpus.manifest_schema import Manifest
+from jobs.corpus.walk import InputShard, ListSlice, ReadPiece
 
 # An item-list read task holds up to about this many rows (fewer on a small corpus, for parallelism).
 ITEMS_PER_LIST_TASK = 1000
 LIST_TASKS_WANTED = 16
-
-
-@dataclass(frozen=True)
-class TarShard:
-    number: int
-    url: str
-    size: int
-
-
-@dataclass(frozen=True)
-class ListSlice:
-    """Items [start, stop) of an item-list shard."""
-
-    shard: ItemListShard
-    start: int
-    stop: int
-
-
-InputShard = TarShard | ItemListShard
-ReadPiece = TarShard | ListSlice
 
 
 @dataclass(frozen=True)
@@ -46,12 +26,10 @@ class ReadPlan:
 
     @classmethod
     def of(cls, manifest: Manifest, done: set[int]) -> ReadPlan:
-        if manifest.items is None:
-            files = manifest.shard_files()
-            pending = [TarShard(number, url, size) for number, (url, size) in enumerate(files) if number not in done]
-            return cls(pending, len(files), None, None)
-        shards = manifest.item_list_shards()
+        shards = manifest.input_shards()
         pending = [shard for shard in shards if shard.number not in done]
+        if manifest.items is None:
+            return cls(pending, len(shards), None, None)
         return cls(pending, len(shards), sum(s.rows for s in shards), sum(s.rows for s in pending))
 
     def describe(self) -> str:
