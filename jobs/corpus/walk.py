@@ -63,6 +63,11 @@ def walk(piece: ReadPiece, manifest: Manifest, checks: WorkItemChecks,
         yield item, _item_audio(item, manifest.storage_options) if with_audio else None
 
 
+def audio_name(item: dict[str, Any]) -> str:
+    """What an item's audio is called in messages: its tar member, else its file's URL."""
+    return item.get("member") or item["audio"]
+
+
 def _item_audio(item: dict[str, Any], storage_options: Mapping[str, Any]) -> bytes | None:
     """The bytes of an item-list item's audio file (one request), or None with the item's error set."""
     if item["error"] is not None:

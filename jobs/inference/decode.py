@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from jobs.corpus.items import WORK_ITEM_SCHEMA
+from jobs.corpus.walk import audio_name
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig, ModelConfig
 from nota_model.errors import AudioError
@@ -44,7 +45,7 @@ def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, fe
     if data is not None:
         try:
             whole = audio.long_form == "segment"
-            clip = load_audio(data, audio, name=item.get("member") or item["audio"], whole=whole)
+            clip = load_audio(data, audio, name=audio_name(item), whole=whole)
             pieces = plan_pieces(clip.waveform, item["task"], audio.max_seconds)
             item.update(clip=json.dumps(clip.metadata()), pieces=pieces)
             if dry_run:
