@@ -51,8 +51,9 @@ def whole(shard: InputShard) -> ReadPiece:
 def walk(piece: ReadPiece, manifest: Manifest, checks: WorkItemChecks,
          with_audio: bool = True) -> Iterator[tuple[dict[str, Any], bytes | None]]:
     """The work items of `piece` in index order (checked by `checks`, which remembers the ids it has seen), each
-    with its audio bytes: None for an item with an error, or when not `with_audio` (a tar shard's stream is read
-    all the same, an item list's audio files are not)."""
+    with its audio bytes, or None: when not `with_audio` (a tar shard's stream is read all the same, an item
+    list's audio files are not), when they cannot be read (the item's error says why), and for an item-list item
+    that has an error already (its audio is not read)."""
     if isinstance(piece, TarShard):
         for index, (item, data) in enumerate(shard_items(piece.url, piece.size, manifest.storage_options)):
             yield checks.work_item(item, piece.number, index, piece.url), data if with_audio else None
