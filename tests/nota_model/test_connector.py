@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, WhisperConfig, WhisperForConditionalGene
 
 from jobs.packs import build
 from jobs.samples import default_dest, fetch_librivox
+from jobs.training.config import load_train_config
 from nota_model import load_audio
 from nota_model.build import load_model, save_trained
 from nota_model.config import load_config
@@ -121,6 +122,13 @@ def test_sizes_the_decoder_lacks_are_config_errors():
         load_model(decoder_config(num_layers=4), device="cpu")
     with pytest.raises(ConfigError, match="decoder_attention_heads"):
         load_model(decoder_config(speech_encoder={"hf_config": {"decoder_attention_heads": 6}}), device="cpu")
+
+
+def test_the_v2_training_config_trains_the_decoder_connector_from_whisper_base_alone():
+    config = load_train_config(str(Path(__file__).parents[2] / "configs/nota-small-v2-connector.yaml"))
+    model = config.model.load()
+    assert model.qformer.kind == "whisper_decoder" and model.speech_encoder.path == "pack://whisper-base"
+    assert model.trained_weights is None and config.model.checkpoint is None and config.objective.frozen == ["lora"]
 
 
 @pytest.mark.real_weights
