@@ -94,6 +94,13 @@ def test_an_items_audio_tokens_do_not_depend_on_its_batch_mates():
         torch.testing.assert_close(tokens, model.audio_tokens([clip])[0], rtol=1e-5, atol=1e-5)
 
 
+def test_in_half_precision_the_connector_keeps_float32_weights_and_gives_half_precision_tokens():
+    model = load_model(decoder_config(num_query_tokens=2, dtype="bfloat16"), device="cpu").model
+    assert model.speech_Qformer.layers[0].fc1.weight.dtype == torch.float32
+    tokens = model.audio_tokens([make_clip(1.5), make_clip(0.7)])
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in tokens)
+
+
 def test_trained_parameters_round_trip_through_a_checkpoint_and_other_kinds_are_refused(tmp_path):
     config = decoder_config(num_query_tokens=2)
     model = load_model(config, device="cpu").model
