@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.metrics.memory import gpu_memory
 from nota_model.audio import AudioClip
 from nota_model.build import LoadedModel, load_model

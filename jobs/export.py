@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.transcripts import FORMATS, export
 
 

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import ray
 
 from jobs import logs
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.corpus.manifest_schema import load_manifest
 from jobs.inference.dataset import build_dataset, finish_shards
 from jobs.inference.devices import run_capability, uses_gpus

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.corpus.make import build_shards, import_seed
 from jobs.corpus.errors import ManifestError
 from jobs.corpus.manifest_schema import Manifest, load_manifest

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from nota_model.convert_gguf import convert_gguf
 from nota_model.convert_whisper import convert_ct2_whisper
 from nota_model.errors import ConversionError

@@ -22,7 +22,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.predictions import parquet_bytes, prediction_files
 from jobs.score import add_scoring_arguments
 from jobs.scoring.scorer import flat_values, score

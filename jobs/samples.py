@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from nota_model.storage import cache_dir
 
 POCKETSPHINX_PACKAGE = "pocketsphinx-testdata"

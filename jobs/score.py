@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.scoring import report
 from jobs.scoring.scorer import score
 

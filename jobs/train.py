@@ -33,7 +33,7 @@ import sys
 import ray
 
 from jobs import logs
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.training.config import load_train_config
 from jobs.training.driver import publish, run
 from nota_model.overrides import parse_overrides

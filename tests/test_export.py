@@ -2,7 +2,7 @@
 
 import json
 
-from jobs.cli import run_command
+from jobs.command_line import run_command
 from jobs.export import main
 from jobs.predictions import OutputStore
 from jobs.transcripts import srt, timestamp, vtt
