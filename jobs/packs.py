@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.command_line import module_entry
-from nota_model.convert_gguf import convert_gguf
-from nota_model.convert_whisper import convert_ct2_whisper
 from nota_model.errors import ConversionError
 from nota_model.storage import CTRANSLATE2_DIR, cache_dir, pack_dir, sha256_of
 
@@ -45,6 +43,8 @@ class Pack:
 
 def _whisper(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
     """The transformers conversion, plus the CTranslate2 model itself in `ctranslate2/` (the faster engine)."""
+    from nota_model.convert_whisper import convert_ct2_whisper  # torch: not loaded to parse the command line
+
     converted = convert_ct2_whisper(source, out_dir, tokenizer_json=extras["tokenizer"], ct2_config=extras["ct2_config"])
     ct2_dir = out_dir / CTRANSLATE2_DIR
     ct2_dir.mkdir()
@@ -57,6 +57,8 @@ def _whisper(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
 
 def _gguf(dtype: str) -> Callable[[Path, dict[str, Path], Path], object]:
     def convert(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
+        from nota_model.convert_gguf import convert_gguf  # torch: not loaded to parse the command line
+
         return convert_gguf(source, out_dir, dtype=dtype)
 
     return convert

@@ -77,3 +77,12 @@ def test_python_m_exits_the_same_way(tmp_path):
     done = subprocess.run([sys.executable, "-m", "jobs.manifest", "validate", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "no such manifest" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_manifest_argument_has_help():
+    from jobs.manifest import _parser
+
+    subcommands = next(action for action in _parser()._actions if action.dest == "command").choices
+    undescribed = [f"{name} {action.dest}" for name, parser in subcommands.items() for action in parser._actions
+                   if not action.help]
+    assert undescribed == []
