@@ -74,18 +74,24 @@ def _fail(prefix: str, message: str, code: int, debug: bool) -> int:
     return code
 
 
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, `ray job stop`, a pod's end) raise KeyboardInterrupt, so that it ends a command as
+    Ctrl-C does. run_command does so; a command calls it again after `ray.init`, which sets its own handler (exit
+    15, without a word). Only the main thread can set a handler: elsewhere this does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, `ray job stop`, a pod's end) raises KeyboardInterrupt, so it ends a command as Ctrl-C
-    does; only the main thread can set a handler (a command run from another thread keeps the default)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    """SIGTERM as Ctrl-C while the command runs; the handler before it put back after."""
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt_on_sigterm()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

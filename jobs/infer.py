@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic.fields import FieldInfo
 
-from jobs.command_line import module_entry
+from jobs.command_line import interrupt_on_sigterm, module_entry
 from jobs.inference.options import RunOptions, run_options
 from nota_model.config import load_config
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.ray_data_warnings_to_file()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+        interrupt_on_sigterm()
     summary = run(options)
     groups = summary.pop("groups", None)
     logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 
-from jobs.command_line import module_entry
+from jobs.command_line import interrupt_on_sigterm, module_entry
 from nota_model.overrides import parse_overrides
 
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+        interrupt_on_sigterm()
     summary = run(config)
     print(json.dumps(summary, default=str), flush=True)
     return 0

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from jobs import cli
-from jobs.command_line import INTERRUPTED, UsageError, check_storage_options, module_entry, run_command
+from jobs.command_line import (INTERRUPTED, UsageError, check_storage_options, interrupt_on_sigterm, module_entry,
+                               run_command)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,11 +74,17 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line_and_exit_130(capsys):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
 
+    def terminated_after_ray_init(argv):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init sets
+        interrupt_on_sigterm()
+        terminated(argv)
+
     handler = signal.getsignal(signal.SIGTERM)
     assert run_command(interrupted, [], name="score") == INTERRUPTED
     assert capsys.readouterr().err == "nota-batch score: interrupted\n"
-    assert run_command(terminated, [], name="score") == INTERRUPTED
-    assert capsys.readouterr().err == "nota-batch score: interrupted\n"
+    for main in (terminated, terminated_after_ray_init):
+        assert run_command(main, [], name="infer") == INTERRUPTED
+        assert capsys.readouterr().err == "nota-batch infer: interrupted\n"
     assert signal.getsignal(signal.SIGTERM) is handler  # put back once the command ends
     assert run_command(interrupted, [], name="score", debug=True) == INTERRUPTED
     err = capsys.readouterr().err
