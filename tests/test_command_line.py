@@ -93,7 +93,9 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line_and_exit_130(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "nope"], "no preset or config file 'nope'; presets: "),
-    (["--model", "tiny", "--set", "decoding.max_new_tokens=many"], "decoding.max_new_tokens: Input should be a valid integer"),
+    (["--model", "tiny", "--set", "decoding.max_new_tokens=many"],
+     "invalid model config (preset tiny): override decoding.max_new_tokens: Input should be a valid integer"),
+    (["--model", "tiny", "--set", "decodng.num_beams=2"], "(preset tiny): override decodng: Extra inputs are not permitted"),
 ])
 def test_infer_checks_the_model_before_ray_starts(argv, message, capsys):
     assert cli.main(["infer", "--manifest", "m.yaml", "--output", "out", *argv]) == 2
