@@ -33,6 +33,7 @@ from nota_model.config import load_config
 if TYPE_CHECKING:
     from jobs.inference.predict import Predictor
 
+
 def submission_id() -> str | None:
     """The `ray job submit` id of this driver: Ray hands it over in the job config's metadata."""
     config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
@@ -48,7 +49,7 @@ def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor
     from jobs.corpus.manifest_schema import load_manifest
     from jobs.inference.dataset import build_dataset, finish_shards
     from jobs.inference.devices import run_capability, uses_gpus
-    from jobs.inference.plan import ReadPlan
+    from jobs.inference.plan import ReadPlan, check_task
     from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
     from jobs.inference.progress import ProgressEstimator, ProgressReport, shard_sizes
     from jobs.inference.settings import JobSettings
@@ -65,6 +66,7 @@ def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor
     manifest = load_manifest(options.manifest, storage_options)
     long_form = {"audio": {"long_form": options.long_form}} if options.long_form else {}
     config = load_config(options.model, deep_merge(options.overrides, long_form))
+    check_task(manifest, config)
     identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator)))
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), options.batch_size)
     store = OutputStore(options.output, manifest.name, storage_options)

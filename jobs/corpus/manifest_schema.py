@@ -14,11 +14,12 @@ over them; jobs.corpus.make makes corpora.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 from pydantic import field_validator, model_validator
@@ -37,6 +38,28 @@ from jobs.corpus.items import (
 )
 from jobs.corpus.tars import shard_items
 from jobs.corpus.urls import glob_files, parent_url, protocol_problem, resolve_url
+from nota_model.config import PromptConfig
+
+# The tasks a model answers without a prompt of the item's own: those of a NOTA config's default prompts
+# (`prompt.tasks`), of which the Whisper reference models answer `asr` alone. A config may name others.
+KNOWN_TASKS = tuple(sorted(PromptConfig().tasks))
+
+
+def check_tasks(tasks: Iterable[str], known: Collection[str] = KNOWN_TASKS, where: str = "") -> None:
+    """Refuse tasks (of items without a prompt) that no prompt covers, before anything runs: a model would
+    answer every such item with `invalid_prompt`. Task names are compared as given (`ASR` is not `asr`)."""
+    unknown = sorted(set(tasks) - set(known))
+    if unknown:
+        raise ManifestError(
+            f"{where}no prompt for task {', '.join(map(repr, unknown))}: the known tasks are "
+            f"{', '.join(map(repr, sorted(known)))} (names are case-sensitive); use one of them, or give a prompt "
+            "holding <SpeechHere> for another task")
+
+
+def check_item_tasks(items: pa.Table, where: str = "") -> None:
+    """`check_tasks` over the good work items without a prompt of their own (`validate`)."""
+    promptless = items.filter(pc.and_(pc.is_null(items["error"]), pc.is_null(items["prompt"])))
+    check_tasks(pc.unique(promptless["task"]).to_pylist(), where=where)
 
 
 class Manifest(BaseModel):
