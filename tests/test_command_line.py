@@ -104,14 +104,15 @@ def test_infer_checks_the_model_before_ray_starts(argv, message, capsys):
 
 
 def test_parsing_and_checking_a_command_line_loads_neither_torch_nor_ray():
-    """Help, usage errors and a bad model answer at once: every command module but bench (whose measuring is torch
-    throughout) imports light, and infer checks its model before importing the job."""
-    modules = [module for name, (module, _) in cli.COMMANDS.items() if name != "bench"]
+    """Help, usage errors and a bad model answer at once: every command module imports light, and infer and bench
+    check their model before importing the job."""
+    modules = [module for module, _ in cli.COMMANDS.values()]
     check = ("import importlib, sys\n"
              f"for module in {modules!r}:\n"
              "    importlib.import_module(module)\n"
              "from jobs import cli\n"
              "assert cli.main(['infer', '--manifest', 'm', '--output', 'o', '--model', 'nope']) == 2\n"
+             "assert cli.main(['bench', '--model', 'tiny', '--set', 'decoding.num_beams=many']) == 2\n"
              "heavy = sorted({'torch', 'ray', 'transformers'} & set(sys.modules))\n"
              "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO, timeout=120)
