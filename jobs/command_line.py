@@ -24,8 +24,7 @@ from typing import Any
 
 from nota_model.errors import NotaError
 
-DONE = 0
-ITEMS_FAILED = 1  # `infer --strict`
+DONE = 0  # 1: items failed under `infer --strict`, which infer returns itself
 USAGE_ERROR = 2  # a usage, config, manifest or output-mismatch error
 INTERRUPTED = 130  # Ctrl-C or SIGTERM: 128 + SIGINT, as shells report it
 DEBUG_FLAG = "--debug"
@@ -84,13 +83,14 @@ def interrupt_on_sigterm() -> None:
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM as Ctrl-C while the command runs; the handler before it put back after."""
+    """SIGTERM as Ctrl-C while the command runs; the handler before it put back after (None: one set outside
+    Python, which cannot be put back)."""
     previous = signal.getsignal(signal.SIGTERM)
     interrupt_on_sigterm()
     try:
         yield
     finally:
-        if threading.current_thread() is threading.main_thread():
+        if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
 
 
