@@ -40,15 +40,16 @@ class UsageError(NotaError):
 def run_command(main: Main, argv: list[str] | None = None, name: str | None = None, debug: bool = False) -> int:
     """Run a command's `main` and turn what it raises on purpose (a NotaError: bad usage, config, manifest, a
     mismatched output) into one line on stderr and exit 2, and Ctrl-C or SIGTERM into `interrupted` and exit
-    130; the traceback only with `debug`."""
+    130 (a command that says more re-raises KeyboardInterrupt with its own line: "interrupted: 780 items kept; ...");
+    the traceback only with `debug`."""
     prefix = f"nota-batch {name}" if name else os.path.basename(sys.argv[0])
     try:
         with _sigterm_as_interrupt():
             return main(argv) or DONE
     except NotaError as err:
         return _fail(prefix, f"error: {err}", USAGE_ERROR, debug)
-    except KeyboardInterrupt:
-        return _fail(prefix, "interrupted", INTERRUPTED, debug)
+    except KeyboardInterrupt as interrupt:
+        return _fail(prefix, str(interrupt) or "interrupted", INTERRUPTED, debug)
 
 
 def module_entry(main: Main) -> int:
@@ -95,7 +96,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- --storage-options

@@ -90,6 +90,12 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line_and_exit_130(capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("nota-batch score: interrupted\n")
 
+    def interrupted_saying_more(argv):
+        raise KeyboardInterrupt("interrupted: 3 items kept; run the same command again to resume")
+
+    assert run_command(interrupted_saying_more, [], name="infer") == INTERRUPTED
+    assert capsys.readouterr().err == "nota-batch infer: interrupted: 3 items kept; run the same command again to resume\n"
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "nope"], "no preset or config file 'nope'; presets: "),
