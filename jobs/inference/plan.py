@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.corpus.errors import ManifestError
-from jobs.corpus.items import ItemListShard
 from jobs.corpus.manifest_schema import Manifest, check_tasks
+from jobs.corpus.walk import InputShard, ListSlice, ReadPiece
 from nota_model.config import ModelConfig, WhisperASRConfig
 from nota_model.whisper_asr import ASR_TASK
 
@@ -31,26 +31,6 @@ def check_task(manifest: Manifest, config: ModelConfig) -> None:
 
 
 @dataclass(frozen=True)
-class TarShard:
-    number: int
-    url: str
-    size: int
-
-
-@dataclass(frozen=True)
-class ListSlice:
-    """Items [start, stop) of an item-list shard."""
-
-    shard: ItemListShard
-    start: int
-    stop: int
-
-
-InputShard = TarShard | ItemListShard
-ReadPiece = TarShard | ListSlice
-
-
-@dataclass(frozen=True)
 class ReadPlan:
     """The input shards of a run still to do, and what the driver knows of the corpus: its shards, and its items
     when it is an item list (a tar shard's items are known once it is read)."""
@@ -62,12 +42,10 @@ class ReadPlan:
 
     @classmethod
     def of(cls, manifest: Manifest, done: set[int]) -> ReadPlan:
-        if manifest.items is None:
-            files = manifest.shard_files()
-            pending = [TarShard(number, url, size) for number, (url, size) in enumerate(files) if number not in done]
-            return cls(pending, len(files), None, None)
-        shards = manifest.item_list_shards()
+        shards = manifest.input_shards()
         pending = [shard for shard in shards if shard.number not in done]
+        if manifest.items is None:
+            return cls(pending, len(shards), None, None)
         return cls(pending, len(shards), sum(s.rows for s in shards), sum(s.rows for s in pending))
 
     def describe(self) -> str:
