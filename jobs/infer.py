@@ -22,28 +22,16 @@ import types
 import typing
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow.compute as pc
-import ray
+from pydantic.fields import FieldInfo
 
-from jobs import logs
-from jobs.cli import module_entry
-from jobs.corpus.manifest_schema import load_manifest
-from jobs.inference.dataset import build_dataset, finish_shards
-from jobs.inference.devices import run_capability, uses_gpus
+from jobs.command_line import interrupt_on_sigterm, module_entry
 from jobs.inference.options import RunOptions, run_options
-from jobs.inference.plan import ReadPlan, check_task
-from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
-from jobs.inference.progress import ProgressEstimator, ProgressReport, shard_sizes
-from jobs.inference.settings import JobSettings
-from jobs.inference.write import Commit, ShardStaging
-from jobs.predictions import OutputStore
-from jobs.scoring import report
-from jobs.scoring.scorer import score
-from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
-from nota_model.overrides import deep_merge
+
+if TYPE_CHECKING:
+    from jobs.inference.predict import Predictor
 
 
 def submission_id() -> str | None:
@@ -52,7 +40,25 @@ def submission_id() -> str | None:
     return config.get("metadata", {}).get("job_submission_id")
 
 
-def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    # Imported here, not at the top: parsing the command line and checking its options loads neither torch nor Ray.
+    import pyarrow.compute as pc
+    import ray
+
+    from jobs import logs
+    from jobs.corpus.manifest_schema import load_manifest
+    from jobs.inference.dataset import build_dataset, finish_shards
+    from jobs.inference.devices import run_capability, uses_gpus
+    from jobs.inference.plan import ReadPlan, check_task
+    from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
+    from jobs.inference.progress import ProgressEstimator, ProgressReport, shard_sizes
+    from jobs.inference.settings import JobSettings
+    from jobs.inference.write import Commit, ShardStaging
+    from jobs.predictions import OutputStore
+    from jobs.scoring.scorer import score
+    from nota_model.build import model_identity, random_parts
+    from nota_model.overrides import deep_merge
+
     started = time.perf_counter()
     job_id = options.job_id or submission_id() or f"job-{uuid.uuid4().hex[:12]}"
     log = logs.configure(job_id)
@@ -79,7 +85,7 @@ def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_k
     commits: dict[int, Commit] = {}
     if plan.pending:
         ray.data.DataContext.get_current().enable_progress_bars = options.ray_progress  # else Ray Data's go to its log
-        results = build_dataset(plan, manifest, config, options, settings, staging, predictor, predictor_kwargs)
+        results = build_dataset(plan, manifest, config, options, settings, staging, predictor or Predictor, predictor_kwargs)
         progress = ProgressReport(ProgressEstimator(shard_sizes(plan.pending), plan.pending_items), log)
         try:
             for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -119,13 +125,21 @@ def parse_args(argv: list[str] | None = None) -> RunOptions:
     parser.add_argument("--config", help="run options (YAML, path or URL): any of the options below by field name, "
                         "e.g. `batch_size: 8`; a flag given here overrides the file")
     for name, field in RunOptions.model_fields.items():
-        parser.add_argument(*_flag(name), help=field.description, **_flag_kwargs(name, field.annotation))
+        parser.add_argument(*_flag(name), help=_help(field), **_flag_kwargs(name, field.annotation))
     flags = vars(parser.parse_args(argv))
     return run_options(flags.pop("config", None), flags)
 
 
 def _flag(name: str) -> list[str]:
     return {"overrides": ["--set"]}.get(name, [f"--{name.replace('_', '-')}"])
+
+
+def _help(field: FieldInfo) -> str:
+    """The field's description and its default, where the description does not say it (a switch is off)."""
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    if default in (None, {}) or isinstance(default, bool) or "default" in field.description:
+        return field.description
+    return f"{field.description} (default: {default})"
 
 
 def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
@@ -145,9 +159,16 @@ def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    load_config(options.model, options.overrides)  # an unknown model or a bad --set: one line, before Ray starts
+    import ray
+
+    from jobs import logs
+    from jobs.scoring import report
+
     logs.ray_data_warnings_to_file()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+        interrupt_on_sigterm()
     summary = run(options)
     groups = summary.pop("groups", None)
     logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "

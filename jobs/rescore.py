@@ -22,10 +22,9 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from jobs.cli import module_entry
+from jobs.command_line import add_storage_options_argument, module_entry, storage_options
 from jobs.predictions import parquet_bytes, prediction_files
 from jobs.score import add_scoring_arguments
-from jobs.scoring.scorer import flat_values, score
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 
@@ -51,6 +50,7 @@ COMPARISON_SCHEMA = pa.schema(
 def compare(runs: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
     """COMPARISON_SCHEMA rows: each other run's groups against the baseline run's groups of the same
     corpus and task, for every metric either side has."""
+    from jobs.scoring.scorer import flat_values  # with Ray: not loaded to parse the command line
     rows = []
     for base in runs[baseline]:
         base_values = flat_values(base)
@@ -96,6 +96,7 @@ def rescore(
     force: bool = False,
 ) -> dict[str, Any]:
     """Score every run and compare; returns the comparison document (with `unchanged` when skipped)."""
+    from jobs.scoring.scorer import score  # with Ray: not loaded to parse the command line
     options = storage_options or {}
     baseline = baseline or next(iter(runs))
     if baseline not in runs:
@@ -148,10 +149,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=_run, action="append", required=True, metavar="NAME=URL",
                         help="a stored prediction set (the job's output URL or one corpus folder); repeat")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="where runs/NAME/, comparison.parquet, .json and .md go")
     parser.add_argument("--baseline", help="the run the others are compared with (default: the first)")
     parser.add_argument("--force", action="store_true", help="score again even when the inputs are unchanged")
-    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
+    add_storage_options_argument(parser)
     add_scoring_arguments(parser)
     args = parser.parse_args(argv)
     args.runs = dict(args.run)
@@ -162,8 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    document = rescore(args.runs, args.output, args.baseline, args.references, args.spice_lib,
-                       json.loads(args.storage_options), args.force)
+    options = storage_options(args.storage_options, [*args.runs.values(), args.output, args.references])
+    document = rescore(args.runs, args.output, args.baseline, args.references, args.spice_lib, options, args.force)
     if document["unchanged"]:
         print(f"inputs unchanged since the last comparison (fingerprint {document['fingerprint'][:12]}): nothing written")
     print(markdown(document["comparison"]))
