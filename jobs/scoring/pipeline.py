@@ -78,11 +78,6 @@ def score_predictions(
     return _with_captions(summary, _aggregate(scored, merged_captions, CaptionsByGroup.quality))
 
 
-def score_table(table: pa.Table, references: pa.Table | None = None, spice_lib: str | None = None) -> Summary:
-    """The stages over one table in this process."""
-    return score_blocks([table], references, spice_lib)
-
-
 def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None, spice_lib: str | None = None,
                  items_out: ItemsOut | None = None) -> Summary:
     """The stages in this process, a block at a time, as on the cluster: only the totals, the document

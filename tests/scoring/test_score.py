@@ -1,5 +1,7 @@
 """Scoring and re-scoring stored predictions: hand-checked WER and speed, errors left out, outputs, deltas."""
 
+import csv
+import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +15,8 @@ from jobs.predictions import OUTPUT_SCHEMA, OutputStore
 from jobs.rescore import COMPARISON_SCHEMA, rescore
 from jobs.score import main
 from jobs.scoring.references import REFERENCE_SCHEMA, read_references, referenced
-from jobs.scoring.scorer import METRICS_SCHEMA, score, score_rows, submission_csv
+from jobs.scoring.pipeline import score_blocks
+from jobs.scoring.scorer import METRICS_SCHEMA, score
 from nota_model.errors import NotaError
 from tests.s3 import moto_server, s3_filesystem
 
@@ -43,6 +46,11 @@ def speech_rows(hypotheses: list[str], model: str = "m1") -> list[dict]:
     ]
     return rows + [row("utt-3", 3, reference=["many words that would count"], error="not_audio",
                        error_message="not audio", model=model)]
+
+
+def score_rows(rows: list[dict]) -> list[dict]:
+    """The groups of OUTPUT_SCHEMA rows, scored in this process."""
+    return score_blocks([pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)]).groups
 
 
 def write_run(root: Path, rows: list[dict]) -> str:
@@ -161,10 +169,19 @@ def test_distributed_scoring_with_references_gives_the_in_process_groups(local_r
               distributed=True)
 
 
-def test_submission_csv_is_the_seeds_format_in_corpus_order():
+def test_submission_csv_is_the_seeds_format_in_corpus_order(tmp_path):
     rows = speech_rows(["one, two", "three", "four"])
     rows[0], rows[3] = rows[3], rows[0]
-    assert submission_csv(rows) == 'testset_id,text\nutt-0,"one, two"\nutt-1,three\nutt-2,four\nutt-3,\n'
+    score(write_run(tmp_path / "predictions", rows), str(tmp_path / "scores"), submission=str(tmp_path / "csv"))
+    assert (tmp_path / "csv/speech.csv").read_text() == 'testset_id,text\nutt-0,"one, two"\nutt-1,three\nutt-2,four\nutt-3,\n'
+
+
+def submission_csv(rows: list[dict]) -> str:
+    """The submission CSV of rows given in corpus order, by the csv module."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows([("testset_id", "text"), *((r["id"], "" if r["error"] else r["text"]) for r in rows)])
+    return buffer.getvalue()
 
 
 def test_submission_files_are_streamed_in_shard_and_index_order(tmp_path):

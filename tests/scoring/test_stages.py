@@ -19,12 +19,12 @@ from jobs.metrics.captions import (bleu_from_statistics, bleu_statistics, cider_
 from jobs.predictions import OutputStore, prediction_files
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_table import GROUP_KEYS
-from jobs.scoring.pipeline import score_table
+from jobs.scoring.pipeline import score_blocks
 from jobs.scoring.report import latency_box
-from jobs.scoring.scorer import long_rows, score, score_rows
+from jobs.scoring.scorer import long_rows, score
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
-from tests.scoring.test_score import SPEECH, row, speech_rows
+from tests.scoring.test_score import SPEECH, row, score_rows, speech_rows
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
 GTS = {0: ["a dog barks loudly outside", "the dog is barking"], 1: ["rain falls on the roof"],
@@ -110,7 +110,7 @@ def test_distributed_scoring_gives_the_in_process_groups_and_latency_statistics(
     assert in_process["workers"]["w1"]["wall_s"] == 4.0  # its batch is counted once, though split over two files
     ttft = [r["ttft_s"] for shard in shards for r in shard if r["ttft_s"] is not None]
     (expected,) = cbook.boxplot_stats(np.array(ttft))
-    box = latency_box(score_table(pa_table(shards)).latency[("speech", "asr", "m1")]["ttft_s"])
+    box = latency_box(score_blocks([pa_table(shards)]).latency[("speech", "asr", "m1")]["ttft_s"])
     assert {k: v for k, v in box.items() if k != "fliers"} == pytest.approx({k: v for k, v in expected.items() if k != "fliers"})
     assert (tmp_path / "scores/charts/latency.png").read_bytes().startswith(b"\x89PNG")
 
