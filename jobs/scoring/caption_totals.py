@@ -16,8 +16,8 @@ import pyarrow as pa
 import ray
 
 from jobs.metrics.captions import (BLEU_STATISTICS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics, cider_d_items,
-                                   combine, meteor_from_statistics, meteor_scores, meteor_statistics, rouge_l_items,
-                                   spice_f_scores)
+                                   combine, rouge_l_items)
+from jobs.scoring.coco_tools import meteor_from_statistics, meteor_scores, meteor_statistics, spice_f_scores
 from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.frequencies import DocumentFrequencies
 from jobs.scoring.item_scores import ItemsOut, caption_item_scores

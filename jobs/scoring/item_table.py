@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.metrics.captions import tokenize
 from jobs.metrics.wer import EDIT_COLUMNS, align, transcript
+from jobs.scoring.coco_tools import tokenize
 from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")
