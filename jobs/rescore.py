@@ -23,14 +23,13 @@ import fsspec
 import pyarrow as pa
 
 from jobs.cli import module_entry
+from jobs.metrics.registry import registered
 from jobs.predictions import parquet_bytes, prediction_files
 from jobs.score import add_scoring_arguments
-from jobs.scoring.scorer import flat_values, score
+from jobs.scoring.scorer import score
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 
-COMPARED = ("wer", "cer", "cider_d", "spice", "spider", "meteor", "bleu_4", "rouge_l", "items_per_s", "x_real_time",
-            "output_tokens_per_s", "ttft_s.p50", "tpot_s.p50")
 COMPARISON_SCHEMA = pa.schema(
     [
         pa.field("corpus", pa.string(), nullable=False),
@@ -50,17 +49,18 @@ COMPARISON_SCHEMA = pa.schema(
 
 def compare(runs: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
     """COMPARISON_SCHEMA rows: each other run's groups against the baseline run's groups of the same
-    corpus and task, for every metric either side has."""
+    corpus and task, for every compared metric (jobs.metrics.registry) either side has."""
+    compared = [metric for metric in registered() if metric.compared]
     rows = []
     for base in runs[baseline]:
-        base_values = flat_values(base)
         for name, groups in runs.items():
             if name == baseline:
                 continue
             for group in (g for g in groups if (g["corpus"], g["task"]) == (base["corpus"], base["task"])):
-                values = flat_values(group)
-                for metric in (m for m in COMPARED if m in values or m in base_values):
-                    rows.append(_delta(base, baseline, base_values.get(metric), group, name, values.get(metric), metric))
+                for metric in compared:
+                    base_value, value = metric.value(base), metric.value(group)
+                    if base_value is not None or value is not None:
+                        rows.append(_delta(base, baseline, base_value, group, name, value, metric.name))
     return rows
 
 

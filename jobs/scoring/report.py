@@ -14,28 +14,26 @@ from matplotlib import cbook
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+from jobs.metrics.registry import metric, registered  # noqa: E402
 from jobs.scoring.analysis import DURATION_EDGES_S, WORST_ITEMS  # noqa: E402
 from jobs.scoring.totals import Distribution  # noqa: E402
 
 DURATION_CHART = "charts/wer_by_duration.png"
 DURATION_LABELS = [f"{start}–{end}" for start, end in zip(DURATION_EDGES_S, DURATION_EDGES_S[1:])] + [f"{DURATION_EDGES_S[-1]}+"]
 
-QUALITY_COLUMNS = {"WER %": ("wer", 100), "CER %": ("cer", 100), "CIDEr-D": ("cider_d", 1), "SPICE": ("spice", 1),
-                   "SPIDEr": ("spider", 1), "METEOR": ("meteor", 1), "BLEU-1": ("bleu_1", 1), "BLEU-4": ("bleu_4", 1),
-                   "ROUGE-L": ("rouge_l", 1)}
+QUALITY_CHART = ("wer", "spider", "cider_d")  # the metrics charts/quality.png shows
 SHOWN_CHARACTERS = 90  # of a text in the worst items' table
 
 
 def table(groups: Sequence[dict[str, Any]]) -> str:
-    """The metrics table, Markdown: one line a (corpus, task, model)."""
-    header = ["corpus", "task", "model", "items", "errors", *QUALITY_COLUMNS, "items/s", "x real time", "ttft p50 s", "tpot p50 s"]
+    """The metrics table, Markdown: one line a (corpus, task, model), a column a registered metric the
+    report shows (jobs.metrics.registry)."""
+    columns = [column for column in registered() if column.in_report]
+    header = ["corpus", "task", "model", "items", "errors", *(column.unit_label for column in columns)]
     lines = [_line(header), _line(["---"] * len(header))]
     for group in groups:
-        quality = [_number(group["quality"].get(name), scale) for name, scale in QUALITY_COLUMNS.values()]
-        speed = group["speed"] or {}
-        latency = [_number((speed.get(name) or {}).get("p50"), 1, 4) for name in ("ttft_s", "tpot_s")]
-        lines.append(_line([group["corpus"], group["task"], group["model"], group["items"], group["errors"], *quality,
-                            _number(speed.get("items_per_s")), _number(speed.get("x_real_time")), *latency]))
+        figures = [_number(column.value(group), column.scale, column.digits) for column in columns]
+        lines.append(_line([group["corpus"], group["task"], group["model"], group["items"], group["errors"], *figures]))
     return "\n".join(lines)
 
 
@@ -182,7 +180,8 @@ def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, Dist
     scorer's distributions by group key and latency) and WER by duration."""
     labels = {_key(group): f"{group['corpus']}\n{group['task']}" for group in groups}
     made = {
-        "charts/quality.png": _bars(groups, labels, [("WER %", "wer", 100), ("SPIDEr", "spider", 1), ("CIDEr-D", "cider_d", 1)],
+        "charts/quality.png": _bars(groups, labels, [(shown.unit_label, shown.name, shown.scale)
+                                                     for shown in map(metric, QUALITY_CHART)],
                                     lambda group, name: group["quality"].get(name)),
         "charts/speed.png": _bars(groups, labels, [("items/s", "items_per_s", 1), ("x real time", "x_real_time", 1)],
                                   lambda group, name: (group["speed"] or {}).get(name)),

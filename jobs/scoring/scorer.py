@@ -1,5 +1,5 @@
 """The scorer's public API: `score()` scores stored predictions and writes metrics.parquet (long format,
-METRICS_SCHEMA), items.parquet (one row an item: item_scores.ITEMS_SCHEMA), metrics.json (with each group's
+METRICS_SCHEMA), items.parquet (one row an item: item_scores.items_schema), metrics.json (with each group's
 error analysis), report.md and its charts, and the seed's submission CSVs when asked (`python -m jobs.score`
 is the command line over it; its help says what is measured)."""
 
@@ -58,11 +58,6 @@ def long_rows(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for name, value in _flat_speed(speed or {}).items():
                 metric(name, value, worker)
     return rows
-
-
-def flat_values(group: dict[str, Any]) -> dict[str, float]:
-    """A group's quality and whole-group speed figures, one level deep (`ttft_s.p50`)."""
-    return {**group["quality"], **_flat_speed(group["speed"] or {})}
 
 
 def _flat_speed(speed: dict[str, Any]) -> dict[str, float]:

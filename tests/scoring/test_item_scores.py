@@ -13,7 +13,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from jobs.scoring import coco_tools
 from jobs.predictions import OutputStore
 from jobs.scoring.scorer import score
-from jobs.scoring.item_scores import ITEMS_SCHEMA
+from jobs.metrics.registry import registered
+from jobs.scoring.item_scores import items_schema
 from tests.scoring.test_score import SPEECH, row, speech_rows
 from tests.scoring.test_stages import GTS, RES, three_shards, write_shards
 
@@ -21,7 +22,7 @@ java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metr
 
 
 def items(scores) -> list[dict]:
-    table = ds.dataset(str(scores / "items.parquet"), format="parquet", schema=ITEMS_SCHEMA).to_table()
+    table = ds.dataset(str(scores / "items.parquet"), format="parquet", schema=items_schema(registered())).to_table()
     return sorted(table.to_pylist(), key=lambda item: item["id"])
 
 
