@@ -121,20 +121,25 @@ def _previous(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["# Comparison", "", "| corpus | task | metric | baseline | value | run | value | delta | delta % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The comparison table: each metric in its report unit (WER in percent, its delta in points) with its
+    better direction; a metric no longer registered (an older comparison's) by its name, as stored."""
+    registry = {metric.name: metric for metric in registered()}
+    lines = ["# Comparison", "", "| corpus | task | metric | better | baseline | value | run | value | delta | delta % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        metric = registry.get(row["metric"])
+        label, better, scale = (metric.unit_label, metric.better, metric.scale) if metric else (row["metric"], "–", 1)
         relative = row["relative_delta"]
         lines.append(
-            f"| {row['corpus']} | {row['task']} | {row['metric']} | {row['baseline_run']} | {_fmt(row['baseline_value'])} "
-            f"| {row['run']} | {_fmt(row['value'])} | {_fmt(row['delta'], sign=True)} "
-            f"| {_fmt(None if relative is None else 100 * relative, sign=True)} |"
+            f"| {row['corpus']} | {row['task']} | {label} | {better} | {row['baseline_run']} "
+            f"| {_fmt(row['baseline_value'], scale)} | {row['run']} | {_fmt(row['value'], scale)} "
+            f"| {_fmt(row['delta'], scale, sign=True)} | {_fmt(relative, 100, sign=True)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None, sign: bool = False) -> str:
-    return "–" if value is None else f"{value:{'+' if sign else ''}.4g}"
+def _fmt(value: float | None, scale: float = 1, sign: bool = False) -> str:
+    return "–" if value is None else f"{value * scale:{'+' if sign else ''}.4g}"
 
 
 def _run(spec: str) -> tuple[str, str]:

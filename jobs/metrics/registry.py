@@ -67,6 +67,11 @@ class Metric:
         return found
 
     @property
+    def arrow(self) -> str:
+        """Its better direction as the report's tables mark it: ↓ lower, ↑ higher."""
+        return "↓" if self.better == "lower" else "↑"
+
+    @property
     def scale(self) -> float:
         """What its values are multiplied by to be shown in its unit."""
         return 100 if self.percent else 1

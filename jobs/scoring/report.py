@@ -26,14 +26,18 @@ SHOWN_CHARACTERS = 90  # of a text in the worst items' table
 
 
 def table(groups: Sequence[dict[str, Any]]) -> str:
-    """The metrics table, Markdown: one line a (corpus, task, model), a column a registered metric the
-    report shows (jobs.metrics.registry)."""
+    """The metrics table, Markdown: one line a (corpus, task, model), with its items, errors, the items its
+    quality metrics score and those they do not (answered without a reference), then a column a
+    registered metric the report shows (jobs.metrics.registry), its better direction marked."""
     columns = [column for column in registered() if column.in_report]
-    header = ["corpus", "task", "model", "items", "errors", *(column.unit_label for column in columns)]
+    header = ["corpus", "task", "model", "items", "errors", "scored", "unscored",
+              *(f"{column.unit_label} {column.arrow}" for column in columns)]
     lines = [_line(header), _line(["---"] * len(header))]
     for group in groups:
+        unscored = group["items"] - group["errors"] - group["scored_items"]
         figures = [_number(column.value(group), column.scale, column.digits) for column in columns]
-        lines.append(_line([group["corpus"], group["task"], group["model"], group["items"], group["errors"], *figures]))
+        lines.append(_line([group["corpus"], group["task"], group["model"], group["items"], group["errors"],
+                            group["scored_items"], unscored, *figures]))
     return "\n".join(lines)
 
 
@@ -135,7 +139,8 @@ def _cell(text: str | None) -> str:
 
 
 DEFINITIONS = """## How these are computed
-- Items with an error are counted and left out of quality metrics.
+- Items with an error are counted and left out of quality metrics, as are the unscored items: answered,
+  but without a reference (or of a task no quality metric scores). ↓: lower is better; ↑: higher is better.
 - WER: total word edits over total reference words, after the Whisper English normalizer (jiwer).
 - CIDEr-D, SPICE, METEOR, BLEU, ROUGE-L: pycocoevalcap over the PTB-tokenized captions, all references
   of an item; SPIDEr = (CIDEr-D + SPICE) / 2; BLEU-n from the n-gram matches summed over all items

@@ -45,8 +45,8 @@ def test_a_registered_metric_reaches_every_output_and_the_comparison(tmp_path, a
         "utt-0": 4.0, "utt-1": 4.0, "utt-2": 1.0, "utt-3": None}
     report = (scores / "report.md").read_text().splitlines()
     (header,) = [line for line in report if line.startswith("| corpus | task | model |")]
-    (line,) = [line for line in report if line.startswith("| speech | asr | m1 | 4 | 1 | 33.3 |")]
-    assert header.endswith("| answer words |") and line.endswith("| 3 |")
+    (line,) = [line for line in report if line.startswith("| speech | asr | m1 | 4 | 1 | 3 | 0 | 33.3 |")]
+    assert header.endswith("| answer words ↓ |") and line.endswith("| 3 |")
     (compared,) = [row for row in document["comparison"] if row["metric"] == "answer_words"]
     assert (compared["baseline_value"], compared["value"]) == (3.0, pytest.approx(8 / 3))
 

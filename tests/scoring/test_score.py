@@ -86,12 +86,21 @@ def test_score_writes_metrics_json_report_and_charts(tmp_path):
     document = json.loads((tmp_path / "scores/metrics.json").read_text())
     assert document["groups"][0]["quality"]["wer"] == pytest.approx(1 / 3)
     report = (tmp_path / "scores/report.md").read_text()
-    assert "| speech | asr | m1 | 4 | 1 | 33.3 |" in report
+    assert "| speech | asr | m1 | 4 | 1 | 3 | 0 | 33.3 |" in report
     assert "1 of 4 items had errors (not_audio 1), left out of quality metrics" in report
     assert "percentiles over items, exact (not\n  a sketch)" in report
     for chart in ("quality", "speed", "latency"):
         assert f"![charts/{chart}.png](charts/{chart}.png)" in report
         assert (tmp_path / f"scores/charts/{chart}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_table_counts_the_scored_and_the_unscored_items_and_marks_the_better_direction(tmp_path):
+    rows = speech_rows([hyp for _, hyp in SPEECH])
+    rows[2]["reference"] = None  # answered, but nothing to score it against: out of WER, counted in the table
+    assert main(["--predictions", write_run(tmp_path / "predictions", rows), "--output", str(tmp_path / "scores")]) == 0
+    report = (tmp_path / "scores/report.md").read_text()
+    assert "| corpus | task | model | items | errors | scored | unscored | WER % ↓ | CER % ↓ | CIDEr-D ↑ |" in report
+    assert "| speech | asr | m1 | 4 | 1 | 2 | 1 | 28.6 |" in report  # 1 insertion + 1 substitution over 3 + 4 words
 
 
 def test_references_from_a_manifest_replace_the_rows(tmp_path):
@@ -218,6 +227,15 @@ def test_rescore_compares_runs_and_is_idempotent(tmp_path):
     changed = rescore({"base": run_a, "new": run_b}, str(tmp_path / "cmp"))
     assert not changed["unchanged"]
     assert {r["metric"]: r["delta"] for r in changed["comparison"]}["wer"] == 0.0
+
+
+def test_the_comparison_gives_each_metric_in_the_reports_unit_with_its_better_direction(tmp_path):
+    run_a = write_run(tmp_path / "a", speech_rows([hyp for _, hyp in SPEECH]))
+    run_b = write_run(tmp_path / "b", speech_rows([ref for ref, _ in SPEECH], model="m2"))
+    rescore({"base": run_a, "new": run_b}, str(tmp_path / "cmp"))
+    table = (tmp_path / "cmp/comparison.md").read_text()
+    assert "| speech | asr | WER % | lower | base | 33.33 | new | 0 | -33.33 | -100 |" in table  # as report.md gives it
+    assert "| speech | asr | items/s | higher | base | 0.4286 | new | 0.4286 | +0 | +0 |" in table
 
 
 def test_score_reads_and_writes_object_storage():
