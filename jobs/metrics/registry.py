@@ -88,10 +88,6 @@ def register(metric: Metric) -> Metric:
     return metric
 
 
-def unregister(name: str) -> None:
-    del _REGISTERED[name]
-
-
 def registered() -> tuple[Metric, ...]:
     """Every registered metric, in registration order."""
     return tuple(_REGISTERED.values())

@@ -2,13 +2,14 @@
 over the corpus) is computed, written and reported everywhere the built-in ones are, by either scorer."""
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.metrics.registry import Metric, Source, register, registered, unregister
+from jobs.metrics import registry
+from jobs.metrics.registry import Metric, Source, register, registered
 from jobs.rescore import rescore
 from jobs.scoring.item_scores import items_schema
 from jobs.scoring.scorer import score
@@ -20,12 +21,10 @@ def answer_words(references: Sequence[Sequence[str]], answers: Sequence[str]) ->
 
 
 @pytest.fixture
-def answer_length() -> Iterator[Metric]:
-    metric = register(Metric("answer_words", "asr", "answer words", "lower", Source.ITEM_MEAN, item_values=answer_words))
-    try:
-        yield metric
-    finally:
-        unregister(metric.name)
+def answer_length(monkeypatch: pytest.MonkeyPatch) -> Metric:
+    """The toy metric, registered into a copy of the registry that the test's end puts back as it was."""
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    return register(Metric("answer_words", "asr", "answer words", "lower", Source.ITEM_MEAN, item_values=answer_words))
 
 
 def items(scores) -> dict[str, dict]:
