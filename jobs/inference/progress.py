@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import pyarrow as pa
 from tqdm import tqdm
 
-from jobs.inference.plan import InputShard, TarShard
+from jobs.corpus.walk import InputShard, TarShard
 
 RATE_WINDOW_S = 60.0  # the items/s and x real time shown
 ETA_WINDOW_S = 300.0  # the rate the ETA divides by: long enough to smooth the blocks' arrival

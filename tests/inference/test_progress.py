@@ -6,8 +6,8 @@ import random
 import pyarrow as pa
 import pytest
 
+from jobs.corpus.walk import TarShard
 from jobs.inference.progress import Progress, ProgressEstimator, ProgressReport, duration, shard_sizes
-from jobs.inference.plan import TarShard
 from jobs.inference.write import WRITE_RESULT_SCHEMA
 
 
