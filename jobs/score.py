@@ -11,7 +11,7 @@ Items with an `error` are counted and left out of quality metrics.
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
 
 Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `items.parquet` (a folder of
-Parquet files, one row an item: jobs.scoring.item_scores.ITEMS_SCHEMA), `metrics.json` (with each
+Parquet files, one row an item: jobs.scoring.item_scores.items_schema), `metrics.json` (with each
 group's error analysis), `report.md` (with the error analysis: worst items, frequent word edits, WER by
 duration, error codes) and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
 replaces the rows' references: read as an Arrow table (on the cluster by a Ray task, so the driver
