@@ -74,24 +74,19 @@ def _fail(prefix: str, message: str, code: int, debug: bool) -> int:
     return code
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM (`kill`, `ray job stop`, a pod's end) raise KeyboardInterrupt, so that it ends a command as
-    Ctrl-C does. run_command does so; a command calls it again after `ray.init`, which sets its own handler (exit
-    15, without a word). Only the main thread can set a handler: elsewhere this does nothing."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-
-
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM as Ctrl-C while the command runs; the handler before it put back after (None: one set outside
-    Python, which cannot be put back)."""
+    """SIGTERM (`kill`, `ray job stop`, a pod's end) as Ctrl-C while the command runs (jobs.ray_session keeps
+    it past `ray.init`); the handler before it put back after (None: one set outside Python, which cannot be put
+    back). Only the main thread can set a handler: elsewhere this does nothing."""
+    main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
-    interrupt_on_sigterm()
+    if main_thread:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     finally:
-        if previous is not None and threading.current_thread() is threading.main_thread():
+        if previous is not None and main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 

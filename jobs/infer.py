@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic.fields import FieldInfo
 
-from jobs.command_line import interrupt_on_sigterm, module_entry
+from jobs.command_line import module_entry
+from jobs.ray_session import join_ray
 from jobs.inference.options import RunOptions, run_options
 from nota_model.config import load_config
 
@@ -160,15 +161,11 @@ def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     load_config(options.model, options.overrides)  # an unknown model or a bad --set: one line, before Ray starts
-    import ray
-
     from jobs import logs
     from jobs.scoring import report
 
     logs.ray_data_warnings_to_file()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-        interrupt_on_sigterm()
+    join_ray()
     summary = run(options)
     groups = summary.pop("groups", None)
     logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "

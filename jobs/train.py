@@ -30,7 +30,8 @@ import json
 import os
 import sys
 
-from jobs.command_line import interrupt_on_sigterm, module_entry
+from jobs.command_line import module_entry
+from jobs.ray_session import join_ray
 from nota_model.overrides import parse_overrides
 
 
@@ -47,8 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported once the arguments parse: the training config (nota_model.training's optimizer settings) loads torch.
-    import ray
-
     from jobs import logs
     from jobs.training.config import load_train_config
     from jobs.training.driver import publish, run
@@ -58,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         print(json.dumps(publish(config, args.publish)), flush=True)
         return 0
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-        interrupt_on_sigterm()
+    join_ray()
     summary = run(config)
     print(json.dumps(summary, default=str), flush=True)
     return 0

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from jobs import cli
-from jobs.command_line import (INTERRUPTED, UsageError, check_storage_options, interrupt_on_sigterm, module_entry,
+from jobs.command_line import (INTERRUPTED, UsageError, check_storage_options, module_entry,
                                run_command)
+from jobs.ray_session import join_ray
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,12 @@ def test_debug_is_taken_anywhere_on_the_line(tmp_path, capsys, monkeypatch):
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_ctrl_c_and_sigterm_end_a_command_with_one_line_and_exit_130(capsys):
+def test_ctrl_c_and_sigterm_end_a_command_with_one_line_and_exit_130(capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # join_ray's ray.init: it sets its own handler, as Ray's does
+    monkeypatch.setattr(ray, "init", lambda address=None: signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum)))
+
     def interrupted(argv):
         raise KeyboardInterrupt
 
@@ -75,8 +81,7 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line_and_exit_130(capsys):
         time.sleep(10)
 
     def terminated_after_ray_init(argv):
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init sets
-        interrupt_on_sigterm()
+        join_ray()
         terminated(argv)
 
     handler = signal.getsignal(signal.SIGTERM)

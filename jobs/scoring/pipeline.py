@@ -3,7 +3,6 @@ where the data is, only accumulators merged), or in this process for a small inp
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial, reduce
@@ -17,6 +16,7 @@ import ray
 
 from jobs.metrics.registry import Metric, registered
 from jobs.predictions import OUTPUT_SCHEMA, prediction_files
+from jobs.ray_session import join_ray
 from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_scores import ItemsOut, asr_item_scores
@@ -54,8 +54,7 @@ def score_predictions(
     if not distributed:
         found = read_references(references, options) if references else None
         return score_blocks(_blocks(fs, sorted(files)), found, spice_lib, items_out, metrics)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    join_ray()
     found = _read_references_on_cluster(references, options) if references else None
     # a read task per part file: by default Ray Data reads small inputs (200 000 rows here) as one block,
     # so one task would score them all
