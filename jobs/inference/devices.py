@@ -6,6 +6,7 @@ given a GPU whose torch sees no CUDA must not go on in fp32 on the CPU as if not
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -47,10 +48,28 @@ def assigned_device(gpu_ids: Sequence[int | str], fake_gpus: bool = False) -> to
     )
 
 
-# Messages of errors that leave the device (its CUDA context) unusable: no later batch on this process can
-# succeed, so they end the actor (Ray restarts it and redoes its batch) instead of becoming error rows.
-DEVICE_FAILURE_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
-                          "no kernel image", "illegal memory access", "NCCL error", "CUDA driver error")
+# What a model error means, by its message: the one table of the messages torch and CTranslate2 are known to
+# give, first match wins (so the out-of-memory ones come before the broader CUDA ones). Out of memory is a
+# batch too large for the free memory now (a smaller one may fit: the batch is split); a device failure
+# leaves the device (its CUDA context) unusable: no later batch on this process can succeed, so it ends the
+# actor (Ray restarts it and redoes its batch) instead of becoming error rows. Any other error is the item's.
+OUT_OF_MEMORY, DEVICE_FAILURE, MODEL_ERROR = "out_of_memory", "device_failure", "model_error"
+KNOWN_ERROR_MESSAGES: tuple[tuple[str, str], ...] = (
+    ("out of memory", OUT_OF_MEMORY),  # torch "CUDA out of memory", "CUDA error: out of memory"; CTranslate2's
+    ("CUBLAS_STATUS_ALLOC_FAILED", OUT_OF_MEMORY),  # "CUDA failed with error out of memory"
+    ("CUDNN_STATUS_ALLOC_FAILED", OUT_OF_MEMORY),
+    ("CUDA error", DEVICE_FAILURE),
+    ("CUDA failed with error", DEVICE_FAILURE),  # CTranslate2's CUDA errors ("... unspecified launch failure")
+    ("CUDA driver error", DEVICE_FAILURE),
+    ("CUBLAS_STATUS", DEVICE_FAILURE),
+    ("CUDNN_STATUS", DEVICE_FAILURE),
+    ("cuDNN error", DEVICE_FAILURE),
+    ("device-side assert", DEVICE_FAILURE),
+    ("no kernel image", DEVICE_FAILURE),
+    ("illegal memory access", DEVICE_FAILURE),
+    ("unspecified launch failure", DEVICE_FAILURE),
+    ("NCCL error", DEVICE_FAILURE),
+)
 DEVICE_FAILURE_EXIT_CODE = 75
 
 
@@ -58,12 +77,24 @@ class DeviceFailure(RuntimeError):
     """The device failed under the model: the actor must end, not write the batch's items as errors."""
 
 
-def is_device_failure(err: BaseException) -> bool:
-    """Whether `err` is a device failure (out of memory is not: a smaller batch may fit)."""
-    if isinstance(err, torch.OutOfMemoryError) or not isinstance(err, RuntimeError):
-        return False
-    message = str(err)
-    return any(marker.lower() in message.lower() for marker in DEVICE_FAILURE_MARKERS)
+def classify_model_error(err: BaseException) -> str:
+    """What `err`, raised by a model call, means: OUT_OF_MEMORY, DEVICE_FAILURE or MODEL_ERROR (the items').
+    torch's OutOfMemoryError by its type; other errors by `KNOWN_ERROR_MESSAGES`, RuntimeErrors only (both
+    engines raise their device errors as RuntimeError; a ValueError naming CUDA is still the item's)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY
+    if not isinstance(err, RuntimeError):
+        return MODEL_ERROR
+    message = str(err).lower()
+    return next((meaning for marker, meaning in KNOWN_ERROR_MESSAGES if marker.lower() in message), MODEL_ERROR)
+
+
+def release_memory() -> None:
+    """Hand the memory of a batch that ran out of it back before a smaller one runs: collect the reference
+    cycles that may still hold its tensors, then return torch's cached blocks to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def end_actor(err: DeviceFailure) -> None:
