@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import ray
 import torch
 
+from nota_model.errors import NotaError
 from nota_model.precision import Capability, device_capability
 
 # Tests declare fake Ray GPUs on machines without CUDA (`ray.init(num_gpus=2)`); with this set to 1 in the
@@ -25,9 +26,67 @@ class GPUUnavailableError(RuntimeError):
     """Ray assigned the actor a GPU that torch cannot use."""
 
 
+class MissingKernelsError(NotaError):
+    """This torch was built without kernels for the GPU's compute capability."""
+
+
+class GPUWaitError(NotaError):
+    """No GPU joined the cluster within `--gpu-wait`."""
+
+
+# Where to get a torch with older GPUs' kernels: PyTorch's CUDA 12.6 wheels still carry sm_50 to sm_90
+# (its CUDA 12.8+ wheels dropped Maxwell, Pascal and Volta).
+TORCH_WHEEL_HINT = (f"pip install torch=={torch.__version__.split('+')[0]} "
+                    "--index-url https://download.pytorch.org/whl/cu126")
+
+
 def actor_device() -> torch.device:
-    """The calling Ray actor's device, from the GPUs Ray assigned it."""
-    return assigned_device(ray.get_gpu_ids(), fake_gpus=os.environ.get(FAKE_GPUS_ENV) == "1")
+    """The calling Ray actor's device, from the GPUs Ray assigned it: checked to have this torch's kernels,
+    and capped to the actor's share of the GPU's memory."""
+    device = assigned_device(ray.get_gpu_ids(), fake_gpus=os.environ.get(FAKE_GPUS_ENV) == "1")
+    if device.type == "cuda":
+        check_kernels(device)
+        cap_memory_share(device, ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
+    return device
+
+
+def check_kernels(device: torch.device) -> None:
+    """MissingKernelsError, naming the wheel to install, when this torch cannot run on `device`: it must carry
+    the GPU's own kernels (sm_XY; those of an older minor of the same major run too) or PTX of an architecture
+    at most the GPU's (compute_XY, compiled at load). Checked before the model loads: otherwise the first batch
+    fails with "no kernel image", a device failure, and each restart reloads the model for nothing."""
+    capability = torch.cuda.get_device_capability(device)
+    built = torch.cuda.get_arch_list()
+    if any(_runs_on(arch, capability) for arch in built):
+        return
+    sm = f"sm_{capability[0]}{capability[1]}"
+    raise MissingKernelsError(
+        f"this torch {torch.__version__} has no {sm} kernels (it has {', '.join(built) or 'none'}), so it cannot run "
+        f"on this GPU (compute capability {capability[0]}.{capability[1]}): install a torch wheel built for {sm} on "
+        f"the GPU nodes, e.g. {TORCH_WHEEL_HINT}"
+    )
+
+
+def _runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether torch's built architecture `arch` (sm_86, sm_90a, compute_90) runs on a GPU of `capability`."""
+    kind, _, digits = arch.partition("_")
+    digits = digits.rstrip("af")  # sm_90a, sm_100f: architecture-specific variants of the same major
+    if not digits.isdigit():
+        return False
+    built = (int(digits[:-1]), int(digits[-1]))
+    if kind == "compute":
+        return built <= capability
+    return built[0] == capability[0] and built[1] <= capability[1]
+
+
+def cap_memory_share(device: torch.device, share: float) -> None:
+    """Cap torch's allocator in this process to `share` of the GPU's memory (`--gpus-per-actor`): k actors
+    sharing a GPU each start a caching allocator, and without a cap one that has cached its peak starves the
+    others into out-of-memory splits. An allocation past the cap raises OutOfMemoryError (the batch is split).
+    CTranslate2's allocator has no such cap (its CT2_CUDA_CACHING_ALLOCATOR_CONFIG bounds only the cache):
+    a shared GPU relies on its models fitting together."""
+    if share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)
 
 
 def assigned_device(gpu_ids: Sequence[int | str], fake_gpus: bool = False) -> torch.device:
@@ -111,11 +170,24 @@ def uses_gpus(accelerator: str) -> bool:
     return accelerator == "gpu" or (accelerator == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
 
 
-def run_capability(on_gpu: bool) -> Capability:
+def run_capability(on_gpu: bool, gpu_wait_s: float) -> Capability:
     """The compute capability the model actors will run on, for the precision `auto` means there (asked of a
-    GPU by a Ray task, which waits for a GPU node to join); None for CPU actors or fake GPUs. Each actor checks
-    that it runs in this precision (`Predictor`), so that no output mixes float16 and bfloat16 rows."""
-    return ray.get(_gpu_capability.remote()) if on_gpu else None
+    GPU by a Ray task, which waits up to `gpu_wait_s` for a GPU node to join, then GPUWaitError); None for CPU
+    actors or fake GPUs. The task runs `actor_device`'s checks, so a torch without the GPU's kernels fails the
+    job here, before any model loads. Each actor checks that it runs in this precision (`Predictor`), so that
+    no output mixes float16 and bfloat16 rows."""
+    if not on_gpu:
+        return None
+    asked = _gpu_capability.remote()
+    try:
+        return ray.get(asked, timeout=gpu_wait_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(asked, force=True)
+        raise GPUWaitError(
+            f"no GPU became free for a model actor within --gpu-wait {gpu_wait_s:g} s (the cluster has "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs): start GPU nodes or check the autoscaler's log "
+            "(`ray status`), wait longer (--gpu-wait), or run on CPUs (--accelerator cpu)"
+        ) from None
 
 
 @ray.remote(num_gpus=1, num_cpus=0)  # Ray ends a GPU task's worker after it (max_calls=1): no CUDA context stays
