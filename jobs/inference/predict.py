@@ -92,7 +92,8 @@ class Predictor:
         if self.loaded.identity != settings.model_identity:
             raise ConfigError(
                 f"this model actor runs {self.loaded.identity} but the run writes {settings.model_identity}: its GPU "
-                "differs from the one the run was planned on (bfloat16 from compute capability 8.0, float16 below); "
+                "differs from the one the run was planned on (bfloat16 from compute capability 8.0, float16 or a float32 "
+                "LLM below); "
                 "set the model's dtype (--set dtype=float16) so that every GPU runs the same precision"
             )
 
