@@ -92,9 +92,9 @@ class Predictor:
         if self.loaded.identity != settings.model_identity:
             raise ConfigError(
                 f"this model actor runs {self.loaded.identity} but the run writes {settings.model_identity}: its GPU "
-                "differs from the one the run was planned on (bfloat16 from compute capability 8.0, float16 or a float32 "
-                "LLM below); "
-                "set the model's dtype (--set dtype=float16) so that every GPU runs the same precision"
+                "differs from the one the run was planned on (bfloat16 from compute capability 8.0; below, float16, "
+                "or a float32 LLM for Qwen2-family models); set the model's dtype (--set dtype=float16, or float32 for "
+                "a Qwen2-family LLM) so that every GPU runs the same precision"
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
