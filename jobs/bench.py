@@ -35,7 +35,7 @@ from jobs.metrics.memory import gpu_memory
 from nota_model.audio import AudioClip
 from nota_model.build import LoadedModel, load_model
 from nota_model.config import DecodingConfig, load_config
-from nota_model.decoding import GenerationOutput
+from nota_model.decoding import GenerationOutput, next_forward_cache
 from nota_model.model import NotaModel, positions
 from nota_model.overrides import parse_overrides
 from nota_model.testing import synthetic_clip
@@ -150,7 +150,8 @@ def seed_step_times(model: NotaModel, clip: AudioClip, prompt: str) -> tuple[flo
     first = time.perf_counter()
     token = output.logits[:, -1].argmax(-1, keepdim=True)
     mask = F.pad(mask, (0, 1), value=1)
-    llm(input_ids=token, attention_mask=mask, position_ids=positions(mask)[:, -1:], cache=output.cache, use_cache=True)
+    llm(input_ids=token, attention_mask=mask, position_ids=positions(mask)[:, -1:], use_cache=True,
+        **next_forward_cache(output))
     return first - start, time.perf_counter() - first
 
 
