@@ -34,12 +34,6 @@ class GPUWaitError(NotaError):
     """No GPU joined the cluster within `--gpu-wait`."""
 
 
-# Where to get a torch with older GPUs' kernels: PyTorch's CUDA 12.6 wheels still carry sm_50 to sm_90
-# (its CUDA 12.8+ wheels dropped Maxwell, Pascal and Volta).
-TORCH_WHEEL_HINT = (f"pip install torch=={torch.__version__.split('+')[0]} "
-                    "--index-url https://download.pytorch.org/whl/cu126")
-
-
 def actor_device() -> torch.device:
     """The calling Ray actor's device, from the GPUs Ray assigned it: checked to have this torch's kernels,
     and capped to the actor's share of the GPU's memory."""
@@ -54,7 +48,9 @@ def check_kernels(device: torch.device) -> None:
     """MissingKernelsError, naming the wheel to install, when this torch cannot run on `device`: it must carry
     the GPU's own kernels (sm_XY; those of an older minor of the same major run too) or PTX of an architecture
     at most the GPU's (compute_XY, compiled at load). Checked before the model loads: otherwise the first batch
-    fails with "no kernel image", a device failure, and each restart reloads the model for nothing."""
+    fails with "no kernel image", a device failure, and each restart reloads the model for nothing.
+    CTranslate2 cannot be asked which architectures its build carries: its "no kernel image" errors are
+    device failures (`KNOWN_ERROR_MESSAGES`)."""
     capability = torch.cuda.get_device_capability(device)
     built = torch.cuda.get_arch_list()
     if any(_runs_on(arch, capability) for arch in built):
@@ -63,8 +59,19 @@ def check_kernels(device: torch.device) -> None:
     raise MissingKernelsError(
         f"this torch {torch.__version__} has no {sm} kernels (it has {', '.join(built) or 'none'}), so it cannot run "
         f"on this GPU (compute capability {capability[0]}.{capability[1]}): install a torch wheel built for {sm} on "
-        f"the GPU nodes, e.g. {TORCH_WHEEL_HINT}"
+        f"the GPU nodes, e.g. {torch_wheel_hint(capability)}"
     )
+
+
+# PyTorch's CUDA builds by the GPUs they carry: CUDA 12.6 wheels carry Maxwell to Hopper (5.0-9.0), the
+# only ones with Volta (7.0) and older since 2.11; CUDA 12.8 wheels carry Turing (7.5) to Blackwell (12.0).
+LEGACY_GPU_WHEELS, CURRENT_GPU_WHEELS = "cu126", "cu128"
+
+
+def torch_wheel_hint(capability: tuple[int, int]) -> str:
+    """The pip command installing this torch version's CUDA build that carries kernels for `capability`."""
+    build = LEGACY_GPU_WHEELS if capability < (7, 5) else CURRENT_GPU_WHEELS
+    return f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/{build}"
 
 
 def _runs_on(arch: str, capability: tuple[int, int]) -> bool:

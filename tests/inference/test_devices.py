@@ -103,9 +103,14 @@ def test_a_torch_with_the_gpus_kernels_runs(monkeypatch, capability, arch_list):
     check_kernels(torch.device("cuda", 0))
 
 
-def test_a_torch_without_the_gpus_kernels_fails_at_start_naming_the_wheel(monkeypatch):
-    as_gpu_node(monkeypatch, (7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"])
-    with pytest.raises(MissingKernelsError, match=r"has no sm_70 kernels .*install a torch wheel built for sm_70.*cu126"):
+@pytest.mark.parametrize(("capability", "arch_list", "wheel"), [
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], "whl/cu126"),  # a V100 under a cu128 torch
+    ((12, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], "whl/cu128"),  # Blackwell under cu126
+])
+def test_a_torch_without_the_gpus_kernels_fails_at_start_naming_the_wheel(monkeypatch, capability, arch_list, wheel):
+    as_gpu_node(monkeypatch, capability, arch_list)
+    sm = f"sm_{capability[0]}{capability[1]}"
+    with pytest.raises(MissingKernelsError, match=rf"has no {sm} kernels .*install a torch wheel built for {sm}.*{wheel}"):
         check_kernels(torch.device("cuda", 0))
 
 
