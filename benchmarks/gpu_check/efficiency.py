@@ -71,7 +71,8 @@ def efficiency(ctx: Context) -> None:
         ctx.save(results)
 
 
-def bench_cast(model: Any, settings: Any, sizes: tuple[int, ...], dtype: Any, encoder_dtype: Any = None) -> list[dict[str, Any]]:
+def bench_cast(model: Any, settings: Any, sizes: tuple[int, ...], dtype: Any,
+               encoder_dtype: Any = None) -> list[dict[str, Any]]:
     """jobs.bench once at each of `sizes`, the model cast from float32 to `dtype` (its encoders to
     `encoder_dtype`) as `load_model` would."""
     from jobs.bench import bench_batch_size

@@ -16,12 +16,10 @@ from benchmarks.gpu_check.context import QWEN_TOKENIZER, Context, empty_cache
 
 
 def correctness(ctx: Context) -> None:
-    """Per model (random weights), in float32, bfloat16 (GPUs of capability >= 8.0) and float16 with flash
-    attention off (a V100's kernels): a batch of clips of different lengths with different task prompts (left
-    padding) against each item alone, the batch permuted against the batch, the items against each other (a
-    swap must show above the batch's error), each half precision against float32, and every score finite."""
-    import torch
-
+    """Per model (random weights), in each of PRECISIONS (bfloat16 on GPUs of capability >= 8.0 only): a
+    batch of clips of different lengths with different task prompts (left padding) against each item alone,
+    the batch permuted against the batch, the items against each other (a swap must show above the batch's
+    error), each half precision against float32, and every score finite."""
     from nota_model.testing import synthetic_clip
     from nota_model.build import load_model
     from nota_model.config import DecodingConfig, load_config
@@ -30,7 +28,8 @@ def correctness(ctx: Context) -> None:
     models = {"tiny": {}} if ctx.quick else {"tiny": {}, "nota-0.5b": QWEN_TOKENIZER}
     items = QUICK_ITEMS if ctx.quick else ITEMS
     decoding = DecodingConfig(num_beams=1, max_new_tokens=4 if ctx.quick else 16)
-    results: dict[str, Any] = {"tolerances": {name: asdict(t) for name, t in TOLERANCES.items()}, "items": [f"{s} s {task}" for s, task in items], "models": {}}
+    results: dict[str, Any] = {"tolerances": {name: asdict(t) for name, t in TOLERANCES.items()},
+                               "items": [f"{s} s {task}" for s, task in items], "models": {}}
     if ctx.quick:
         results["note"] = "quick mode: tiny only (nota-0.5b is for the GPU run)"
     native = native_bfloat16(device_capability(ctx.device))
@@ -185,10 +184,12 @@ def judge(run: dict[str, Any], reference: dict[str, Any], tolerance: Tolerance) 
         "finite": finite,
         "batch_equals_alone": max(tokens_error, logits_error, permuted_error) < tolerance.relative_error,
         "a_swap_would_show": min(tokens_swap, logits_swap) > tolerance.swap_margin,
-        "close_to_float32": run is reference or max(vs_float32["audio_tokens_rel_error"], vs_float32["first_token_logits_rel_error"]) < tolerance.relative_error,
+        "close_to_float32": run is reference
+        or max(vs_float32["audio_tokens_rel_error"], vs_float32["first_token_logits_rel_error"]) < tolerance.relative_error,
         "greedy_texts_batch_equal_alone": run is not reference or texts_equal == len(run["batch_texts"]),  # required in float32
     }
-    return {"tolerance": tolerance.relative_error, "required_swap_margin": tolerance.swap_margin, "audio_tokens_batch_vs_alone": tokens_error, "logits_batch_vs_alone": logits_error,
+    return {"tolerance": tolerance.relative_error, "required_swap_margin": tolerance.swap_margin,
+            "audio_tokens_batch_vs_alone": tokens_error, "logits_batch_vs_alone": logits_error,
             "logits_permuted_vs_batch": permuted_error, "audio_tokens_items_apart": tokens_apart,
             "logits_items_apart": logits_apart, "audio_tokens_swap_margin": tokens_swap, "logits_swap_margin": logits_swap, **vs_float32, "texts_equal": f"{texts_equal}/{len(run['batch_texts'])}",
             "checks": checks, "passed": all(checks.values())}

@@ -16,7 +16,9 @@ import torch
 from benchmarks.gpu_check.context import ROOT, Context
 from benchmarks.gpu_check.efficiency import UtilisationSampler
 from benchmarks.gpu_check.precision import PRECISIONS, TOLERANCES
-from benchmarks.gpu_check.runner import BUDGET_MARGIN_S, MIN_STEP_S, STEPS, STOP_GRACE_S, TOTAL_BUDGET_S, StepRun, fitted_budgets
+from benchmarks.gpu_check.runner import (
+    BUDGET_MARGIN_S, MIN_STEP_S, STEPS, STOP_GRACE_S, TOTAL_BUDGET_S, StepRun, fitted_budgets,
+)
 from benchmarks.gpu_wheels import install
 from nota_model.storage import cache_dir
 

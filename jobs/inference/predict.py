@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 
 from jobs.inference.devices import (
     DEVICE_FAILURE, OUT_OF_MEMORY, DeviceFailure, actor_device, classify_model_error, end_actor, release_memory,
