@@ -155,6 +155,7 @@ def seed_step_times(model: NotaModel, clip: AudioClip, prompt: str) -> tuple[flo
     """Unsynchronised seconds of (prompt up to its LLM forward, the next token's decode step)."""
     import torch.nn.functional as F
 
+    from nota_model.decoding import next_forward_cache
     from nota_model.model import positions
 
     start = time.perf_counter()
@@ -164,7 +165,8 @@ def seed_step_times(model: NotaModel, clip: AudioClip, prompt: str) -> tuple[flo
     first = time.perf_counter()
     token = output.logits[:, -1].argmax(-1, keepdim=True)
     mask = F.pad(mask, (0, 1), value=1)
-    llm(input_ids=token, attention_mask=mask, position_ids=positions(mask)[:, -1:], cache=output.cache, use_cache=True)
+    llm(input_ids=token, attention_mask=mask, position_ids=positions(mask)[:, -1:], use_cache=True,
+        **next_forward_cache(output))
     return first - start, time.perf_counter() - first
 
 

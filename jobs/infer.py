@@ -68,7 +68,7 @@ def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor
     long_form = {"audio": {"long_form": options.long_form}} if options.long_form else {}
     config = load_config(options.model, deep_merge(options.overrides, long_form))
     check_task(manifest, config)
-    identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator)))
+    identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator), options.gpu_wait))
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), options.batch_size)
     store = OutputStore(options.output, manifest.name, storage_options)
     store.claim({"model": identity, "decoding": settings.decoding, "long_form": config.audio.long_form})

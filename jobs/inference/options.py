@@ -68,6 +68,10 @@ class RunOptions(BaseModel):
         "auto",
         description="auto: GPUs for the model actors (--gpus-per-actor each) if the cluster has GPUs when the job "
         "starts; gpu: always (on an autoscaling cluster whose GPU nodes join later); cpu: never")
+    gpu_wait: float = Field(
+        300.0, gt=0,
+        description="seconds to wait for a GPU for the model actors (a GPU node to join) before exiting 2; GPU "
+        "runs only")
     job_id: str | None = Field(None, description="default: the Ray job submission id, else a fresh one")
     strict: bool = Field(False, description="exit 1 when any item has an error")
     dry_run: bool = Field(
