@@ -96,5 +96,6 @@ class _Transformers4LLM(torch.nn.Module):
 def test_the_seed_method_reads_the_kv_cache_of_transformers_4_and_5(tiny, monkeypatch):
     settings = BenchSettings(seconds=1.0, batch_sizes=(1,), new_tokens=2, repeats=1, warmup=0)
     assert seed_method(tiny.model, settings)["tpot_s"] > 0  # transformers 5: `cache`
-    monkeypatch.setattr(tiny.model, "llama_model", _Transformers4LLM(tiny.model.llama_model))
+    # setitem, not setattr: monkeypatch would undo a module attribute (kept in _modules) by deleting it
+    monkeypatch.setitem(tiny.model._modules, "llama_model", _Transformers4LLM(tiny.model.llama_model))
     assert seed_method(tiny.model, settings)["tpot_s"] > 0
