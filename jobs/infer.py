@@ -8,7 +8,7 @@ Stages, all on the cluster: read and decode (a read task per input shard: a tar 
 back, or rows of an item list) -> the model (an actor pool: one actor per GPU in the model's half dtype,
 or CPU actors; `--dry-run`: no model) -> write (rows staged per shard; a shard's Parquet file committed
 whole once complete). The driver plans the read tasks from shard URLs and gets a few numbers per block.
-A rerun with the same output skips complete shards.
+A rerun with the same output skips complete shards and keeps the rows an interrupted run staged.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from jobs.inference.devices import run_capability, uses_gpus
 from jobs.inference.options import RunOptions, run_options
 from jobs.inference.plan import ReadPlan
 from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
-from jobs.inference.progress import ProgressEstimator, ProgressReport, shard_sizes
+from jobs.inference.progress import ProgressEstimator, ProgressReport
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging
 from jobs.predictions import OutputStore
@@ -66,20 +66,19 @@ def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_k
     store.claim({"model": identity, "decoding": settings.decoding, "long_form": config.audio.long_form})
 
     done = store.completed_shards()
-    plan = ReadPlan.of(manifest, done)
     staging = ShardStaging(store)
-    staging.remove()  # rows staged by an interrupted run: their shards are read again
+    plan = ReadPlan.of(manifest, done, staging.kept_rows(done))
     log.info("job_start", corpus=manifest.name, model=identity, shards=plan.shards, items=plan.items,
-             pending_items=plan.pending_items, shards_done=len(done), ray=ray.cluster_resources())
-    logs.headline(f"nota-batch job {job_id}: {manifest.name}, {plan.describe()} to run, model {identity}", sys.stderr)
+             pending_items=plan.pending_items, items_kept=plan.kept_items, shards_done=len(done), ray=ray.cluster_resources())
+    logs.headline(f"nota-batch job {job_id}: {manifest.name}, {plan.describe()}, model {identity}", sys.stderr)
     untrained = [] if options.dry_run else random_parts(config, options.checkpoint)
     if untrained:
         log.warning("random_weights", parts=untrained, meaning="the text of this run is MEANINGLESS")
     commits: dict[int, Commit] = {}
-    if plan.pending:
+    if plan.reads:
         ray.data.DataContext.get_current().enable_progress_bars = options.ray_progress  # else Ray Data's go to its log
         results = build_dataset(plan, manifest, config, options, settings, staging, predictor, predictor_kwargs)
-        progress = ProgressReport(ProgressEstimator(shard_sizes(plan.pending), plan.pending_items), log)
+        progress = ProgressReport(ProgressEstimator.of(plan), log)
         try:
             for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
                 progress.add(batch)
@@ -90,13 +89,14 @@ def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_k
     commits |= finish_shards(plan, manifest, staging, settings)
     staging.remove()
     wall = time.perf_counter() - started
-    processed = sum(commit.rows for commit in commits.values())
-    audio_seconds = sum(commit.audio_seconds for commit in commits.values())
+    kept = [plan.kept[shard] for shard in commits if shard in plan.kept]  # rows answered by an earlier run
+    processed = sum(commit.rows for commit in commits.values()) - sum(len(rows.indices) for rows in kept)
+    audio_seconds = sum(commit.audio_seconds for commit in commits.values()) - sum(rows.audio_seconds for rows in kept)
     rows, errors = store.counts()
     summary = {
         "corpus": manifest.name, "job_id": job_id, "model": identity, "output": options.output, "dry_run": options.dry_run,
         "items": rows, "errors": sum(errors.values()), "error_codes": dict(sorted(errors.items())),
-        "items_this_run": processed, "shards_skipped": len(done), "shards_written": len(commits),
+        "items_this_run": processed, "items_kept": plan.kept_items, "shards_skipped": len(done), "shards_written": len(commits),
         "audio_seconds_this_run": round(audio_seconds, 3), "wall_s": round(wall, 3),
         "items_per_s": round(processed / wall, 3), "x_real_time": round(audio_seconds / wall, 3),
         "finished_at": datetime.now(UTC).isoformat(),

@@ -1,0 +1,99 @@
+"""Resuming a run: the rows an interrupted run staged are kept and not answered again; a read task's blocks grow
+from one model batch."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.corpus.items import ItemListShard
+from jobs.corpus.make import build_shards
+from jobs.corpus.manifest_schema import load_manifest
+from jobs.infer import parse_args, run
+from jobs.inference.plan import ReadPlan, TarShard
+from jobs.inference.read import ReadContext, read_pieces
+from jobs.inference.write import KeptRows, ShardStaging
+from jobs.predictions import OUTPUT_SCHEMA, OutputStore
+from nota_model.config import load_config
+from tests.inference.test_infer import tone, wav_bytes
+
+
+def test_a_rerun_over_tar_shards_keeps_the_staged_rows_and_reads_the_rest(local_ray, tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for index in range(6):
+        (audio / f"clip{index}.wav").write_bytes(wav_bytes(tone(0.5 + index / 4), 16000))
+    manifest = Path(build_shards(audio, None, "tars", "asr", str(tmp_path / "shards" / "tars"), 3))
+    args = parse_args(["--manifest", str(manifest), "--model", "tiny", "--output", str(tmp_path / "out"), "--dry-run"])
+    first = run(args)
+    store = OutputStore(str(tmp_path / "out"), "tars")
+    # shard 1 as a killed run leaves it: not committed, two of its rows staged (one copy redone), a worker's temp file
+    part = pq.read_table(store.part_path(1))
+    Path(store.part_path(1)).unlink()
+    staging = ShardStaging(store)
+    staging.stage(1, part.slice(0, 2))
+    staging.stage(1, part.slice(1, 1))
+    Path(staging.folder(1), "rows-0123-1.parquet.partial-abc").write_bytes(b"half a file")
+
+    again = run(args)
+
+    assert (again["items_kept"], again["items_this_run"], again["items"], again["shards_written"]) == (2, 1, 6, 1)
+    rows = pq.read_table(store.part_path(1)).to_pylist()
+    assert [row["index"] for row in rows] == [0, 1, 2]
+    assert [row["job_id"] for row in rows] == [first["job_id"]] * 2 + [again["job_id"]]
+    assert not Path(staging.root).exists()
+
+
+def staged_table(shard: int, indices: list[int], errors: tuple[int, ...] = ()) -> pa.Table:
+    rows = [{name: None for name in OUTPUT_SCHEMA.names} | {"id": f"i{index}", "corpus": "c", "shard": shard, "index": index,
+             "audio_seconds": 1.5, "error": "not_audio" if index in errors else None} for index in indices]
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def test_the_kept_rows_are_the_whole_staged_files_of_shards_not_committed(tmp_path):
+    store = OutputStore(str(tmp_path), "c")
+    staging = ShardStaging(store)
+    staging.expect(0, 5)
+    staging.stage(0, staged_table(0, [0, 1], errors=(1,)))
+    staging.stage(0, staged_table(0, [1, 2], errors=(1,)))  # a redone block, cut differently
+    Path(staging.folder(0), "rows-00ff-3.parquet.partial-1a2b").write_bytes(b"PAR1 a worker killed mid-write")
+    broken = Path(staging.folder(0), "rows-0abc-2.parquet")
+    broken.write_bytes(b"PAR1 not whole")  # a rows file's name but no Parquet file (a crash of the machine)
+    staging.stage(1, staged_table(1, [0]))
+    store.write_shard(1, staged_table(1, [0, 1]))  # committed meanwhile: its staging is a late copy
+
+    assert staging.kept_rows(done={1}) == {0: KeptRows(frozenset({0, 1, 2}), errors=1, audio_seconds=4.5)}
+    assert not broken.exists() and staging.staged_shards() == [0]
+
+
+def test_the_plan_reads_only_the_rows_not_kept():
+    shards = [ItemListShard(number, number * 4, 4, None) for number in range(3)]
+    kept = {0: KeptRows(frozenset({1, 2}), 0, 0.0), 2: KeptRows(frozenset(range(4)), 0, 0.0)}
+    plan = ReadPlan(pending=shards, shards=3, items=12, pending_items=12, kept=kept)
+    tasks = plan.read_tasks(block_rows=2)
+    read = [(piece.shard.number, index) for task in tasks for piece in task for index in range(piece.start, piece.stop)]
+    assert read == [(0, 0), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]  # shard 2 is all kept: no task reads it
+    assert [sum(piece.stop - piece.start for piece in task) for task in tasks] == [2, 2, 2]
+    assert plan.items_to_read == 6 and plan.describe() == "6 of 12 items to run, 6 kept from an interrupted run"
+    assert not ReadPlan(pending=shards[2:], shards=3, items=12, pending_items=4, kept={2: kept[2]}).reads
+    tars = ReadPlan(pending=[TarShard(0, "a.tar", 1), TarShard(1, "b.tar", 1)], shards=2, items=None, pending_items=None,
+                    kept={1: KeptRows(frozenset({0}), 0, 0.0)})
+    assert [tars.kept_indices(task) for task in tars.read_tasks(4)] == [{}, {1: frozenset({0})}]  # skipped as read
+
+
+def test_a_read_task_skips_the_kept_items_and_its_blocks_grow_from_one_model_batch(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for index in range(12):
+        (audio / f"clip{index:02d}.wav").write_bytes(wav_bytes(tone(0.5), 16000))
+    manifest = load_manifest(build_shards(audio, None, "grow", "asr", str(tmp_path / "shards" / "grow"), 12))
+    counts: list[tuple[int, int]] = []
+    context = ReadContext(manifest, load_config("tiny"), batch_rows=2, block_rows=8,
+                          record_items=lambda shard, items: counts.append((shard, items)), dry_run=True)
+    blocks = list(read_pieces([TarShard(0, manifest.shard_files()[0][0], manifest.shard_files()[0][1])], context,
+                              kept={0: frozenset({3, 11})}))
+    assert [block.num_rows for block in blocks] == [2, 4, 4]  # one batch, two, then up to block_rows
+    assert sorted(index for block in blocks for index in block["index"].to_pylist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
+    assert counts == [(0, 12)]  # the shard's items, the kept ones too
+
+
