@@ -8,6 +8,7 @@ Exit codes, the same under `python -m jobs.X`:
     1  items failed (`infer --strict`)
     2  a usage, config, manifest or output-mismatch error: one line on stderr saying what to do; the traceback
        with `--debug` (`NOTA_DEBUG=1` under `python -m`), else only in the debug log
+  130  interrupted (Ctrl-C): `interrupted`, and what the command kept (`infer`: run it again to resume)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from nota_model.errors import NotaError
 
 USAGE_ERROR = 2
+INTERRUPTED = 130
 COMMANDS = {
     "infer": ("jobs.infer", "run a model over a corpus on Ray Data, one Parquet row per item; score it"),
     "score": ("jobs.score", "score stored predictions: metrics, report, submission CSVs"),
@@ -42,16 +44,21 @@ Main = Callable[[list[str] | None], int | None]
 
 def run_command(main: Main, argv: list[str] | None = None, name: str | None = None, debug: bool = False) -> int:
     """Run a job's `main` and turn what it raises on purpose (a NotaError: bad usage, config, manifest, a
-    mismatched output) into one line on stderr and exit code 2."""
+    mismatched output) into one line on stderr and exit code 2, and Ctrl-C into one line and exit code 130."""
+    prefix = f"nota-batch {name}" if name else os.path.basename(sys.argv[0])
     try:
         return main(argv) or 0
     except NotaError as err:
-        prefix = f"nota-batch {name}" if name else os.path.basename(sys.argv[0])
         logging.getLogger("nota").debug("%s failed", prefix, exc_info=True)
         if debug:
             traceback.print_exc()
         print(f"{prefix}: error: {err}", file=sys.stderr, flush=True)
         return USAGE_ERROR
+    except KeyboardInterrupt as interrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: interrupted" + (f": {interrupt}" if interrupt.args else ""), file=sys.stderr, flush=True)
+        return INTERRUPTED
 
 
 def module_entry(main: Main) -> int:

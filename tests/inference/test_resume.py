@@ -1,21 +1,117 @@
-"""Resuming a run: the rows an interrupted run staged are kept and not answered again; a read task's blocks grow
-from one model batch."""
+"""Resuming a run: the rows an interrupted run staged are kept and not answered again; Ctrl-C (or SIGTERM) stops
+`jobs.infer` with one line and exit code 130; a read task's blocks grow from one model batch."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from jobs import cli
 from jobs.corpus.items import ItemListShard
 from jobs.corpus.make import build_shards
 from jobs.corpus.manifest_schema import load_manifest
-from jobs.infer import parse_args, run
+from jobs.infer import parse_args, run, sigterm_interrupts
 from jobs.inference.plan import ReadPlan, TarShard
 from jobs.inference.read import ReadContext, read_pieces
 from jobs.inference.write import KeptRows, ShardStaging
 from jobs.predictions import OUTPUT_SCHEMA, OutputStore
 from nota_model.config import load_config
 from tests.inference.test_infer import tone, wav_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_corpus(root: Path, items: int, items_per_shard: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(items):
+        (root / f"clip{index}.wav").write_bytes(wav_bytes(tone(1.0 + index % 3, freq=200.0 + 20 * index), 16000))
+        lines.append(json.dumps({"id": f"clip{index}", "audio": str(root / f"clip{index}.wav")}))
+    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "corpus.yaml").write_text(f"name: resume\ntask: asr\nitems: items.jsonl\nitems_per_shard: {items_per_shard}\n")
+    return root / "corpus.yaml"
+
+
+def output_rows(folder: Path, pattern: str) -> list[dict]:
+    return [row for path in sorted(folder.glob(pattern)) for row in pq.read_table(path).to_pylist()]
+
+
+def test_ctrl_c_keeps_the_staged_rows_and_a_rerun_answers_only_the_rest(local_ray, tmp_path):
+    # One shard of 12 items, one item a model batch, 40 tokens an answer: the rows of the first blocks are
+    # staged while most items are still to answer.
+    manifest = write_corpus(tmp_path / "corpus", 12, items_per_shard=100)
+    output = tmp_path / "out"
+    argv = ["--manifest", str(manifest), "--model", "tiny", "--output", str(output), "--batch-size", "1", "--pool-size", "1",
+            "--no-score", "--set", "decoding.num_beams=1", "--set", "decoding.max_new_tokens=40"]
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "NOTA_DEBUG")}
+    first = subprocess.Popen([sys.executable, "-m", "jobs.infer", *argv], env=env, cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(output.glob("resume/_staging/*/rows-*.parquet")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = descendants(first.pid)  # the local Ray it started (its workers belong to its raylet)
+    raylets = [pid for pid in started if process_name(pid) == "raylet"]
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=120)
+
+    staged = {row["id"]: row for row in output_rows(output, "resume/_staging/*/rows-*.parquet")}
+    assert first.returncode == 130, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1] == (
+        f"infer.py: interrupted: {len(staged)} items kept; run the same command again to resume")
+    assert "Traceback" not in stderr and 0 < len(staged) < 12 and not list(output.glob("resume/part-*"))
+    assert raylets and all_ended(started)  # the Ray it started was shut down
+
+    summary = run(parse_args(argv))
+    rows = output_rows(output, "resume/part-*.parquet")
+    assert sorted(row["id"] for row in rows) == sorted(f"clip{index}" for index in range(12))  # one row each
+    assert (summary["items_kept"], summary["items_this_run"], summary["items"]) == (len(staged), 12 - len(staged), 12)
+    kept = {row["id"]: (row["job_id"], row["created_at"]) for row in rows if row["id"] in staged}
+    assert kept == {item: (row["job_id"], row["created_at"]) for item, row in staged.items()}  # the first run's answers
+    assert all(row["job_id"] == summary["job_id"] for row in rows if row["id"] not in staged)
+    assert not (output / "resume" / "_staging").exists()
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent, None once it is gone."""
+    try:
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        return state, int(parent)
+    except (OSError, ValueError):
+        return None
+
+
+def process_name(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def descendants(root: int) -> set[int]:
+    parents = {pid: state[1] for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+               if (state := process_state(pid))}
+    found, grown = {root}, True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found, grown = found | children, bool(children)
+    return found - {root}
+
+
+def all_ended(pids: set[int], timeout: float = 30) -> bool:
+    """Whether every process has exited (a zombie left to an init that does not reap has) within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while any((state := process_state(pid)) and state[0] != "Z" for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_a_rerun_over_tar_shards_keeps_the_staged_rows_and_reads_the_rest(local_ray, tmp_path):
@@ -97,3 +193,17 @@ def test_a_read_task_skips_the_kept_items_and_its_blocks_grow_from_one_model_bat
     assert counts == [(0, 12)]  # the shard's items, the kept ones too
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_command_says_so_in_one_line(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    def interrupted(argv):
+        raise KeyboardInterrupt("3 items kept; run the same command again to resume")
+
+    assert cli.run_command(interrupted, [], name="infer") == 130
+    assert capsys.readouterr().err == "nota-batch infer: interrupted: 3 items kept; run the same command again to resume\n"
+    assert cli.run_command(interrupted, [], name="infer", debug=True) == 130
+    assert "Traceback" in capsys.readouterr().err
