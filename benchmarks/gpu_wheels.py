@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -34,12 +33,12 @@ WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "
 
 def download(folder: Path = FOLDER) -> int:
     """Fetch the wheels for every Python of PYTHONS; returns the folder's size in bytes."""
-    folder.mkdir(exist_ok=True)
+    from nota_model.packs import download_wheels  # here only: `install` runs before nota_model can be imported
+
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     for python in PYTHONS:
-        platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:", *platforms,
-                        "--python-version", python, "--implementation", "cp", "-d", str(folder), *pins], check=True)
+        download_wheels(pins, folder, ["--only-binary", ":all:", *platforms, "--python-version", python, "--implementation", "cp"])
     size = sum(path.stat().st_size for path in folder.glob("*.whl"))
     if size > MAX_BYTES:
         raise SystemExit(f"{folder} holds {size / 2**20:.1f} MiB of wheels, over the {MAX_BYTES // 2**20} MiB that may travel")
@@ -49,7 +48,8 @@ def download(folder: Path = FOLDER) -> int:
 def install(folder: Path = FOLDER) -> dict[str, object]:
     """Unpack the wheels of `folder` that fit this interpreter (the best-fitting one per distribution) into
     `FOLDER-site/TAG`, first on sys.path and PYTHONPATH; returns what was done, for the check's report. Nothing to do
-    without the folder (then the environment's own packages serve)."""
+    without the folder (then the environment's own packages serve). The wheels are unpacked by zipfile here, not by
+    `nota_model.packs.unpack_wheel`: nota_model cannot be imported before they are in place."""
     if not folder.is_dir():
         return {"folder": None, "note": f"no {folder.name}/ folder: the environment's own packages are used"}
     ranks = {tag: rank for rank, tag in enumerate(sys_tags())}

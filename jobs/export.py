@@ -2,9 +2,10 @@
 
     python -m jobs.export --predictions URL --format srt|vtt|jsonl --output URL [--storage-options JSON]
 
-srt / vtt: OUTPUT/CORPUS/ID.srt (or .vtt), a cue a piece of the item's `segments`; items with an error
-or no text are skipped and counted. jsonl: OUTPUT/CORPUS.jsonl, a line an item (id, text, segments,
-error, ...).
+srt / vtt: OUTPUT/CORPUS/ID.srt (or .vtt), a cue a piece of the item's `segments`; ID is the item's id
+percent-encoded (`/` as %2F, so `a/b` and `a_b` never share a file; `urllib.parse.unquote` gives it back),
+a WebVTT file names it in a NOTE too; items with an error or no text are skipped and counted, and so is a
+repeated id. jsonl: OUTPUT/CORPUS.jsonl, a line an item (id, text, segments, error, ...).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
     args = parser.parse_args(argv)
     counts = export(args.predictions, args.output, args.format, json.loads(args.storage_options))
-    print(f"{counts['written']} items written to {args.output}" + (
-        f", {counts['skipped']} skipped (an error or no text)" if counts["skipped"] else ""))
+    print(f"{counts['written']} items written to {args.output}"
+          + (f", {counts['skipped']} skipped (an error or no text)" if counts["skipped"] else "")
+          + (f", {counts['duplicates']} skipped (an id written before: run `jobs.manifest validate`)"
+             if counts["duplicates"] else ""))
     return 0
 
 

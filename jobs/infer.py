@@ -37,7 +37,7 @@ from jobs.corpus.manifest_schema import load_manifest
 from jobs.inference.dataset import build_dataset, finish_shards
 from jobs.inference.devices import run_capability, uses_gpus
 from jobs.inference.options import RunOptions, run_options
-from jobs.inference.plan import ReadPlan
+from jobs.inference.plan import ReadPlan, check_task
 from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
 from jobs.inference.progress import ProgressEstimator, ProgressReport
 from jobs.inference.settings import JobSettings
@@ -103,6 +103,7 @@ def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_k
     manifest = load_manifest(options.manifest, storage_options)
     long_form = {"audio": {"long_form": options.long_form}} if options.long_form else {}
     config = load_config(options.model, deep_merge(options.overrides, long_form))
+    check_task(manifest, config)
     identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator)))
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), options.batch_size)
     store = OutputStore(options.output, manifest.name, storage_options)

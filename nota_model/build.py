@@ -30,6 +30,7 @@ from nota_model.checkpoint import (
 from nota_model.config import (
     AudioEncoderConfig, LLMConfig, ModelConfig, NotaConfig, SpeechEncoderConfig, WhisperASRConfig, checkpoint_for,
 )
+from nota_model.connector import decoder_layer_weights, decoder_queries
 from nota_model.errors import ConfigError
 from nota_model.model import NotaModel
 from nota_model.precision import Capability, ct2_compute_type, device_capability, float16_overflow_warning, resolve_dtype
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
     from nota_model.whisper_ct2 import WhisperCT2
 
 log = structlog.get_logger(__name__)
-
-WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
 
 
 @dataclass(frozen=True)
@@ -120,10 +119,13 @@ def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device)
     cast before it moves to the device; the frozen encoders' matrix weights are cast to it once here
     (`precast_encoders`); the trained connector keeps float32 weights, under autocast."""
     torch.manual_seed(config.seed)
-    speech_encoder = build_whisper_encoder(config.speech_encoder)
+    speech_encoder, connector_weights = build_speech_parts(config)
     ced = build_audio_encoder(config.audio_encoder)
     llm, tokenizer = build_llm(config)
     model = NotaModel(config, speech_encoder, ced, llm, tokenizer)
+    if connector_weights:
+        load_into(model, connector_weights, required=set(connector_weights), source=config.speech_encoder.path,
+                  ignorable=lambda key: False)
     report, sha = None, None
     if checkpoint:
         path = resolve(checkpoint)
@@ -183,21 +185,51 @@ def save_trained(model: NotaModel, path: Path) -> None:
     save_state_dict(model.trained_state_dict(), path, metadata=metadata)
 
 
-def build_whisper_encoder(config: SpeechEncoderConfig) -> WhisperEncoder:
+@dataclass(frozen=True)
+class WhisperCheckpoint:
+    """A Whisper model's config and weights (None: random, from the config's `hf_config`), read once for the
+    encoder and the connector that may start from its decoder."""
+
+    config: WhisperConfig
+    weights: dict[str, torch.Tensor] | None
+    source: str | None
+
+    def part(self, name: str) -> dict[str, torch.Tensor]:
+        """The `encoder`'s or the `decoder`'s weights, under their own module's key names."""
+        prefixes = (f"model.{name}.", f"{name}.")  # WhisperForConditionalGeneration's, WhisperModel's
+        return {key.removeprefix(prefix): value for key, value in self.weights.items()
+                for prefix in prefixes if key.startswith(prefix)}
+
+
+def read_whisper(config: SpeechEncoderConfig) -> WhisperCheckpoint:
+    """The Whisper checkpoint at `config.path` (its config checked against `hf_config`), or random from `hf_config`."""
     if config.path is None:
-        return WhisperEncoder(WhisperConfig(**config.hf_config))
+        return WhisperCheckpoint(WhisperConfig(**config.hf_config), None, None)
     path = resolve(config.path)
     hf_config = WhisperConfig.from_pretrained(path)
     _check_sizes("speech_encoder", config.hf_config, hf_config.to_dict(), ("d_model", "num_mel_bins", "encoder_layers"))
-    encoder = WhisperEncoder(hf_config)
-    weights = read_state_dict(path)
-    encoder_weights = {
-        key.removeprefix(prefix): value
-        for key, value in weights.items()
-        for prefix in WHISPER_ENCODER_PREFIXES
-        if key.startswith(prefix)
-    }
-    load_into(encoder, encoder_weights, required=_parameter_names(encoder), source=config.path, ignorable=lambda key: False)
+    return WhisperCheckpoint(hf_config, read_state_dict(path), config.path)
+
+
+def build_speech_parts(config: NotaConfig) -> tuple[WhisperEncoder, dict[str, torch.Tensor]]:
+    """The Whisper encoder, and the connector's initial weights from the same checkpoint, under the model's key
+    names: the decoder's (`connector.decoder_layer_weights`, `decoder_queries`) for `qformer.kind:
+    whisper_decoder` with Whisper weights, none otherwise (the connector keeps its random init)."""
+    whisper = read_whisper(config.speech_encoder)
+    encoder = build_whisper_encoder(whisper)
+    if whisper.weights is None or config.qformer.kind != "whisper_decoder":
+        return encoder, {}
+    decoder = whisper.part("decoder")
+    layers = decoder_layer_weights(decoder, config.qformer.num_layers, config.encoder_width)
+    queries = decoder_queries(decoder, whisper.config.decoder_start_token_id, config.qformer.num_query_tokens)
+    return encoder, {"speech_query_tokens": queries, **{f"speech_Qformer.{key}": value for key, value in layers.items()}}
+
+
+def build_whisper_encoder(whisper: WhisperCheckpoint) -> WhisperEncoder:
+    encoder = WhisperEncoder(whisper.config)
+    if whisper.weights is not None:
+        load_into(encoder, whisper.part("encoder"), required=_parameter_names(encoder), source=whisper.source,
+                  ignorable=lambda key: False)
     return encoder
 
 

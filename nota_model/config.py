@@ -97,8 +97,14 @@ class AudioEncoderConfig(_Strict):
 
 
 class QFormerConfig(_Strict):
-    """Window-level Q-Former: BERT layers with cross-attention over windows of encoder frames."""
+    """The connector: a window-level Q-Former, `num_query_tokens` learned queries per window of encoder frames.
+    `kind`: `bert`, the seed's BERT layers with cross-attention, of the sizes below, random until trained;
+    `whisper_decoder`, the first `num_layers` layers of the speech encoder's Whisper decoder and its final layer
+    norm (DiVA, arXiv 2410.02678), of the decoder's own sizes, initialised from the decoder weights in the
+    speech encoder's checkpoint (`nota_model.connector`): the BERT sizes (`hidden_size` to `initializer_range`)
+    are then not read."""
 
+    kind: Literal["bert", "whisper_decoder"] = "bert"
     hidden_size: int = 768
     num_layers: int = 2
     num_heads: int = 12

@@ -1,4 +1,5 @@
 """The NOTA model: Whisper encoder + CED + window-level Q-Former + a causal LM with LoRA (SALMONN-style).
+The Q-Former is the seed's BERT one or Whisper decoder layers (`qformer.kind`, `nota_model.connector`).
 
 Attribute names follow the seed, so its checkpoint keys (`speech_Qformer.*`, `speech_query_tokens`,
 `speech_llama_proj.*`, `ln_speech.*`, `ln_audio.*`, `llama_model.base_model.model.…lora_…`) load as they are.
@@ -20,10 +21,11 @@ from nota_model.audio_context import frame_groups, stacked_log_mel, whisper_enco
 from nota_model.ced import CEDEncoder, CEDFrontEnd
 from nota_model.checkpoint import is_trained_key
 from nota_model.config import DecodingConfig, NotaConfig
+from nota_model.connector import build_connector
 from nota_model.decoding import GenerationOutput, generation_config, timed_generate, with_llm_cache
 from nota_model.errors import ConfigError
 from nota_model.features import ModelFeatures, compute_features
-from nota_model.qformer import QFormer, split_windows
+from nota_model.qformer import split_windows
 
 
 class NotaModel(nn.Module):
@@ -41,11 +43,11 @@ class NotaModel(nn.Module):
         self.ced = ced
         self.ln_speech = nn.LayerNorm(config.speech_encoder.width)
         self.ln_audio = nn.LayerNorm(config.audio_encoder.width) if ced is not None else None
-        qformer = config.qformer
-        self.speech_Qformer = QFormer(qformer, config.encoder_width)
-        self.speech_query_tokens = nn.Parameter(torch.zeros(1, qformer.num_query_tokens, qformer.hidden_size))
-        nn.init.normal_(self.speech_query_tokens, std=qformer.initializer_range)
-        self.speech_llama_proj = nn.Linear(qformer.hidden_size, llama_model.get_input_embeddings().embedding_dim)
+        self.speech_Qformer = build_connector(config, speech_encoder.config)
+        width = self.speech_Qformer.hidden_size
+        self.speech_query_tokens = nn.Parameter(torch.zeros(1, config.qformer.num_query_tokens, width))
+        nn.init.normal_(self.speech_query_tokens, std=self.speech_Qformer.initializer_range)
+        self.speech_llama_proj = nn.Linear(width, llama_model.get_input_embeddings().embedding_dim)
         self.llama_model = llama_model
         self.tokenizer = tokenizer
         self.bos_token_id = _token_id(tokenizer, config.prompt.bos_token)
@@ -54,7 +56,7 @@ class NotaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.speech_Qformer.bert.embeddings.LayerNorm.weight.device
+        return self.speech_llama_proj.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,7 +100,7 @@ class NotaModel(nn.Module):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _connect(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each clip's encoder states -> windows -> Q-Former (one query per window) -> projection to the LLM.
+        """Each clip's encoder states -> windows -> Q-Former (`num_query_tokens` queries per window) -> projection to the LLM.
         The states are cast to the model's dtype first: the layer norms return float32 under autocast, and the
         windows (overlapping copies of the states) would be float32 too, though their only readers, the
         Q-Former's key and value projections, cast them to the same dtype anyway."""

@@ -121,21 +121,26 @@ class BertModel(nn.Module):
 
 
 class QFormer(nn.Module):
-    """Holds `bert` so that parameter names read `speech_Qformer.bert.…` as in LAVIS."""
+    """Holds `bert` so that parameter names read `speech_Qformer.bert.…` as in LAVIS. `hidden_size` (its output
+    width) and `initializer_range` (its queries' initial spread) as every connector has them."""
 
     def __init__(self, config: QFormerConfig, encoder_width: int):
         super().__init__()
+        self.hidden_size = config.hidden_size
+        self.initializer_range = config.initializer_range
         self.bert = BertModel(config, encoder_width)
-        self.apply(lambda module: _init_weights(module, config.initializer_range))
+        self.apply(lambda module: init_weights(module, config.initializer_range))
 
     def forward(self, query_embeds: torch.Tensor, encoder_states: torch.Tensor) -> torch.Tensor:
         return self.bert(query_embeds, encoder_states)
 
 
-def _init_weights(module: nn.Module, std: float) -> None:
+def init_weights(module: nn.Module, std: float) -> None:
+    """transformers' initialisation of BERT and Whisper: normal Linear weights of `std`, zero biases, unit LayerNorms."""
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=std)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)

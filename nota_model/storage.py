@@ -29,11 +29,13 @@ def cache_dir() -> Path:
 
 def resolve(location: str) -> Path:
     """A local path for `location`: a path, `pkg://package/sub/path`, `pack://name` (a model pack in the
-    cache), or an fsspec URL (downloaded once)."""
+    cache: nota_model.packs), or an fsspec URL (downloaded once)."""
     if location.startswith(PACKAGE_SCHEME):
         return _package_path(location)
     if location.startswith(PACK_SCHEME):
-        return _pack_path(location)
+        from nota_model.packs import pack_path  # packs builds on this module, and imports the converters
+
+        return pack_path(location)
     protocol, _ = fsspec.core.split_protocol(location)
     if protocol in (None, "file", "local"):
         path = Path(fsspec.core.strip_protocol(location))
@@ -59,18 +61,6 @@ def _package_path(location: str) -> Path:
     path = Path(spec.submodule_search_locations[0]) / sub_path
     if not path.exists():
         raise WeightsNotFoundError(f"{location}: {path} is not in the installed package {package!r}")
-    return path
-
-
-def pack_dir(name: str) -> Path:
-    return cache_dir() / "packs" / name
-
-
-def _pack_path(location: str) -> Path:
-    name = location[len(PACK_SCHEME):]
-    path = pack_dir(name)
-    if not path.exists():
-        raise WeightsNotFoundError(f"{location}: the model pack is not built yet; run `python -m jobs.packs {name}`")
     return path
 
 

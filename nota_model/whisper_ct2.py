@@ -96,7 +96,7 @@ def load_whisper_ct2(config: WhisperASRConfig, device: torch.device, threads: in
     location = resolve(config.ctranslate2_location)
     if not (location / "model.bin").exists():
         raise ConfigError(
-            f"{config.ctranslate2_location} holds no CTranslate2 model.bin: rebuild the pack (python -m jobs.packs), "
+            f"{config.ctranslate2_location} holds no CTranslate2 model.bin: rebuild the pack (nota-batch packs), "
             "set ctranslate2_path, or use engine: transformers"
         )
     compute_type = ct2_compute_type(config.compute_type, device_capability(device))

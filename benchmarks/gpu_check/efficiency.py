@@ -79,7 +79,7 @@ def job(ctx: Context) -> None:
     import ray
 
     from jobs import infer
-    from jobs.packs import build
+    from nota_model.packs import build
 
     if ctx.quick:
         runs = [("librivox-sample", "whisper-tiny.en", "ctranslate2")]

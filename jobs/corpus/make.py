@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from jobs.corpus.errors import ManifestError, explain
 from jobs.corpus.fetch import IO_ERRORS
 from jobs.corpus.items import SPEECH_PLACEHOLDER, ItemFields, as_list, one_or_list
-from jobs.corpus.manifest_schema import validated
+from jobs.corpus.manifest_schema import check_tasks, validated
 from jobs.corpus.tars import AUDIO_EXTENSIONS
 from jobs.corpus.urls import absolute_url, glob_files, parent_url, resolve_url
 from nota_model.storage import write_atomically
@@ -61,6 +61,7 @@ def build_shards(
     manifest `{out}.yaml` beside them and return its URL."""
     if items_per_shard < 1:
         raise ManifestError(f"--items-per-shard must be at least 1, not {items_per_shard}")
+    check_tasks([task], where="--task: ")
     options = dict(storage_options or {})
     audio = _audio_files(audio_dir)
     ids = sorted(audio)

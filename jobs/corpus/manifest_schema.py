@@ -1,24 +1,23 @@
 """Corpus manifests: what a batch job reads, as a table of work items.
 
 A manifest (YAML, see manifests/README.md) names a corpus, its default task and prompt, and its input:
-an item list (JSONL or Parquet) or a glob of WebDataset tar shards, cut into numbered input shards:
-`Manifest.shard_files()` (tar shards: URLs and sizes) or `Manifest.item_list_shards()` (row ranges of the
-list). `shard_items` streams one tar shard (its items with their audio bytes, as the members pass) and
-`item_list_rows` reads the rows of one item-list shard; `WorkItemChecks` turns them into work items (one per
-input row or tar key, invalid ones included, so nothing is lost silently). `Manifest.work_items()` enumerates
-the whole corpus into one table (`validate`); `read_item_bytes` reads one item's audio (a whole file, or a
-byte range of a tar) with retries. `python -m jobs.manifest` is the command line
+an item list (JSONL or Parquet) or a glob of WebDataset tar shards, cut into numbered input shards
+(`Manifest.input_shards()`: `shard_files()`, the tar shards' URLs and sizes, or `item_list_shards()`, row
+ranges of the list). `jobs.corpus.walk` turns a shard into its work items (one per input row or tar key,
+invalid ones included, so nothing is lost silently), with their audio bytes when asked; `Manifest.work_items()`
+walks the whole corpus into one table (`validate`, training). `python -m jobs.manifest` is the command line
 over them; jobs.corpus.make makes corpora.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 from pydantic import field_validator, model_validator
@@ -30,13 +29,34 @@ from jobs.corpus.items import (
     WORK_ITEM_SCHEMA,
     ItemListShard,
     WorkItemChecks,
-    item_list_rows,
     jsonl_shard_offsets,
     parquet_rows,
     require_placeholder,
 )
-from jobs.corpus.tars import shard_items
 from jobs.corpus.urls import glob_files, parent_url, protocol_problem, resolve_url
+from jobs.corpus.walk import InputShard, TarShard, walk, whole
+from nota_model.config import PromptConfig
+
+# The tasks a model answers without a prompt of the item's own: those of a NOTA config's default prompts
+# (`prompt.tasks`), of which the Whisper reference models answer `asr` alone. A config may name others.
+KNOWN_TASKS = tuple(sorted(PromptConfig().tasks))
+
+
+def check_tasks(tasks: Iterable[str], known: Collection[str] = KNOWN_TASKS, where: str = "") -> None:
+    """Refuse tasks (of items without a prompt) that no prompt covers, before anything runs: a model would
+    answer every such item with `invalid_prompt`. Task names are compared as given (`ASR` is not `asr`)."""
+    unknown = sorted(set(tasks) - set(known))
+    if unknown:
+        raise ManifestError(
+            f"{where}no prompt for task {', '.join(map(repr, unknown))}: the known tasks are "
+            f"{', '.join(map(repr, sorted(known)))} (names are case-sensitive); use one of them, or give a prompt "
+            "holding <SpeechHere> for another task")
+
+
+def check_item_tasks(items: pa.Table, where: str = "") -> None:
+    """`check_tasks` over the good work items without a prompt of their own (`validate`)."""
+    promptless = items.filter(pc.and_(pc.is_null(items["error"]), pc.is_null(items["prompt"])))
+    check_tasks(pc.unique(promptless["task"]).to_pylist(), where=where)
 
 
 class Manifest(BaseModel):
@@ -86,17 +106,16 @@ class Manifest(BaseModel):
 
     def work_items(self) -> pa.Table:
         """One work item per item-list row or tar key, in (shard, index) order, as a WORK_ITEM_SCHEMA table: the
-        whole corpus in one process (ids checked unique across it), for `validate` and training."""
+        whole corpus walked in one process (ids checked unique across it), for `validate` and training."""
         checks = WorkItemChecks(self)
-        if self.items is not None:
-            shards = [(shard, item_list_rows(self, shard)) for shard in self.item_list_shards()]
-            items = (checks.work_item(item, shard.number, index, self.items)
-                     for shard, rows in shards for index, item in enumerate(rows))
-        else:
-            items = (checks.work_item(item, shard, index, url)
-                     for shard, (url, size) in enumerate(self.shard_files())
-                     for index, (item, _) in enumerate(shard_items(url, size, self.storage_options)))
+        items = (item for shard in self.input_shards() for item, _ in walk(whole(shard), self, checks, with_audio=False))
         return pa.Table.from_pylist(list(items), schema=WORK_ITEM_SCHEMA)
+
+    def input_shards(self) -> list[InputShard]:
+        """The corpus's numbered input shards: its tar shards, or its item list cut into shards."""
+        if self.items is not None:
+            return self.item_list_shards()
+        return [TarShard(number, url, size) for number, (url, size) in enumerate(self.shard_files())]
 
     def shard_files(self) -> list[tuple[str, int]]:
         """The tar shards (URL, size), sorted: shard N is the Nth."""
@@ -153,20 +172,3 @@ def validated(document: Any, base: str, where: str) -> Manifest:
 def _redacted(value: Any) -> Any:
     return {key: _redacted(inner) for key, inner in value.items()} if isinstance(value, dict) else "***"
 
-
-# URLs
-
-
-# Enumeration
-
-
-# Reading
-
-
-# Writing
-
-
-# build
-
-
-# import-seed

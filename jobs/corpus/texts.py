@@ -21,7 +21,6 @@ from pathlib import Path
 WORDNET_DIR = Path("/usr/share/wordnet")
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 WORD_LIST = Path("/usr/share/dict/american-english")
-PACKAGES = {"wordnet-base": WORDNET_DIR / "data.noun", "wamerican": WORD_LIST}
 
 _QUOTED = re.compile(r'"([^"]+)"')
 _SPEAKABLE = re.compile(r"^[A-Za-z][A-Za-z' ,;:.!?-]*$")

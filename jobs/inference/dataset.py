@@ -8,13 +8,15 @@ from typing import Any
 
 import ray
 
+from jobs.corpus.items import WorkItemChecks
 from jobs.corpus.manifest_schema import Manifest
+from jobs.corpus.walk import InputShard, walk, whole
 from jobs.inference.devices import uses_gpus
 from jobs.inference.decode import MAX_CLIP_BYTES
 from jobs.inference.options import CPU_NODE_DECODE_CPUS, RunOptions
-from jobs.inference.plan import InputShard, ListSlice, ReadPlan, TarShard
+from jobs.inference.plan import ReadPlan
 from jobs.inference.predict import Predictor, dry_run_rows
-from jobs.inference.read import CorpusDatasource, ReadContext, shard_work_items
+from jobs.inference.read import CorpusDatasource, ReadContext
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import Commit, ShardStaging, finish_shard, write_rows
 from nota_model.config import ModelConfig
@@ -85,8 +87,7 @@ def finish_shards(plan: ReadPlan, manifest: Manifest, staging: ShardStaging, set
 
 @ray.remote(num_cpus=0.25)
 def _finish_shard(shard: InputShard, manifest: Manifest, staging: ShardStaging, settings: JobSettings) -> Commit | None:
-    piece = shard if isinstance(shard, TarShard) else ListSlice(shard, 0, shard.rows)
-    items = (item for item, _ in shard_work_items(piece, manifest, with_audio=False))
+    items = (item for item, _ in walk(whole(shard), manifest, WorkItemChecks(manifest), with_audio=False))
     return finish_shard(staging, shard.number, items, settings)
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.corpus.fetch import read_item_bytes
 from jobs.corpus.items import WORK_ITEM_SCHEMA
+from jobs.corpus.walk import audio_name
 from nota_model.audio import load_audio
 from nota_model.config import AudioConfig, ModelConfig
 from nota_model.errors import AudioError
@@ -26,17 +26,6 @@ DECODED_SCHEMA = (
 # A decoded clip of up to 30 s: float32 at 16 kHz, and its features (at most 3000 Whisper frames of up to 128
 # bins, 3001 CED frames of 64 bins, float32). A long recording makes its block larger.
 MAX_CLIP_BYTES = 30 * 16000 * 4 + (3000 * 128 + 3001 * 64) * 4
-
-
-def read_item_audio(item: dict[str, Any], storage_options: dict[str, Any]) -> bytes | None:
-    """The bytes of an item-list item's audio file (one request), or None with the item's error set."""
-    if item["error"] is not None:
-        return None
-    try:
-        return read_item_bytes(item, storage_options)
-    except AudioError as err:
-        item.update(error=err.code, error_message=err.message)
-        return None
 
 
 def decoded_block(rows: list[dict[str, Any]]) -> pa.Table:
@@ -56,7 +45,7 @@ def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, fe
     if data is not None:
         try:
             whole = audio.long_form == "segment"
-            clip = load_audio(data, audio, name=item.get("member") or item["audio"], whole=whole)
+            clip = load_audio(data, audio, name=audio_name(item), whole=whole)
             pieces = plan_pieces(clip.waveform, item["task"], audio.max_seconds)
             item.update(clip=json.dumps(clip.metadata()), pieces=pieces)
             if dry_run:

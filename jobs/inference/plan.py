@@ -1,40 +1,36 @@
 """The read plan, made on the driver: the run's input shards still to do (a tar shard, or `items_per_shard`
 rows of an item list), the rows an interrupted run staged for them (kept, not read again), and how the rest is
 cut into read tasks: a task per tar shard (which walks the whole shard and skips the kept items); an item
-list's rows to read in tasks of whole blocks (up to about ITEMS_PER_LIST_TASK rows)."""
+list's rows to read in tasks of whole blocks (up to about ITEMS_PER_LIST_TASK rows). Before it, `check_task`:
+the corpus's task is one the model takes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from jobs.corpus.items import ItemListShard
-from jobs.corpus.manifest_schema import Manifest
+from jobs.corpus.errors import ManifestError
+from jobs.corpus.manifest_schema import Manifest, check_tasks
+from jobs.corpus.walk import InputShard, ListSlice, ReadPiece, TarShard
 from jobs.inference.write import KeptRows
+from nota_model.config import ModelConfig, WhisperASRConfig
+from nota_model.whisper_asr import ASR_TASK
 
 # An item-list read task holds up to about this many rows (fewer on a small corpus, for parallelism).
 ITEMS_PER_LIST_TASK = 1000
 LIST_TASKS_WANTED = 16
 
 
-@dataclass(frozen=True)
-class TarShard:
-    number: int
-    url: str
-    size: int
-
-
-@dataclass(frozen=True)
-class ListSlice:
-    """Items [start, stop) of an item-list shard."""
-
-    shard: ItemListShard
-    start: int
-    stop: int
-
-
-InputShard = TarShard | ItemListShard
-ReadPiece = TarShard | ListSlice
+def check_task(manifest: Manifest, config: ModelConfig) -> None:
+    """Refuse, before any model loads, a corpus whose task the model has no prompt for (`prompt.tasks`; the
+    Whisper reference models: `asr`, and no prompt at all): every item of it would end as `invalid_prompt`.
+    Items with a task or prompt of their own are the model's to check, item by item."""
+    whisper = isinstance(config, WhisperASRConfig)
+    where = f"manifest {manifest.name} with model {config.name}: "
+    if whisper and manifest.prompt is not None:
+        raise ManifestError(f"{where}the Whisper reference model takes no prompt: drop the manifest's `prompt:`")
+    if manifest.prompt is None:
+        check_tasks([manifest.task], (ASR_TASK,) if whisper else config.prompt.tasks, where=where)
 
 
 @dataclass(frozen=True)
@@ -52,12 +48,10 @@ class ReadPlan:
     @classmethod
     def of(cls, manifest: Manifest, done: set[int], kept: dict[int, KeptRows] | None = None) -> ReadPlan:
         """The shards not `done`, and their `kept` rows (`write.ShardStaging.kept_rows`)."""
-        if manifest.items is None:
-            files = manifest.shard_files()
-            pending = [TarShard(number, url, size) for number, (url, size) in enumerate(files) if number not in done]
-            return cls(pending, len(files), None, None, _kept_of(pending, kept))
-        shards = manifest.item_list_shards()
+        shards = manifest.input_shards()
         pending = [shard for shard in shards if shard.number not in done]
+        if manifest.items is None:
+            return cls(pending, len(shards), None, None, _kept_of(pending, kept))
         return cls(pending, len(shards), sum(s.rows for s in shards), sum(s.rows for s in pending), _kept_of(pending, kept))
 
     @property

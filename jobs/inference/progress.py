@@ -26,7 +26,8 @@ from typing import Any, TextIO
 import pyarrow as pa
 from tqdm import tqdm
 
-from jobs.inference.plan import InputShard, ReadPlan, TarShard
+from jobs.corpus.walk import InputShard, TarShard
+from jobs.inference.plan import ReadPlan
 
 RATE_WINDOW_S = 60.0  # the items/s and x real time shown
 ETA_WINDOW_S = 300.0  # the rate the ETA divides by: long enough to smooth the blocks' arrival

@@ -20,25 +20,12 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from jobs.corpus.items import WorkItemChecks, item_list_rows
+from jobs.corpus.items import WorkItemChecks
 from jobs.corpus.manifest_schema import Manifest
-from jobs.corpus.tars import shard_items
-from jobs.inference.decode import DECODED_SCHEMA, decode_item, decoded_block, read_item_audio
-from jobs.inference.plan import ListSlice, ReadPiece, ReadPlan, TarShard
+from jobs.corpus.walk import ListSlice, ReadPiece, TarShard, walk
+from jobs.inference.decode import DECODED_SCHEMA, decode_item, decoded_block
+from jobs.inference.plan import ReadPlan
 from nota_model.config import ModelConfig
-
-def shard_work_items(piece: ReadPiece, manifest: Manifest, with_audio: bool = True) -> Iterator[tuple[dict[str, Any], bytes | None]]:
-    """The work items of a tar shard or of a slice of an item-list shard (ids checked unique within it), and each
-    one's audio bytes (None for an item with an error, or when not `with_audio`)."""
-    checks = WorkItemChecks(manifest)
-    if isinstance(piece, TarShard):
-        for index, (item, data) in enumerate(shard_items(piece.url, piece.size, manifest.storage_options)):
-            yield checks.work_item(item, piece.number, index, piece.url), data
-        return
-    rows = itertools.islice(item_list_rows(manifest, piece.shard), piece.start, piece.stop)
-    for index, item in enumerate(rows, piece.start):
-        item = checks.work_item(item, piece.shard.number, index, manifest.items)
-        yield item, read_item_audio(item, manifest.storage_options) if with_audio else None
 
 
 @dataclass(frozen=True)
@@ -75,7 +62,7 @@ def read_pieces(pieces: list[ReadPiece], context: ReadContext, kept: dict[int, f
     size, block = next(sizes), []
     for piece in pieces:
         items = 0
-        for item, data in shard_work_items(piece, context.manifest):
+        for item, data in walk(piece, context.manifest, WorkItemChecks(context.manifest)):
             items += 1
             if item["index"] in kept.get(item["shard"], ()):
                 continue

@@ -17,7 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.predictions import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions
+from jobs.predictions import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions, require_bucket
 from jobs.scoring import report
 from jobs.scoring.item_scores import ITEMS_FOLDER, ItemsOut
 from jobs.scoring.item_table import GROUP_KEYS
@@ -106,6 +106,8 @@ def score(
     """Score, write metrics, JSON, report (and submission CSVs); return the groups. `distributed`: on
     Ray Data (True), in this process (False), or by the input's size (None)."""
     options = storage_options or {}
+    for url in filter(None, (output, submission)):
+        require_bucket(url, options)
     fs, root = fsspec.core.url_to_fs(output, **options)
     fs.makedirs(root, exist_ok=True)
     if fs.exists(f"{root}/{ITEMS_FOLDER}"):  # an earlier run's files, whose items may differ

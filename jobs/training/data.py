@@ -1,5 +1,6 @@
-"""A training run's data: manifests to rows on the driver (one per item and reference), a row to its decoded
-clip on the worker."""
+"""A training run's data: manifests to rows on the driver (one per item and reference: the corpus walked by
+`Manifest.work_items`), a row to its decoded clip on the worker (a training step's items come in random order:
+each one's audio is read on its own, `read_item_bytes`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from jobs.corpus.fetch import read_item_bytes
 from jobs.corpus.manifest_schema import Manifest
+from jobs.corpus.walk import audio_name
 from nota_model.audio import AudioClip, load_audio
 from nota_model.model import NotaModel
 
@@ -18,11 +20,9 @@ def training_rows(manifests: Sequence[Manifest]) -> tuple[list[dict[str, Any]], 
     rows, skipped = [], Counter()
     for source, manifest in enumerate(manifests):
         for item in manifest.work_items().to_pylist():
-            if item["error"] is not None:
-                skipped[item["error"]] += 1
-                continue
-            if not item["reference"]:
-                skipped["no_reference"] += 1
+            reason = left_out(item)
+            if reason is not None:
+                skipped[reason] += 1
                 continue
             for answer in item["reference"]:
                 rows.append({**_audio_fields(item, source), "answer": answer})
@@ -33,11 +33,17 @@ def validation_rows(manifest: Manifest, max_items: int | None, source: int) -> t
     """One row per good item with a reference (all its references), the first `max_items`."""
     rows, skipped = [], Counter()
     for item in manifest.work_items().to_pylist():
-        if item["error"] is not None or not item["reference"]:
-            skipped[item["error"] or "no_reference"] += 1
+        reason = left_out(item)
+        if reason is not None:
+            skipped[reason] += 1
             continue
         rows.append({**_audio_fields(item, source), "reference": item["reference"]})
     return rows[:max_items], skipped
+
+
+def left_out(item: dict[str, Any]) -> str | None:
+    """Why a work item cannot serve training: its error, else `no_reference`; None for a good item with a reference."""
+    return item["error"] or (None if item["reference"] else "no_reference")
 
 
 def _audio_fields(item: dict[str, Any], source: int) -> dict[str, Any]:
@@ -47,4 +53,4 @@ def _audio_fields(item: dict[str, Any], source: int) -> dict[str, Any]:
 
 def decode_row(row: dict[str, Any], storage_options: Sequence[dict[str, Any]], model: NotaModel) -> AudioClip:
     data = read_item_bytes(row, storage_options[row["source"]])
-    return load_audio(data, model.config.audio, name=row.get("member") or row["audio"])
+    return load_audio(data, model.config.audio, name=audio_name(row))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,10 @@ import pyarrow.parquet as pq
 import structlog
 import torch
 
-from jobs.corpus.fetch import read_item_bytes
+from jobs.corpus.items import WorkItemChecks
 from jobs.corpus.manifest_schema import Manifest
+from jobs.corpus.walk import audio_name, walk, whole
+from jobs.training.data import left_out
 from nota_model.audio import AudioClip, load_audio
 from nota_model.config import NotaConfig
 from nota_model.errors import AudioError, ConfigError
@@ -62,21 +64,26 @@ def cache_key(config: NotaConfig) -> dict[str, Any]:
 
 
 def build_cache(model: NotaModel, manifest: Manifest, directory: Path) -> dict[str, int]:
-    """Encode every good item of `manifest` with a reference into `directory`, shard by shard, skipping shards
-    already there. Returns counts: items cached, and items left out by reason."""
+    """Encode every good item of `manifest` with a reference into `directory`, shard by shard as the corpus walk
+    gives them with their audio (ids checked unique across the corpus, as `Manifest.work_items` does), skipping
+    shards already there (walked without audio, for their ids). Returns counts: items cached, and items left out
+    by reason."""
     if (directory / DONE_FILE).exists():
         return json.loads((directory / DONE_FILE).read_text())
     directory.mkdir(parents=True, exist_ok=True)
     _check_key(directory, cache_key(model.config))
-    items = manifest.work_items().to_pylist()
+    checks = WorkItemChecks(manifest)
     counts: Counter = Counter()
-    for shard in sorted({item["shard"] for item in items}):
-        if (directory / f"index-{shard:05d}.parquet").exists():
-            counts["cached"] += pq.read_metadata(directory / f"index-{shard:05d}.parquet").num_rows
+    for shard in manifest.input_shards():
+        index_path = directory / f"index-{shard.number:05d}.parquet"
+        if index_path.exists():
+            for _ in walk(whole(shard), manifest, checks, with_audio=False):
+                pass
+            counts["cached"] += pq.read_metadata(index_path).num_rows
             continue
-        rows = [item for item in items if item["shard"] == shard]
-        counts.update(_encode_shard(model, manifest, rows, directory, shard))
-        log.info("feature_cache_shard", directory=str(directory), shard=shard, items=len(rows), **counts)
+        shard_counts = _encode_shard(model, walk(whole(shard), manifest, checks), directory, shard.number)
+        counts.update(shard_counts)
+        log.info("feature_cache_shard", directory=str(directory), shard=shard.number, items=shard_counts.total(), **counts)
     (directory / DONE_FILE).write_text(json.dumps(dict(counts)))
     return dict(counts)
 
@@ -88,16 +95,17 @@ def _check_key(directory: Path, key: dict[str, Any]) -> None:
     path.write_text(json.dumps(key, indent=1))
 
 
-def _encode_shard(model: NotaModel, manifest: Manifest, rows: list[dict[str, Any]], directory: Path, shard: int) -> Counter:
+def _encode_shard(model: NotaModel, items: Iterable[tuple[dict[str, Any], bytes | None]], directory: Path,
+                  shard: int) -> Counter:
     counts: Counter = Counter()
     good: list[tuple[dict[str, Any], AudioClip]] = []
-    for row in rows:
-        if row["error"] is not None or not row["reference"]:
-            counts[row["error"] or "no_reference"] += 1
+    for row, data in items:
+        reason = left_out(row)
+        if reason is not None:
+            counts[reason] += 1
             continue
         try:
-            good.append((row, load_audio(read_item_bytes(row, manifest.storage_options), model.config.audio,
-                                         name=row["member"] or row["audio"])))
+            good.append((row, load_audio(data, model.config.audio, name=audio_name(row))))
         except AudioError as err:
             counts[err.code] += 1
     index, offset = [], 0
@@ -148,9 +156,6 @@ class CachedStates:
     def states(self, row: dict[str, Any]) -> torch.Tensor:
         values = self.arrays[row["shard"]][row["offset"] : row["offset"] + row["frames"]]
         return torch.from_numpy(np.asarray(values, dtype=np.float32))
-
-    def states_of(self, rows: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
-        return [self.states(row) for row in rows]
 
 
 def cache_directories(root: Path, manifests: Sequence[Manifest]) -> list[Path]:

@@ -22,9 +22,10 @@ from ray.data._internal.logging import get_log_directory
 from jobs import logs
 from jobs.corpus.items import ItemListShard
 from jobs.corpus.manifest_schema import load_manifest
+from jobs.corpus.walk import TarShard
 from jobs.infer import parse_args, run
 from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, default_pool_size, resource_sizing
-from jobs.inference.plan import ReadPlan, TarShard
+from jobs.inference.plan import ReadPlan
 from jobs.inference.predict import Predictor, actor_threads
 from jobs.inference.settings import JobSettings
 from jobs.inference.write import ShardStaging

@@ -174,6 +174,25 @@ def test_unreadable_manifests_and_inputs_are_manifest_errors(tmp_path, capsys):
     assert run_command(main, ["validate", str(tmp_path / "missing.yaml")]) == 2
     assert "no such manifest" in capsys.readouterr().err
 
+def test_a_task_no_model_has_a_prompt_for_is_refused_by_validate_and_build(tmp_path, capsys):
+    write_jsonl(tmp_path / "items.jsonl", [{"id": "u0", "audio": "u0.wav"}, {"id": "u1", "audio": "u1.wav", "task": "aac"},
+                                           {"id": "u2", "audio": "u2.wav", "task": "qa", "prompt": PROMPT}])
+    refused = write_manifest(tmp_path / "refused.yaml", name="c", task="ASR", items="items.jsonl")
+    assert run_command(main, ["validate", str(refused)]) == 2
+    captured = capsys.readouterr()
+    assert "no prompt for task 'ASR': the known tasks are 'aac', 'asr' (names are case-sensitive)" in captured.err
+    assert captured.out == ""
+    # Another task is fine where the items carry their own prompt (the seed's QA), and so is a prompted manifest.
+    assert run_command(main, ["validate", str(write_manifest(tmp_path / "ok.yaml", name="c", task="asr",
+                                                             items="items.jsonl"))]) == 0
+    assert run_command(main, ["validate", str(write_manifest(tmp_path / "prompted.yaml", name="c", task="ASR", prompt=PROMPT,
+                                                             items="items.jsonl"))]) == 0
+    capsys.readouterr()
+    build = ["build", "--audio-dir", str(audio_folder(tmp_path)), "--name", "c", "--task", "ASR", "--out", str(tmp_path / "c")]
+    assert run_command(main, build) == 2
+    assert "--task: no prompt for task 'ASR': the known tasks are 'aac', 'asr'" in capsys.readouterr().err
+    assert not list(tmp_path.glob("c-*.tar")) and not (tmp_path / "c.yaml").exists()
+
 def test_the_manifest_repr_hides_storage_options(tmp_path):
     secret = {"key": "AKIDSECRET", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://internal:9000"}}
     manifest = Manifest(name="x", task="asr", items="/a.jsonl", storage_options=secret)

@@ -12,7 +12,6 @@ import soundfile as sf
 from jobs.infer import parse_args, run
 from jobs.inference.decode import decode_item
 from jobs.metrics.wer import corpus_wer
-from jobs.packs import build
 from jobs.samples import default_dest, fetch_librivox
 from jobs.scoring.pipeline import score_predictions
 from nota_model import load_audio, load_config, load_model, segment
@@ -21,6 +20,7 @@ from nota_model.config import AudioConfig, DecodingConfig
 from nota_model.decoding import GenerationOutput
 from nota_model.errors import AudioError
 from nota_model.long_form import generate_pieces
+from nota_model.packs import build
 from nota_model.segment import plan_pieces, speech_spans
 from nota_model.transcribe import Item, run_batch
 

@@ -5,9 +5,9 @@ own greedy answers. One number guards the whole train -> checkpoint -> job -> sc
 import pytest
 
 from jobs.infer import parse_args, run
-from jobs.packs import build
 from nota_model import load_audio, load_config, load_model
 from nota_model.long_form import generate_pieces
+from nota_model.packs import build
 from nota_model.segment import plan_pieces
 from tests.inference.test_infer import read_rows
 

@@ -6,8 +6,9 @@ import random
 import pyarrow as pa
 import pytest
 
+from jobs.corpus.walk import TarShard
 from jobs.inference.progress import Progress, ProgressEstimator, ProgressReport, duration, shard_sizes
-from jobs.inference.plan import ReadPlan, TarShard
+from jobs.inference.plan import ReadPlan
 from jobs.inference.write import WRITE_RESULT_SCHEMA, KeptRows
 
 

@@ -17,8 +17,9 @@ from jobs import cli
 from jobs.corpus.items import ItemListShard
 from jobs.corpus.make import build_shards
 from jobs.corpus.manifest_schema import load_manifest
+from jobs.corpus.walk import TarShard
 from jobs.infer import parse_args, run, sigterm_interrupts
-from jobs.inference.plan import ReadPlan, TarShard
+from jobs.inference.plan import ReadPlan
 from jobs.inference.read import ReadContext, read_pieces
 from jobs.inference.write import KeptRows, ShardStaging
 from jobs.predictions import OUTPUT_SCHEMA, OutputStore

