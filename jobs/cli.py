@@ -8,7 +8,7 @@ Exit codes, the same under `python -m jobs.X`:
     1  items failed (`infer --strict`)
     2  a usage, config, manifest or output-mismatch error: one line on stderr saying what to do; the traceback
        with `--debug` (`NOTA_DEBUG=1` under `python -m`), else only in the debug log
-  130  interrupted (Ctrl-C): `interrupted`, and what the command kept (`infer`: run it again to resume)
+  130  interrupted (Ctrl-C): `interrupted`, or the command's own line (`infer`: the items kept, run it again to resume)
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run_command(main: Main, argv: list[str] | None = None, name: str | None = No
     except KeyboardInterrupt as interrupt:
         if debug:
             traceback.print_exc()
-        print(f"{prefix}: interrupted" + (f": {interrupt}" if interrupt.args else ""), file=sys.stderr, flush=True)
+        print(f"{prefix}: {str(interrupt) or 'interrupted'}", file=sys.stderr, flush=True)  # a command may say more
         return INTERRUPTED
 
 

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         except RunInterrupted as interrupted:
             if starts_ray:
                 ray.shutdown()  # the model actors and the tasks in flight stop: nothing is written after the count
-            raise KeyboardInterrupt(f"{interrupted.output_rows()} items kept; run the same command again to resume") from interrupted
+            raise KeyboardInterrupt(f"interrupted: {interrupted.output_rows()} items kept; run the same command again to resume") from interrupted
     groups = summary.pop("groups", None)
     logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "
                   f"{summary['errors']} errors, output {summary['output']}", sys.stdout)

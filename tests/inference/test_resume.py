@@ -202,9 +202,15 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_command_says_so_in_one_line(
     assert signal.getsignal(signal.SIGTERM) is before
 
     def interrupted(argv):
-        raise KeyboardInterrupt("3 items kept; run the same command again to resume")
+        raise KeyboardInterrupt("interrupted: 3 items kept; run the same command again to resume")
 
     assert cli.run_command(interrupted, [], name="infer") == 130
     assert capsys.readouterr().err == "nota-batch infer: interrupted: 3 items kept; run the same command again to resume\n"
     assert cli.run_command(interrupted, [], name="infer", debug=True) == 130
     assert "Traceback" in capsys.readouterr().err
+
+    def plain_ctrl_c(argv):
+        raise KeyboardInterrupt
+
+    assert cli.run_command(plain_ctrl_c, [], name="score") == 130
+    assert capsys.readouterr().err == "nota-batch score: interrupted\n"
