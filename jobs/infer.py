@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 import types
@@ -26,28 +25,18 @@ import typing
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow.compute as pc
-import ray
+from pydantic.fields import FieldInfo
 
-from jobs import logs
-from jobs.cli import module_entry
-from jobs.corpus.manifest_schema import load_manifest
-from jobs.inference.dataset import build_dataset, finish_shards
-from jobs.inference.devices import run_capability, uses_gpus
+from jobs.command_line import module_entry
+from jobs.ray_session import join_ray
 from jobs.inference.options import RunOptions, run_options
-from jobs.inference.plan import ReadPlan, check_task
-from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
-from jobs.inference.progress import ProgressEstimator, ProgressReport
-from jobs.inference.settings import JobSettings
-from jobs.inference.write import Commit, ShardStaging
-from jobs.predictions import OutputStore
-from jobs.scoring import report
-from jobs.scoring.scorer import score
-from nota_model.build import model_identity, random_parts
 from nota_model.config import load_config
-from nota_model.overrides import deep_merge
+
+if TYPE_CHECKING:
+    from jobs.inference.predict import Predictor
+    from jobs.predictions import OutputStore
 
 
 def submission_id() -> str | None:
@@ -67,6 +56,8 @@ class RunInterrupted(KeyboardInterrupt):
     def output_rows(self) -> int:
         """The output's rows: committed, and staged for shards not committed (each index once). Counted once the
         cluster's work has stopped, so that no write lands after."""
+        from jobs.inference.write import ShardStaging
+
         done = self.store.completed_shards()
         staged = ShardStaging(self.store).kept_rows(done)
         return self.store.counts()[0] + sum(len(rows.indices) for rows in staged.values())
@@ -81,21 +72,25 @@ def interruptible(store: OutputStore) -> Iterator[None]:
         raise RunInterrupted(store) from interrupt
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (`ray job stop`, a pod's eviction, `kill`) stops the run as Ctrl-C does, in place of Ray's own
-    handler, which exits at once."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    # Imported here, not at the top: parsing the command line and checking its options loads neither torch nor Ray.
+    import pyarrow.compute as pc
+    import ray
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    from jobs import logs
+    from jobs.corpus.manifest_schema import load_manifest
+    from jobs.inference.dataset import build_dataset, finish_shards
+    from jobs.inference.devices import run_capability, uses_gpus
+    from jobs.inference.plan import ReadPlan, check_task
+    from jobs.inference.predict import DRY_RUN_IDENTITY, Predictor
+    from jobs.inference.progress import ProgressEstimator, ProgressReport
+    from jobs.inference.settings import JobSettings
+    from jobs.inference.write import Commit, ShardStaging
+    from jobs.predictions import OutputStore
+    from jobs.scoring.scorer import score
+    from nota_model.build import model_identity, random_parts
+    from nota_model.overrides import deep_merge
 
-
-def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     job_id = options.job_id or submission_id() or f"job-{uuid.uuid4().hex[:12]}"
     log = logs.configure(job_id)
@@ -122,7 +117,7 @@ def run(options: RunOptions, predictor: type[Predictor] = Predictor, predictor_k
         commits: dict[int, Commit] = {}
         if plan.reads:
             ray.data.DataContext.get_current().enable_progress_bars = options.ray_progress  # else Ray Data's go to its log
-            results = build_dataset(plan, manifest, config, options, settings, staging, predictor, predictor_kwargs)
+            results = build_dataset(plan, manifest, config, options, settings, staging, predictor or Predictor, predictor_kwargs)
             progress = ProgressReport(ProgressEstimator.of(plan), log)
             try:
                 # closed on the way out: an interruption stops the execution at once, not once the iterator is collected
@@ -165,13 +160,21 @@ def parse_args(argv: list[str] | None = None) -> RunOptions:
     parser.add_argument("--config", help="run options (YAML, path or URL): any of the options below by field name, "
                         "e.g. `batch_size: 8`; a flag given here overrides the file")
     for name, field in RunOptions.model_fields.items():
-        parser.add_argument(*_flag(name), help=field.description, **_flag_kwargs(name, field.annotation))
+        parser.add_argument(*_flag(name), help=_help(field), **_flag_kwargs(name, field.annotation))
     flags = vars(parser.parse_args(argv))
     return run_options(flags.pop("config", None), flags)
 
 
 def _flag(name: str) -> list[str]:
     return {"overrides": ["--set"]}.get(name, [f"--{name.replace('_', '-')}"])
+
+
+def _help(field: FieldInfo) -> str:
+    """The field's description and its default, where the description does not say it (a switch is off)."""
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    if default in (None, {}) or isinstance(default, bool) or "default" in field.description:
+        return field.description
+    return f"{field.description} (default: {default})"
 
 
 def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
@@ -191,17 +194,21 @@ def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    load_config(options.model, options.overrides)  # an unknown model or a bad --set: one line, before Ray starts
+    import ray
+
+    from jobs import logs
+    from jobs.scoring import report
+
     logs.ray_data_warnings_to_file()
     starts_ray = not ray.is_initialized()
-    if starts_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-    with sigterm_interrupts():
-        try:
-            summary = run(options)
-        except RunInterrupted as interrupted:
-            if starts_ray:
-                ray.shutdown()  # the model actors and the tasks in flight stop: nothing is written after the count
-            raise KeyboardInterrupt(f"interrupted: {interrupted.output_rows()} items kept; run the same command again to resume") from interrupted
+    join_ray()
+    try:
+        summary = run(options)
+    except RunInterrupted as interrupted:
+        if starts_ray:
+            ray.shutdown()  # the model actors and the tasks in flight stop: nothing is written after the count
+        raise KeyboardInterrupt(f"interrupted: {interrupted.output_rows()} items kept; run the same command again to resume") from interrupted
     groups = summary.pop("groups", None)
     logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "
                   f"{summary['errors']} errors, output {summary['output']}", sys.stdout)

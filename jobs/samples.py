@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from nota_model.packs import download_wheels, unpack_wheel
 from nota_model.storage import cache_dir
 

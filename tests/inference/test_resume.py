@@ -1,5 +1,6 @@
-"""Resuming a run: the rows an interrupted run staged are kept and not answered again; Ctrl-C (or SIGTERM) stops
-`jobs.infer` with one line and exit code 130; a read task's blocks grow from one model batch."""
+"""Resuming a run: the rows an interrupted run staged are kept and not answered again; Ctrl-C stops `jobs.infer`
+with one line saying what the output keeps, exit code 130 and its Ray shut down; a read task's blocks grow from
+one model batch."""
 
 import json
 import os
@@ -11,14 +12,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from jobs import cli
 from jobs.corpus.items import ItemListShard
 from jobs.corpus.make import build_shards
 from jobs.corpus.manifest_schema import load_manifest
 from jobs.corpus.walk import TarShard
-from jobs.infer import parse_args, run, sigterm_interrupts
+from jobs.infer import parse_args, run
 from jobs.inference.plan import ReadPlan
 from jobs.inference.read import ReadContext, read_pieces
 from jobs.inference.write import KeptRows, ShardStaging
@@ -192,25 +191,3 @@ def test_a_read_task_skips_the_kept_items_and_its_blocks_grow_from_one_model_bat
     assert [block.num_rows for block in blocks] == [2, 4, 4]  # one batch, two, then up to block_rows
     assert sorted(index for block in blocks for index in block["index"].to_pylist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
     assert counts == [(0, 12)]  # the shard's items, the kept ones too
-
-
-def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_command_says_so_in_one_line(capsys):
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), sigterm_interrupts():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-    assert signal.getsignal(signal.SIGTERM) is before
-
-    def interrupted(argv):
-        raise KeyboardInterrupt("interrupted: 3 items kept; run the same command again to resume")
-
-    assert cli.run_command(interrupted, [], name="infer") == 130
-    assert capsys.readouterr().err == "nota-batch infer: interrupted: 3 items kept; run the same command again to resume\n"
-    assert cli.run_command(interrupted, [], name="infer", debug=True) == 130
-    assert "Traceback" in capsys.readouterr().err
-
-    def plain_ctrl_c(argv):
-        raise KeyboardInterrupt
-
-    assert cli.run_command(plain_ctrl_c, [], name="score") == 130
-    assert capsys.readouterr().err == "nota-batch score: interrupted\n"
