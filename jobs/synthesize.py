@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.cli import module_entry
+from jobs.command_line import module_entry
 from jobs.corpus.synthetic_speech import build
 from jobs.samples import default_dest, fetch_cards, fetch_librivox
 from nota_model.storage import cache_dir

@@ -30,12 +30,8 @@ import json
 import os
 import sys
 
-import ray
-
-from jobs import logs
-from jobs.cli import module_entry
-from jobs.training.config import load_train_config
-from jobs.training.driver import publish, run
+from jobs.command_line import module_entry
+from jobs.ray_session import join_ray
 from nota_model.overrides import parse_overrides
 
 
@@ -52,13 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Imported once the arguments parse: the training config (nota_model.training's optimizer settings) loads torch.
+    from jobs import logs
+    from jobs.training.config import load_train_config
+    from jobs.training.driver import publish, run
+
     config = load_train_config(args.config, parse_overrides(args.set))
     logs.configure(os.environ.get("RAY_JOB_SUBMISSION_ID") or "train")
     if args.publish:
         print(json.dumps(publish(config, args.publish)), flush=True)
         return 0
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    join_ray()
     summary = run(config)
     print(json.dumps(summary, default=str), flush=True)
     return 0

@@ -6,14 +6,26 @@
     output = loaded.model.generate([clip], [loaded.model.config.prompt.task_prompt("asr")])
 """
 
-from nota_model.audio import AudioClip, decode_audio, load_audio, prepare_waveform, whisper_features
-from nota_model.build import LoadedModel, load_model, save_trained
-from nota_model.checkpoint import LoadReport
-from nota_model.config import NotaConfig, load_config, preset_names
-from nota_model.decoding import GenerationOutput
-from nota_model.errors import AudioError, CheckpointError, ConfigError, NotaError, WeightsNotFoundError
-from nota_model.features import ModelFeatures, compute_features
-from nota_model.model import NotaModel
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Each public name and the module it lives in, imported on first use (PEP 562): importing nota_model, or a light
+# module of it (config, errors, overrides), loads neither torch nor transformers, so that a command can parse its
+# arguments and check a config before paying for them.
+_HOMES = {
+    "AudioClip": "audio", "decode_audio": "audio", "load_audio": "audio", "prepare_waveform": "audio",
+    "whisper_features": "audio",
+    "LoadedModel": "build", "load_model": "build", "save_trained": "build",
+    "LoadReport": "checkpoint",
+    "NotaConfig": "config", "load_config": "config", "preset_names": "config",
+    "GenerationOutput": "decoding",
+    "AudioError": "errors", "CheckpointError": "errors", "ConfigError": "errors", "NotaError": "errors",
+    "WeightsNotFoundError": "errors",
+    "ModelFeatures": "features", "compute_features": "features",
+    "NotaModel": "model",
+}
 
 __all__ = [
     "AudioClip",
@@ -38,3 +50,9 @@ __all__ = [
     "save_trained",
     "whisper_features",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'nota_model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"nota_model.{_HOMES[name]}"), name)

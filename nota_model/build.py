@@ -33,7 +33,9 @@ from nota_model.config import (
 from nota_model.connector import decoder_layer_weights, decoder_queries
 from nota_model.errors import ConfigError
 from nota_model.model import NotaModel
-from nota_model.precision import Capability, ct2_compute_type, device_capability, float16_overflow_warning, resolve_dtype
+from nota_model.precision import (
+    Capability, ct2_compute_type, device_capability, float16_overflow_warning, llm_dtype, resolve_dtype,
+)
 from nota_model.storage import resolve, sha256_of
 from nota_model.whisper_asr import WhisperASR, load_whisper_asr
 
@@ -90,10 +92,33 @@ def model_identity(config: ModelConfig, checkpoint: str | None = None, capabilit
 
 
 def precision_tag(config: ModelConfig, capability: Capability) -> str:
-    """The precision a model config runs in on a device: its torch dtype, or CTranslate2's compute type."""
-    if isinstance(config, WhisperASRConfig) and config.engine == "ctranslate2":
-        return f"ctranslate2:{ct2_compute_type(config.compute_type, capability)}"
-    return str(resolve_dtype(config.dtype, capability)).removeprefix("torch.")
+    """The precision a model config runs in on a device: its torch dtype (`llm-float32:encoders-float16` where
+    the LLM's and the encoders' differ), or CTranslate2's compute type."""
+    if isinstance(config, WhisperASRConfig):
+        if config.engine == "ctranslate2":
+            return f"ctranslate2:{ct2_compute_type(config.compute_type, capability)}"
+        return _dtype_name(resolve_dtype(config.dtype, capability))
+    llm, encoders = nota_dtypes(config, capability)
+    return _dtype_name(llm) if llm == encoders else f"llm-{_dtype_name(llm)}:encoders-{_dtype_name(encoders)}"
+
+
+def nota_dtypes(config: NotaConfig, capability: Capability) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of a NOTA model's LLM and of its encoders on a device of `capability` (`precision.llm_dtype`;
+    the LLM's family is read only where it matters, for float16)."""
+    encoders = resolve_dtype(config.dtype, capability)
+    model_type = llm_model_type(config.llm) if encoders == torch.float16 else None
+    return llm_dtype(config.dtype, capability, model_type), encoders
+
+
+def llm_model_type(config: LLMConfig) -> str | None:
+    """The LLM's family (`qwen2`, `llama`): its weights' config.json, else `hf_config`'s `model_type`."""
+    if config.path is None:
+        return config.hf_config.get("model_type")
+    return AutoConfig.from_pretrained(resolve(config.path)).model_type
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _nota_identity(name: str, checkpoint_sha256: str | None, precision: str) -> str:
@@ -115,9 +140,10 @@ def _load_whisper(config: WhisperASRConfig, device: torch.device, threads: int |
 
 def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device) -> LoadedModel:
     """Build the model on `device` and load `checkpoint` (a seed `.pth` or our
-    safetensors of the trained parameters) when given. The LLM takes the config's dtype (`precision.resolve_dtype`),
-    cast before it moves to the device; the frozen encoders' matrix weights are cast to it once here
-    (`precast_encoders`); the trained connector keeps float32 weights, under autocast."""
+    safetensors of the trained parameters) when given. The LLM takes the config's dtype (`precision.llm_dtype`),
+    cast before it moves to the device; the frozen encoders' matrix weights are cast to theirs once here
+    (`precast_encoders`: the LLM's, but float16 under a float32 LLM kept out of float16); the trained connector
+    keeps float32 weights, under autocast."""
     torch.manual_seed(config.seed)
     speech_encoder, connector_weights = build_speech_parts(config)
     ced = build_audio_encoder(config.audio_encoder)
@@ -135,9 +161,10 @@ def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device)
         report = load_into(model, trained.tensors, required=set(model.trained_state_dict()), source=checkpoint)
         log.info("checkpoint_loaded", checkpoint=checkpoint, sha256=sha, loaded=len(report.loaded), ignored=report.ignored)
     capability = device_capability(device)
-    dtype = resolve_dtype(config.dtype, capability)
+    dtype, encoder_dtype = nota_dtypes(config, capability)
     model.llama_model.to(dtype)
-    precast_encoders(model, dtype)
+    precast_encoders(model, encoder_dtype)
+    model.encoder_dtype = encoder_dtype if encoder_dtype != dtype else None
     model.to(device).eval()
     warning = float16_overflow_warning(model.llama_model.config.model_type, dtype)
     if warning:

@@ -218,7 +218,7 @@ class _ModelConfig(_Strict):
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
-        return _validate(deep_merge(self.model_dump(), overrides), source="overrides")
+        return _validate(deep_merge(self.model_dump(), overrides), f"{self.name} with overrides", overrides)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -290,21 +290,37 @@ def preset_names() -> list[str]:
 
 def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """Load a preset by name (see `preset_names()`) or a YAML file, then apply nested overrides."""
-    path = PRESETS_DIR / f"{name_or_path}.yaml"
+    path, source = PRESETS_DIR / f"{name_or_path}.yaml", f"preset {name_or_path}"
     if name_or_path not in preset_names():
-        path = Path(name_or_path)
+        path, source = Path(name_or_path), name_or_path
     if not path.is_file():
         raise ConfigError(f"no preset or config file {name_or_path!r}; presets: {', '.join(preset_names())}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    return _validate(deep_merge(data, overrides or {}), source=str(path))
+    return _validate(deep_merge(data, overrides or {}), source, overrides or {})
 
 
-def _validate(data: dict[str, Any], source: str) -> ModelConfig:
+def _validate(data: dict[str, Any], source: str, overrides: dict[str, Any]) -> ModelConfig:
+    """The config, or a ConfigError naming each bad key, and saying which of them an override set (so that a bad
+    `--set` is not blamed on the preset)."""
     kind = WhisperASRConfig if data.get("model_kind") == "whisper" else NotaConfig
     try:
         return kind.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid model config ({source}): {validation_problems(err.errors())}") from err
+        problems = "; ".join(("override " if _overridden(error["loc"], overrides) else "") + validation_problems([error])
+                             for error in err.errors())
+        raise ConfigError(f"invalid model config ({source}): {problems}") from err
+
+
+def _overridden(loc: tuple[int | str, ...], overrides: dict[str, Any]) -> bool:
+    """Whether the value at `loc` (a pydantic error's location) comes from `overrides`."""
+    node: Any = overrides
+    for key in loc:
+        if not isinstance(node, dict):
+            return True  # the override replaced this whole part of the config
+        if key not in node:
+            return False
+        node = node[key]
+    return bool(loc)

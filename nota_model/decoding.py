@@ -22,6 +22,13 @@ from transformers import (
 from nota_model.config import DecodingConfig
 
 
+def next_forward_cache(output: object) -> dict[str, object]:
+    """The KV cache of an LLM forward's `output`, as the keyword argument the next forward takes it by:
+    `cache` from transformers 5 on, `past_key_values` before (the lent GPU machine's image may have either)."""
+    cache = getattr(output, "cache", None)
+    return {"cache": cache} if cache is not None else {"past_key_values": output.past_key_values}
+
+
 @dataclass(frozen=True)
 class GenerationOutput:
     """One batch's results. `output_tokens` counts each item's tokens before its stop token.

@@ -39,6 +39,9 @@ class NotaModel(nn.Module):
     ):
         super().__init__()
         self.config = config
+        # The dtype the encoders and the connector run in under autocast when it is not the LLM's (`dtype`):
+        # float16 under a float32 LLM (`build`, `precision.llm_dtype`).
+        self.encoder_dtype: torch.dtype | None = None
         self.speech_encoder = speech_encoder
         self.ced = ced
         self.ln_speech = nn.LayerNorm(config.speech_encoder.width)
@@ -61,7 +64,7 @@ class NotaModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The LLM's dtype. The connector keeps float32 weights and, with the encoders (whose matrices
-        `build.precast_encoders` cast to it), runs under autocast to it."""
+        `build.precast_encoders` cast to it), runs under autocast to it (or to `encoder_dtype`, when set)."""
         return self.llama_model.get_input_embeddings().weight.dtype
 
     def prompt_for(self, task: str, prompt: str | None = None) -> str:
@@ -97,7 +100,8 @@ class NotaModel(nn.Module):
             return self._connect([self.ln_speech(item.to(self.device)) for item in states])
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        dtype = self.encoder_dtype or self.dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def _connect(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each clip's encoder states -> windows -> Q-Former (`num_query_tokens` queries per window) -> projection to the LLM.

@@ -21,8 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nota_model.convert_gguf import convert_gguf
-from nota_model.convert_whisper import convert_ct2_whisper
 from nota_model.errors import ConversionError, WeightsNotFoundError
 from nota_model.storage import CTRANSLATE2_DIR, PACK_SCHEME, cache_dir, sha256_of
 
@@ -44,6 +42,8 @@ class Pack:
 
 def _whisper(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
     """The transformers conversion, plus the CTranslate2 model itself in `ctranslate2/` (the faster engine)."""
+    from nota_model.convert_whisper import convert_ct2_whisper  # torch: not loaded to list or name the packs
+
     converted = convert_ct2_whisper(source, out_dir, tokenizer_json=extras["tokenizer"], ct2_config=extras["ct2_config"])
     ct2_dir = out_dir / CTRANSLATE2_DIR
     ct2_dir.mkdir()
@@ -56,6 +56,8 @@ def _whisper(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
 
 def _gguf(dtype: str) -> Callable[[Path, dict[str, Path], Path], object]:
     def convert(source: Path, extras: dict[str, Path], out_dir: Path) -> object:
+        from nota_model.convert_gguf import convert_gguf  # torch: not loaded to list or name the packs
+
         return convert_gguf(source, out_dir, dtype=dtype)
 
     return convert

@@ -3,6 +3,14 @@
 torch's `is_bf16_supported()` is true on a V100 (compute capability 7.0), where bfloat16 is emulated and slow,
 and CTranslate2 refuses bfloat16 there: native bfloat16 starts at capability 8.0 (A100, H100, L4, ...). So
 `auto` is bfloat16 from 8.0 on, float16 below, float32 on the CPU; bfloat16 asked of an older GPU is an error.
+
+Below 8.0 `auto` keeps an LLM of a family trained in bfloat16 (Qwen2) out of float16, where its activations
+overflow: the LLM runs in float32 and the encoders in float16 (`llm_dtype`). The other safe choice, float16
+with the items that turn non-finite retried in float32, would need a float32 copy of the LLM beside the float16
+one (or a cast of the whole LLM per retry), and would make one output's rows come from two precisions, which
+the output refuses. A float32 LLM costs about twice the weight bytes per generated token, where decoding is
+bound by memory bandwidth, while the encoders, where the compute is, keep float16's tensor cores; the GPU
+check's precision step measures both on the GPU it runs on.
 """
 
 from __future__ import annotations
@@ -49,6 +57,14 @@ def resolve_dtype(name: str, capability: Capability) -> torch.dtype:
     return getattr(torch, name)
 
 
+def llm_dtype(name: str, capability: Capability, model_type: str | None) -> torch.dtype:
+    """An LLM's dtype: `resolve_dtype`, but `auto` on a GPU without native bfloat16 is float32 for an LLM of a
+    family that overflows float16 (`FLOAT16_OVERFLOWING_LLMS`), whose encoders still run in float16."""
+    if name == "auto" and not native_bfloat16(capability) and model_type in FLOAT16_OVERFLOWING_LLMS:
+        return torch.float32
+    return resolve_dtype(name, capability)
+
+
 def ct2_compute_type(name: str, capability: Capability) -> str:
     """A CTranslate2 `compute_type` on a device: `auto` is int8 on the CPU and float16 on GPUs."""
     if name == "auto":
@@ -78,12 +94,13 @@ def needs_grad_scaler(autocast_dtype: torch.dtype | None, model_dtype: torch.dty
 
 
 def float16_overflow_warning(model_type: str, dtype: torch.dtype) -> str | None:
-    """The warning a float16 LLM of a family trained in bfloat16 deserves, if any: its activations can
-    overflow float16 (inf/NaN logits, "!!!!" answers; `decoding` then marks those items `non_finite_logits`)."""
+    """The warning a float16 LLM of a family trained in bfloat16 deserves, if any (`dtype: float16` asked for:
+    `auto` keeps it in float32): its activations can overflow float16 (inf/NaN logits, "!!!!" answers;
+    `decoding` then marks those items `non_finite_logits`)."""
     if dtype != torch.float16 or model_type not in FLOAT16_OVERFLOWING_LLMS:
         return None
     return (
-        f"the {model_type} LLM runs in float16 (this GPU has no native bfloat16): {model_type} models were trained in "
-        "bfloat16 and can overflow float16, giving inf/NaN logits; such items get the error non_finite_logits. "
-        "Use dtype float32 if they do, or a GPU of compute capability 8.0 or above"
+        f"the {model_type} LLM runs in float16: {model_type} models were trained in bfloat16 and can overflow "
+        "float16, giving inf/NaN logits; such items get the error non_finite_logits. Use dtype auto (a float32 LLM "
+        "on GPUs without bfloat16) or float32 if they do, or a GPU of compute capability 8.0 or above"
     )

@@ -33,7 +33,7 @@ def resolve(location: str) -> Path:
     if location.startswith(PACKAGE_SCHEME):
         return _package_path(location)
     if location.startswith(PACK_SCHEME):
-        from nota_model.packs import pack_path  # packs builds on this module, and imports the converters
+        from nota_model.packs import pack_path  # packs builds on this module
 
         return pack_path(location)
     protocol, _ = fsspec.core.split_protocol(location)

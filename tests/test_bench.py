@@ -1,6 +1,8 @@
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from jobs.bench import SEED_PUBLISHED, BenchSettings, bench, main, seed_method
 
@@ -72,3 +74,28 @@ def test_main_refuses_a_single_new_token():
 def test_seed_method_is_null_with_a_reason_for_other_models():
     seed = seed_method(object(), SETTINGS)
     assert seed["ttft_s"] is None and seed["tpot_s"] is None and seed["reason"]
+
+
+class _Transformers4LLM(torch.nn.Module):
+    """An LLM as transformers 4.x has it: the KV cache goes in and out as `past_key_values`, `cache` is unknown."""
+
+    def __init__(self, llm: torch.nn.Module):
+        super().__init__()
+        self.llm = llm
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def forward(self, past_key_values=None, **kwargs):
+        if "cache" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'cache'")
+        output = self.llm(cache=past_key_values, **kwargs)
+        return SimpleNamespace(logits=output.logits, past_key_values=output.cache)
+
+
+def test_the_seed_method_reads_the_kv_cache_of_transformers_4_and_5(tiny, monkeypatch):
+    settings = BenchSettings(seconds=1.0, batch_sizes=(1,), new_tokens=2, repeats=1, warmup=0)
+    assert seed_method(tiny.model, settings)["tpot_s"] > 0  # transformers 5: `cache`
+    # setitem, not setattr: monkeypatch would undo a module attribute (kept in _modules) by deleting it
+    monkeypatch.setitem(tiny.model._modules, "llama_model", _Transformers4LLM(tiny.model.llama_model))
+    assert seed_method(tiny.model, settings)["tpot_s"] > 0

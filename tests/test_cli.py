@@ -5,6 +5,7 @@ output-mismatch 2 are in tests/inference/test_infer.py, since they need a job ru
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,19 @@ def test_version_and_help_exit_0(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("nota-batch 0.")
+
+
+def test_every_command_module_is_registered_and_in_the_help(capsys):
+    """A `jobs/X.py` with a `main` is a command: in the registry, in the usage line and in the list of commands."""
+    modules = {f"jobs.{path.stem}" for path in (REPO / "jobs").glob("*.py")
+               if path.stem != "cli" and re.search(r"^def main\(", path.read_text(), re.MULTILINE)}
+    assert {module for module, _ in cli.COMMANDS.values()} == modules
     with pytest.raises(SystemExit) as done:
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert done.value.code == 0 and all(name in out for name in cli.COMMANDS)
+    usage, listing = out.split("\n", 1)[0], out.split("commands:\n", 1)[1]
+    assert done.value.code == 0
+    assert all(name in usage and re.search(rf"^  {name} ", listing, re.MULTILINE) for name in cli.COMMANDS)
 
 
 def test_a_command_runs_its_module_and_exits_0(tmp_path, capsys):
@@ -67,3 +77,12 @@ def test_python_m_exits_the_same_way(tmp_path):
     done = subprocess.run([sys.executable, "-m", "jobs.manifest", "validate", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "no such manifest" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_manifest_argument_has_help():
+    from jobs.manifest import _parser
+
+    subcommands = next(action for action in _parser()._actions if action.dest == "command").choices
+    undescribed = [f"{name} {action.dest}" for name, parser in subcommands.items() for action in parser._actions
+                   if not action.help]
+    assert undescribed == []

@@ -1,7 +1,7 @@
 """jobs.export: SRT and WebVTT cues from the segments' times (timestamps checked by hand), JSONL lines."""
 
 import json
-from jobs.cli import run_command
+from jobs.command_line import run_command
 from jobs.export import main
 from jobs.predictions import OutputStore
 from urllib.parse import unquote

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jobs.cli import run_command
+from jobs.command_line import run_command
 from jobs.infer import parse_args, run
 from jobs.predictions import MissingBucketError, OutputStore, require_bucket
 from jobs.scoring.scorer import score

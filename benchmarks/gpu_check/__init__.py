@@ -1,5 +1,5 @@
-"""A prepared GPU check: the machine, correctness in float32, bfloat16 and float16 (flash attention off, as on a
-V100), per-request efficiency and memory, then the job and training where Ray is installed, in one short run
+"""A prepared GPU check: the machine, correctness in float32, bfloat16, float16 and a float32 LLM with float16
+encoders (the last two with flash attention off, as on a V100), per-request efficiency and memory, then the job and training where Ray is installed, in one short run
 (at most TOTAL_BUDGET_S on a GPU). Errors are failures: a failed check, a non-finite score or an error row fails it.
 
     python -m benchmarks.gpu_wheels                               # here, with network: the .whl/ folder (once)

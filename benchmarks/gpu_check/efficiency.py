@@ -49,10 +49,11 @@ def efficiency(ctx: Context) -> None:
     results["batch1_comparison"] = comparison(results["batches"][0], seed)
     ctx.save(results)
     probe = replace(settings, repeats=1)
-    auto = model.dtype
-    cast_model(model, torch.float16)  # a V100's precision and kernels: float16, flash attention off
-    with flash_attention(ctx.device, False):
-        results["v100_emulation"] = [bench_batch_size(model, size, probe) | {"repeats": 1} for size in settings.batch_sizes[:2]]
+    auto, sizes = model.dtype, settings.batch_sizes[:2]
+    with flash_attention(ctx.device, False):  # a V100's kernels: flash attention off
+        results["v100_emulation"] = bench_cast(model, probe, sizes, torch.float16)
+        # dtype auto's choice on a V100 for a Qwen2-family LLM (nota_model.precision.llm_dtype): its cost
+        results["v100_qwen2_default"] = bench_cast(model, probe, sizes, torch.float32, torch.float16)
     model.float()  # back to the run's own precision (random weights: the rounding on the way means nothing here)
     cast_model(model, auto)
     ctx.save(results)
@@ -68,6 +69,17 @@ def efficiency(ctx: Context) -> None:
             empty_cache(ctx.device)
         results["largest_batch"] = size
         ctx.save(results)
+
+
+def bench_cast(model: Any, settings: Any, sizes: tuple[int, ...], dtype: Any,
+               encoder_dtype: Any = None) -> list[dict[str, Any]]:
+    """jobs.bench once at each of `sizes`, the model cast from float32 to `dtype` (its encoders to
+    `encoder_dtype`) as `load_model` would."""
+    from jobs.bench import bench_batch_size
+
+    model.float()
+    cast_model(model, dtype, encoder_dtype)
+    return [bench_batch_size(model, size, settings) | {"repeats": 1} for size in sizes]
 
 
 # Step 3: the job on the device

@@ -61,11 +61,14 @@ def efficiency_md(results: dict[str, Any]) -> str:
              "(medians; synchronised).", "",
              table(["batch", "TTFT s", "TPOT s", "items/s", "output tokens/s", "peak memory GB", "peak reserved GB",
                     "NVML process GB", "repeats"], rows)]
-    if "v100_emulation" in results:
-        rows = [[b["batch_size"], b["ttft_s"]["median"], b["tpot_s"]["median"], b["items_per_s"]["median"], b["peak_memory_gb"]]
-                for b in results["v100_emulation"]]
-        parts += ["", "V100 emulation (float16, flash attention off, one run each):", "",
-                  table(["batch", "TTFT s", "TPOT s", "items/s", "peak memory GB"], rows)]
+    emulations = {"v100_emulation": "V100 emulation (float16, flash attention off, one run each):",
+                  "v100_qwen2_default": "V100 emulation of dtype auto for Qwen2 (float32 LLM, float16 encoders, flash "
+                                        "attention off, one run each):"}
+    for key, title in emulations.items():
+        if key in results:
+            rows = [[b["batch_size"], b["ttft_s"]["median"], b["tpot_s"]["median"], b["items_per_s"]["median"],
+                     b["peak_memory_gb"]] for b in results[key]]
+            parts += ["", title, "", table(["batch", "TTFT s", "TPOT s", "items/s", "peak memory GB"], rows)]
     if "largest_batch" in results:
         oom = results.get("out_of_memory_at")
         parts += ["", f"Largest batch that fits: {results['largest_batch']}"

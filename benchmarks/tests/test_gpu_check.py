@@ -15,7 +15,10 @@ import torch
 
 from benchmarks.gpu_check.context import ROOT, Context
 from benchmarks.gpu_check.efficiency import UtilisationSampler
-from benchmarks.gpu_check.runner import STEPS, StepRun
+from benchmarks.gpu_check.precision import PRECISIONS, TOLERANCES
+from benchmarks.gpu_check.runner import (
+    BUDGET_MARGIN_S, MIN_STEP_S, STEPS, STOP_GRACE_S, TOTAL_BUDGET_S, StepRun, fitted_budgets,
+)
 from benchmarks.gpu_wheels import install
 from nota_model.storage import cache_dir
 
@@ -67,10 +70,13 @@ def test_each_step_reports_its_measurements(quick):
     correctness = steps["correctness"]
     assert set(correctness["models"]) == {"tiny"} and "nota-0.5b" in correctness["note"]
     variants = correctness["models"]["tiny"]["variants"]
-    assert set(variants) == {"float32", "bfloat16", "float16-no-flash"}
+    assert set(variants) == set(PRECISIONS)
     for name, variant in variants.items():
         assert variant["passed"] is True and all(variant["checks"].values()), (name, variant)
-        assert variant["audio_tokens_swap_margin"] > 3 and variant["logits_swap_margin"] > 3
+        required = TOLERANCES[name].swap_margin
+        assert variant["required_swap_margin"] == required
+        assert variant["audio_tokens_swap_margin"] > required and variant["logits_swap_margin"] > required
+    assert set(correctness["tolerances"]) == set(PRECISIONS) and correctness["tolerances"]["bfloat16"]["reason"]
     assert variants["float32"]["texts_equal"] == "4/4" and variants["float32"]["first_token_logits_rel_error"] == 0
     assert 0 < variants["float16-no-flash"]["first_token_logits_rel_error"] < 0.05
 
@@ -80,7 +86,8 @@ def test_each_step_reports_its_measurements(quick):
         assert batch["ttft_s"]["median"] > 0 and batch["tpot_s"]["median"] > 0 and batch["peak_memory_gb"] > 0
         assert batch["items_per_s"]["median"] > 0 and batch["output_tokens_per_s"]["median"] > 0
         assert batch["gpu_memory"] is None  # jobs.metrics.memory's figures on a GPU only
-    assert [b["batch_size"] for b in bench["v100_emulation"]] == [1, 2] and bench["v100_emulation"][0]["tpot_s"]["median"] > 0
+    for emulation in ("v100_emulation", "v100_qwen2_default"):
+        assert [b["batch_size"] for b in bench[emulation]] == [1, 2] and bench[emulation][0]["tpot_s"]["median"] > 0
     assert bench["seed_method"]["synchronised"] is False and bench["batch1_comparison"]["tpot_s"]["seed_published"] == 0.038
     assert steps["job"] == {} and steps["training"] == {}
 
@@ -126,6 +133,22 @@ def test_a_step_over_its_budget_is_cut_with_its_partial_results(tmp_path, monkey
     entry = StepRun(STEPS[0], Context(tmp_path, "cpu", quick=True), timeout_s=2).finish()
     assert entry["status"] == "cut" and entry["reason"] == "over its budget of 2 s" and entry["results"] == {"partial": 1}
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("image", ["lent", "full"])
+def test_the_steps_budgets_fit_the_total_with_a_margin(image):
+    steps = [step for step in STEPS if not (image == "lent" and step.needs)]  # the lent image has no Ray
+    budgets = fitted_budgets(steps)
+    assert set(budgets) == {step.name for step in steps}
+    assert sum(budgets.values()) <= TOTAL_BUDGET_S - BUDGET_MARGIN_S and BUDGET_MARGIN_S >= 2 * STOP_GRACE_S
+    assert min(budgets.values()) >= MIN_STEP_S
+
+
+def test_every_precision_has_tolerances_with_their_reason():
+    for variant in PRECISIONS:
+        tolerance = TOLERANCES[variant]
+        assert tolerance.reason and 0 < tolerance.relative_error < 1
+        assert tolerance.swap_margin > 1, "a swap inside the batch makes the ratio at most 1"
 
 
 def test_without_a_gpu_it_says_so_and_exits_non_zero(tmp_path):

@@ -39,18 +39,18 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
     # A dry run has no model: reading and decoding are the work, a CPU each.
     sizing = (ResourceSizing(0.0, options.decode_cpus or 1.0) if options.dry_run
               else resource_sizing(on_gpu, pool, options.cpus_per_actor, options.decode_cpus, options.gpus_per_actor))
-    block_rows = decode_block_rows(plan.pending_items, options.batch_size, pool)
+    block_rows = decode_block_rows(plan.items_to_read, options.batch_size, pool)
     context = ray.data.DataContext.get_current()
     # Start feeding the model once the whole starting pool is up, so that no GPU idles while one actor takes
     # all. Set before the first dataset is made: a dataset keeps a copy of the context it was made in.
     context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
-    tasks = plan.read_tasks(block_rows)
-    source = CorpusDatasource(tasks, ReadContext(manifest, config, block_rows, staging.expect, dry_run=options.dry_run))
+    source = CorpusDatasource(plan, ReadContext(manifest, config, options.batch_size, block_rows, staging.expect,
+                                                dry_run=options.dry_run))
     # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
     # minimum parallelism (200), and the model's batches cut from the pieces would not be full.
-    decoded = ray.data.read_datasource(source, num_cpus=sizing.decode_cpus, override_num_blocks=len(tasks))
+    decoded = ray.data.read_datasource(source, num_cpus=sizing.decode_cpus, override_num_blocks=len(source.tasks))
     if options.dry_run:
         rows = decoded.map_batches(dry_run_rows, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": settings},
                                    num_cpus=sizing.decode_cpus)
@@ -68,9 +68,11 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
             max_restarts=options.actor_restarts,
             max_task_retries=-1,
         )
-    # The write stage stages a decode block's worth of rows at a time: few files a shard, and shards committed
-    # as the stream goes.
-    return rows.map_batches(write_rows, batch_size=block_rows, batch_format="pyarrow",
+    # The write stage stages each block of rows as the model returns it (a decode block's, or a few small ones'
+    # the pool took together to fill a batch): never held back to gather more, so that progress moves and an
+    # interruption loses only the blocks in flight; the blocks' growth (read.block_sizes) keeps the files of a
+    # big shard few. Shards are committed as the stream goes.
+    return rows.map_batches(write_rows, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"staging": staging}, num_cpus=sizing.decode_cpus)
 
 

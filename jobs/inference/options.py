@@ -7,13 +7,13 @@ replaces the file's value, but for the two mappings, which merge key by key: `ov
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs.command_line import check_storage_options, parse_storage_options
 from nota_model.errors import ConfigError, validation_problems
 from nota_model.overrides import deep_merge, parse_overrides
 
@@ -68,6 +68,10 @@ class RunOptions(BaseModel):
         "auto",
         description="auto: GPUs for the model actors (--gpus-per-actor each) if the cluster has GPUs when the job "
         "starts; gpu: always (on an autoscaling cluster whose GPU nodes join later); cpu: never")
+    gpu_wait: float = Field(
+        300.0, gt=0,
+        description="seconds to wait for a GPU for the model actors (a GPU node to join) before exiting 2; GPU "
+        "runs only")
     job_id: str | None = Field(None, description="default: the Ray job submission id, else a fresh one")
     strict: bool = Field(False, description="exit 1 when any item has an error")
     dry_run: bool = Field(
@@ -106,22 +110,25 @@ class RunOptions(BaseModel):
 
 def run_options(config: str | None, flags: dict[str, Any]) -> RunOptions:
     """The options of a run: the YAML file `config` (path or URL; None: none), then `flags` (field names; `set`:
-    a list of KEY=VALUE, `storage_options`: a JSON object) over it."""
+    a list of KEY=VALUE, `storage_options`: a JSON object) over it. Storage options are checked against the
+    filesystems of the manifest, output and references URLs here, before any of them is opened."""
     data = _read(config) if config else {}
     flags = dict(flags)
     if "set" in flags:
         flags["overrides"] = parse_overrides(flags.pop("set"))
     if isinstance(flags.get("storage_options"), str):
-        flags["storage_options"] = _json_object(flags["storage_options"])
+        flags["storage_options"] = parse_storage_options(flags["storage_options"])
     merged = {**data, **flags}
     for mapping in ("overrides", "storage_options"):
         if isinstance(data.get(mapping), dict) and mapping in flags:
             merged[mapping] = deep_merge(data[mapping], flags[mapping])
     try:
-        return RunOptions.model_validate(merged)
+        options = RunOptions.model_validate(merged)
     except ValidationError as err:
         where = f" ({config} and the flags)" if config else ""
         raise ConfigError(f"invalid run options{where}: {_explain(err)}") from None
+    check_storage_options(options.storage_options, [options.manifest, options.output, options.references])
+    return options
 
 
 def _read(url: str) -> dict[str, Any]:
@@ -135,16 +142,6 @@ def _read(url: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{url}: run options are a YAML mapping of option names (manifest, model, output, ...)")
     return data
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise ConfigError('--storage-options must be a JSON object, e.g. {"client_kwargs": {"endpoint_url": "..."}}')
-    return value
 
 
 def _explain(err: ValidationError) -> str:

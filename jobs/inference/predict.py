@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 
-from jobs.inference.devices import DeviceFailure, actor_device, end_actor, is_device_failure
+from jobs.inference.devices import (
+    DEVICE_FAILURE, OUT_OF_MEMORY, DeviceFailure, actor_device, classify_model_error, end_actor, release_memory,
+)
 from jobs.inference.settings import JobSettings
 from jobs.predictions import OUTPUT_SCHEMA
 from nota_model.audio import AudioClip
@@ -90,8 +91,9 @@ class Predictor:
         if self.loaded.identity != settings.model_identity:
             raise ConfigError(
                 f"this model actor runs {self.loaded.identity} but the run writes {settings.model_identity}: its GPU "
-                "differs from the one the run was planned on (bfloat16 from compute capability 8.0, float16 below); "
-                "set the model's dtype (--set dtype=float16) so that every GPU runs the same precision"
+                "differs from the one the run was planned on (bfloat16 from compute capability 8.0; below, float16, "
+                "or a float32 LLM for Qwen2-family models); set the model's dtype (--set dtype=float16, or float32 for "
+                "a Qwen2-family LLM) so that every GPU runs the same precision"
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -131,7 +133,9 @@ class Predictor:
     def _generate(self, rows: list[dict[str, Any]]) -> float:
         """Generates the rows' text; returns the CPU time this thread spent in `model.generate`. A batch out of
         GPU memory is run in halves; one that fails otherwise, item by item, so that one bad item cannot fail
-        its batch-mates. A device failure (`is_device_failure`) is no item's fault: it raises DeviceFailure."""
+        its batch-mates (`classify_model_error`). A device failure is no item's fault: it raises DeviceFailure.
+        The parts run after the `except` block: inside it, the traceback would keep the failed call's frames,
+        and so its tensors, alive while they run, and freeing the cache would free nothing."""
         if not rows:
             return 0.0
         started, cpu_started = time.perf_counter(), time.thread_time()
@@ -140,20 +144,21 @@ class Predictor:
                                      [row["_pieces"] for row in rows], self.settings.batch_size,
                                      features=[row["_features"] for row in rows])
         except Exception as err:  # noqa: BLE001 - a batch failure must not lose its items
-            if is_device_failure(err):
-                raise DeviceFailure(f"{type(err).__name__}: {err}") from err
-            out_of_memory = isinstance(err, torch.OutOfMemoryError)
-            if out_of_memory and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            spent = time.thread_time() - cpu_started
-            if len(rows) == 1:
-                rows[0].update(error="out_of_memory" if out_of_memory else "model_error", error_message=f"{type(err).__name__}: {err}")
-                return spent
-            parts = [rows[: len(rows) // 2], rows[len(rows) // 2 :]] if out_of_memory else [[row] for row in rows]
-            return spent + sum(self._generate(part) for part in parts)
-        generate_cpu_s = time.thread_time() - cpu_started
-        self._fill(rows, output, time.perf_counter() - started)
-        return generate_cpu_s
+            failure, message = classify_model_error(err), f"{type(err).__name__}: {err}"
+            if failure == DEVICE_FAILURE:
+                raise DeviceFailure(message) from err
+        else:
+            generate_cpu_s = time.thread_time() - cpu_started
+            self._fill(rows, output, time.perf_counter() - started)
+            return generate_cpu_s
+        if failure == OUT_OF_MEMORY:
+            release_memory()
+        spent = time.thread_time() - cpu_started
+        if len(rows) == 1:
+            rows[0].update(error=failure, error_message=message)
+            return spent
+        parts = [rows[: len(rows) // 2], rows[len(rows) // 2 :]] if failure == OUT_OF_MEMORY else [[row] for row in rows]
+        return spent + sum(self._generate(part) for part in parts)
 
     def _fill(self, rows: list[dict[str, Any]], output: LongFormOutput, model_s: float) -> None:
         """Each row's answer. Latency and batch size only on rows that reached the model (silence does not);

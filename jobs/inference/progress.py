@@ -9,7 +9,8 @@ the run's shards (an item list's total is known). The rates are measured on the 
 times (`created_at`), so that a backlog the write stage delivers at once does not look like a burst
 of speed; the ETA is the items left over the rate of the last ETA_WINDOW_S of answers (the model's
 start-up is not in it), less the time since the latest answer the driver knows of (the model has gone
-on meanwhile). The rows' times come from the workers' clocks: a cluster's clocks are assumed in step. `ProgressEstimator` is
+on meanwhile). The rows' times come from the workers' clocks: a cluster's clocks are assumed in step. The rows an
+interrupted run staged are done from the start, and in no rate. `ProgressEstimator` is
 pure (time is passed in), so its arithmetic is tested on a simulated clock.
 """
 
@@ -26,6 +27,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from jobs.corpus.walk import InputShard, TarShard
+from jobs.inference.plan import ReadPlan
 
 RATE_WINDOW_S = 60.0  # the items/s and x real time shown
 ETA_WINDOW_S = 300.0  # the rate the ETA divides by: long enough to smooth the blocks' arrival
@@ -86,15 +88,27 @@ class ProgressEstimator:
         self.audio_seconds = 0.0
         self.blocks: list[tuple[float, float, int, float]] = []  # (first answer, last answer, rows, audio seconds)
 
+    @classmethod
+    def of(cls, plan: ReadPlan) -> ProgressEstimator:
+        """The estimator of a run's pending shards, their kept rows done already."""
+        estimator = cls(shard_sizes(plan.pending), plan.pending_items)
+        for shard, rows in plan.kept.items():
+            estimator.add_done(shard, len(rows.indices), rows.errors, rows.audio_seconds)
+        return estimator
+
+    def add_done(self, shard: int, rows: int, errors: int, audio_seconds: float) -> None:
+        """Rows done (an interrupted run's are kept this way, in no rate: they were not answered in this run's time)."""
+        if shard not in self.committed:
+            self.started[shard] = self.started.get(shard, 0) + rows
+        self.items, self.errors, self.audio_seconds = self.items + rows, self.errors + errors, self.audio_seconds + audio_seconds
+
     def staged(self, now: float, shard: int, rows: int, errors: int, audio_seconds: float,
                answered: tuple[float, float] | None = None) -> None:
         """A block's rows staged; `answered`: when the model answered its first and last rows (the rows'
         `created_at`, on the clock `now` is on), else they count as answered `now`. The rates are
         measured on the answers' times, not on the blocks' arrival: the write stage may hold a
         backlog (waiting for a CPU) and deliver it at once."""
-        if shard not in self.committed:
-            self.started[shard] = self.started.get(shard, 0) + rows
-        self.items, self.errors, self.audio_seconds = self.items + rows, self.errors + errors, self.audio_seconds + audio_seconds
+        self.add_done(shard, rows, errors, audio_seconds)
         first, last = answered or (now, now)
         self.blocks.append((first, last, rows, audio_seconds))
         latest = max(block[1] for block in self.blocks)

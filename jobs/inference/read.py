@@ -1,14 +1,17 @@
 """The read stage: a Ray Data read task per entry of the driver's read plan (plan.py), on the cluster.
 
 A tar shard's task streams it front to back (one request per 64 MB) and decodes each item as its members pass;
-an item-list task reads each item's audio with its own request. Tasks yield blocks of whole model batches
-(their rows sorted by duration) and record each shard's item count (for the write stage, through the
-context's `record_items`) before the shard's last rows leave the task.
+an item-list task reads each item's audio with its own request. A tar shard's task skips the items an
+interrupted run staged (the plan's kept rows; an item list's are in no task). Tasks yield blocks of whole model
+batches (their rows sorted by duration), growing from one batch to `block_rows` (`block_sizes`), and record each
+shard's item count (for the write stage, through the context's `record_items`) before the shard's last rows
+leave the task.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +24,7 @@ from jobs.corpus.items import WorkItemChecks
 from jobs.corpus.manifest_schema import Manifest
 from jobs.corpus.walk import ListSlice, ReadPiece, TarShard, walk
 from jobs.inference.decode import DECODED_SCHEMA, decode_item, decoded_block
+from jobs.inference.plan import ReadPlan
 from nota_model.config import ModelConfig
 
 
@@ -28,27 +32,44 @@ from nota_model.config import ModelConfig
 class ReadContext:
     manifest: Manifest
     config: ModelConfig  # the model the items are decoded for: its audio settings and input features
-    block_rows: int
+    batch_rows: int  # a model batch
+    block_rows: int  # a whole number of model batches
     record_items: Callable[[int, int], None]  # (shard, its item count), before the shard's last rows leave
     dry_run: bool = False  # decode without the model's inputs (decode.decode_item)
 
 
-def read_pieces(pieces: list[ReadPiece], context: ReadContext) -> Iterator[pa.Table]:
-    """One read task: decoded blocks of `block_rows` rows. Each shard's item count is recorded for the write
-    stage before any of its last rows leave: an item-list shard's (known) first, a tar shard's when it has been
-    read (a full block leaves only when the next row is there)."""
+def block_sizes(batch_rows: int, block_rows: int) -> Iterator[int]:
+    """A read task's block sizes: one model batch, then twice as many, and so on up to `block_rows`, which the
+    rest keep. The write stage stages each block the model returns, so the first rows of every task are staged
+    a batch's time after the model takes them, and a small corpus shows progress from its first batches; the
+    later blocks are whole `block_rows`, so that a big shard is staged in few files (its items over
+    `block_rows`, and one or two more)."""
+    size = batch_rows
+    while size < block_rows:
+        yield size
+        size *= 2
+    yield from itertools.repeat(block_rows)
+
+
+def read_pieces(pieces: list[ReadPiece], context: ReadContext, kept: dict[int, frozenset[int]]) -> Iterator[pa.Table]:
+    """One read task: decoded blocks of `block_sizes` rows, without the `kept` items (indices per tar shard). Each
+    shard's item count is recorded for the write stage before any of its last rows leave: an item-list shard's
+    (known) first, a tar shard's when it has been read (a full block leaves only when the next row is there)."""
     for piece in pieces:
         if isinstance(piece, ListSlice):
             context.record_items(piece.shard.number, piece.shard.rows)
-    block: list[dict[str, Any]] = []
+    sizes = block_sizes(context.batch_rows, context.block_rows)
+    size, block = next(sizes), []
     for piece in pieces:
         items = 0
         for item, data in walk(piece, context.manifest, WorkItemChecks(context.manifest)):
-            if len(block) == context.block_rows:
-                yield decoded_block(block)
-                block = []
-            block.append(decode_item(item, data, context.config.audio, features_for=context.config, dry_run=context.dry_run))
             items += 1
+            if item["index"] in kept.get(item["shard"], ()):
+                continue
+            if len(block) == size:
+                yield decoded_block(block)
+                size, block = next(sizes), []
+            block.append(decode_item(item, data, context.config.audio, features_for=context.config, dry_run=context.dry_run))
         if isinstance(piece, TarShard):
             context.record_items(piece.number, items)
     if block:
@@ -58,9 +79,10 @@ def read_pieces(pieces: list[ReadPiece], context: ReadContext) -> Iterator[pa.Ta
 class CorpusDatasource(Datasource):
     """The plan's read tasks for `ray.data.read_datasource`."""
 
-    def __init__(self, tasks: list[list[ReadPiece]], context: ReadContext):
+    def __init__(self, plan: ReadPlan, context: ReadContext):
         super().__init__()
-        self.tasks = tasks
+        self.plan = plan
+        self.tasks = plan.read_tasks(context.block_rows)
         self.context = context
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -70,7 +92,7 @@ class CorpusDatasource(Datasource):
                        data_context: Any = None) -> list[ReadTask]:
         """One task per entry of the plan, whatever the parallelism asked for."""
         return [
-            ReadTask(functools.partial(read_pieces, pieces, self.context),
+            ReadTask(functools.partial(read_pieces, pieces, self.context, self.plan.kept_indices(pieces)),
                      BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=_sources(pieces, self.context.manifest)),
                      schema=DECODED_SCHEMA, per_task_row_limit=per_task_row_limit)
             for pieces in self.tasks

@@ -5,7 +5,10 @@ folder, in a file named by the digest of their indices (a redone block overwrite
 cut differently overlaps it, and the merge keeps one row per index). The read task leaves a marker of the
 shard's item count there before the shard's last rows leave it. The writer that finds the shard complete
 merges its staged rows into `part-NNNNN.parquet` (one atomic write) and removes the staging: the part file
-appears whole or not at all, and a second writer that merges too writes the same items.
+appears whole or not at all, and a second writer that merges too writes the same items. A staged file is
+written atomically too, so the rows an interrupted run staged are whole and the next run keeps them
+(`ShardStaging.kept_rows`): it reads only the items not staged yet, and the shard commits once the staged
+and the new rows cover it.
 
     OUTPUT/NAME/_staging/part-NNNNN/items-N                     the shard has N items (from its read task)
     OUTPUT/NAME/_staging/part-NNNNN/rows-<digest>-<count>.parquet  one block's rows of the shard
@@ -45,11 +48,21 @@ WRITE_RESULT_SCHEMA = pa.schema(
 )
 _ITEMS = re.compile(r"items-(\d+)$")
 _ROWS = re.compile(r"rows-[0-9a-f]+-(\d+)\.parquet$")
+_KEPT_COLUMNS = ["index", "error", "audio_seconds"]
 
 
 @dataclass(frozen=True)
 class Commit:
     rows: int
+    audio_seconds: float
+
+
+@dataclass(frozen=True)
+class KeptRows:
+    """The rows a shard has staged, each index once: an interrupted run's answers, which the next run keeps."""
+
+    indices: frozenset[int]
+    errors: int
     audio_seconds: float
 
 
@@ -97,6 +110,32 @@ class ShardStaging:
         """The shard's staged rows, one per index."""
         return self._merged(shard, [name for name in self._names(shard) if _ROWS.fullmatch(name)])
 
+    def kept_rows(self, done: set[int]) -> dict[int, KeptRows]:
+        """The rows an interrupted run staged, per shard not in `done` (the committed shards). A staged file is
+        whole (written atomically: the temporary file a killed worker was writing does not match a rows file's
+        name, and goes with its folder). The staging of a shard committed meanwhile (a copy staged late, or a
+        commit whose clean-up was cut short) is removed, and so is a staged file that cannot be read (its rows
+        are answered again)."""
+        kept = {}
+        for shard in self.staged_shards():
+            if shard in done:
+                self.remove(shard)
+                continue
+            tables = [OUTPUT_SCHEMA.empty_table().select(_KEPT_COLUMNS)]
+            for name in self._names(shard):
+                if _ROWS.fullmatch(name):
+                    try:
+                        tables.append(self._read(shard, name, _KEPT_COLUMNS))
+                    except pa.ArrowInvalid:  # not a whole Parquet file, e.g. after a crash of the machine
+                        self.store.fs.rm(f"{self.folder(shard)}/{name}")
+                    except FileNotFoundError:  # committed meanwhile by a write task a killed driver had started
+                        continue
+            rows = _one_per_index(pa.concat_tables(tables))
+            if rows.num_rows:
+                kept[shard] = KeptRows(frozenset(rows["index"].to_pylist()), rows.num_rows - rows["error"].null_count,
+                                       pc.sum(rows["audio_seconds"]).as_py() or 0.0)
+        return kept
+
     def staged_shards(self) -> list[int]:
         """Shards with a staging folder left."""
         names = self._listing(self.root)
@@ -120,13 +159,17 @@ class ShardStaging:
             return []
 
     def _merged(self, shard: int, names: Iterable[str]) -> pa.Table:
-        tables = [OUTPUT_SCHEMA.empty_table()]
-        for name in names:
-            with self.store.fs.open(f"{self.folder(shard)}/{name}", "rb") as file:
-                tables.append(pq.read_table(file, schema=OUTPUT_SCHEMA))
-        rows = pa.concat_tables(tables)
-        _, first = np.unique(rows["index"].to_numpy(), return_index=True)
-        return rows.take(pa.array(first, pa.int64()))
+        return _one_per_index(pa.concat_tables([OUTPUT_SCHEMA.empty_table(), *(self._read(shard, name) for name in names)]))
+
+    def _read(self, shard: int, name: str, columns: list[str] | None = None) -> pa.Table:
+        with self.store.fs.open(f"{self.folder(shard)}/{name}", "rb") as file:
+            return pq.read_table(file, schema=OUTPUT_SCHEMA, columns=columns)
+
+
+def _one_per_index(rows: pa.Table) -> pa.Table:
+    """The rows' first copy of each index (a redone block stages its rows again)."""
+    _, first = np.unique(rows["index"].to_numpy(), return_index=True)
+    return rows.take(pa.array(first, pa.int64()))
 
 
 def write_rows(batch: pa.Table, staging: ShardStaging) -> pa.Table:

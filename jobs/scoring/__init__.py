@@ -3,7 +3,8 @@ With `--references`, stage 1 first replaces the rows' references by a per-block 
 
 1. items (`items.item_table`): per block of prediction rows, each item's scoring fields: group keys,
    word and character edit counts, normalized texts and word edits (ASR), PTB-tokenized captions
-   (captioning), speed fields; the items no caption metric scores go to items.parquet (`item_scores`);
+   (captioning: pycocoevalcap's Java tools, `coco_tools`), speed fields; the items no caption metric
+   scores go to items.parquet (`item_scores`);
 2. totals (`totals.Totals`): a mergeable accumulator of sums, counts, exact value distributions and
    job spans, per (corpus, task, model) and worker, and each group's error analysis (`analysis`: worst
    items, word edits, WER by duration, error examples); one per block, merged by a Ray Data aggregate,

@@ -44,7 +44,7 @@ class Analysis:
         if not asr.num_rows:
             return cls(error_examples=examples)
         counts = {name: asr[name].to_numpy() for name in EDIT_COLUMNS}
-        wer, _ = item_error_rates(counts)
+        wer = item_error_rates(counts)["wer"]
         word_edits = counts["word_substitutions"] + counts["word_deletions"] + counts["word_insertions"]
         reference_words = counts["word_hits"] + counts["word_substitutions"] + counts["word_deletions"]
         worst = pa.table({"id": asr["id"], "wer": wer, "word_edits": word_edits, "reference": asr["scored_reference"],

@@ -6,7 +6,7 @@ their scores go to items.parquet (item_scores.py)."""
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial, reduce
 from typing import Any
@@ -16,8 +16,9 @@ import pyarrow as pa
 import ray
 
 from jobs.metrics.captions import (BLEU_STATISTICS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics, cider_d_items,
-                                   combine, meteor_from_statistics, meteor_scores, meteor_statistics, rouge_l_items,
-                                   spice_f_scores)
+                                   combine, rouge_l_items)
+from jobs.scoring.coco_tools import meteor_from_statistics, meteor_scores, meteor_statistics, spice_f_scores
+from jobs.metrics.registry import Metric
 from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.frequencies import DocumentFrequencies
 from jobs.scoring.item_scores import ItemsOut, caption_item_scores
@@ -45,7 +46,7 @@ class CaptionTotals:
     @classmethod
     def of(cls, items: pa.Table, frequencies: Callable[[set[Ngram]], dict[Ngram, float]], corpus_items: int,
            spice_lib: str | None) -> tuple[CaptionTotals, dict[str, list[float]]]:
-        """The totals of a block of one group's items, and each item's scores (item_scores.CAPTION_SCORES);
+        """The totals of a block of one group's items, and each item's scores (metric name -> values);
         `frequencies` looks up the group's document frequencies of n-grams; `corpus_items`: the group's size."""
         gts = dict(enumerate(items["caption_refs"].to_pylist()))
         res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
@@ -78,15 +79,15 @@ class CaptionsByGroup(dict):
 
     @classmethod
     def of(cls, items: pa.Table, frequencies: DocumentFrequencies, corpus_items: dict[tuple[str, ...], int],
-           spice_lib: str | None, items_out: ItemsOut | None = None) -> CaptionsByGroup:
+           spice_lib: str | None, metrics: Sequence[Metric], items_out: ItemsOut | None = None) -> CaptionsByGroup:
         """The totals of the groups in `corpus_items` (group -> its scored items); every item, with its
-        scores where its group is scored, to `items_out`."""
+        scores where its group is scored, to `items_out` (items_schema of `metrics`)."""
         totals, scored = cls(), []
         for key, rows in split(items, list(GROUP_KEYS)).items():
             scores = {}
             if key in corpus_items:
                 totals[key], scores = CaptionTotals.of(rows, partial(frequencies.lookup, key), corpus_items[key], spice_lib)
-            scored.append(caption_item_scores(rows, scores))
+            scored.append(caption_item_scores(rows, scores, metrics))
         if items_out is not None and scored:
             items_out.write(pa.concat_tables(scored))
         return totals
@@ -115,12 +116,12 @@ class CaptionScorer:
     METEOR JVM, slow to start, serves every block it gets."""
 
     def __init__(self, frequencies: list[ray.ObjectRef], corpus_items: dict[tuple[str, ...], int], spice_lib: str | None,
-                 items_out: ItemsOut | None):
+                 metrics: Sequence[Metric], items_out: ItemsOut | None):
         self.frequencies = DocumentFrequencies(ray.get(frequencies))
-        self.corpus_items, self.spice_lib, self.items_out = corpus_items, spice_lib, items_out
+        self.corpus_items, self.spice_lib, self.metrics, self.items_out = corpus_items, spice_lib, metrics, items_out
 
     def __call__(self, items: pa.Table) -> pa.Table:
-        totals = CaptionsByGroup.of(items, self.frequencies, self.corpus_items, self.spice_lib, self.items_out)
+        totals = CaptionsByGroup.of(items, self.frequencies, self.corpus_items, self.spice_lib, self.metrics, self.items_out)
         return pa.table({"captions": pa.array([pickle.dumps(totals)], pa.binary())})
 
 

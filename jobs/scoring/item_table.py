@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.metrics.captions import tokenize
+from jobs.metrics.registry import Metric, Source
 from jobs.metrics.wer import EDIT_COLUMNS, align, transcript
+from jobs.scoring.coco_tools import tokenize
 from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")
@@ -19,10 +22,11 @@ CAPTION_FAILURES = (OSError, RuntimeError)
 WORD_EDIT = pa.struct([pa.field("kind", pa.string()), pa.field("reference", pa.string()), pa.field("hypothesis", pa.string())])
 
 
-def item_table(block: pa.Table, references: pa.Table | None = None) -> pa.Table:
+def item_table(block: pa.Table, references: pa.Table | None, metrics: Sequence[Metric]) -> pa.Table:
     """One row per item: its id, group keys ('' for null), error, whether it is scored, edit counts,
-    normalized texts and word edits (ASR), tokenized captions (captioning), and the speed fields of
-    items the model answered. `references` (REFERENCE_SCHEMA) replace the rows' own where they match
+    normalized texts and word edits (ASR), tokenized captions (captioning), the speed fields of items
+    the model answered, and a column of each ITEM_MEAN metric of `metrics` (null where it does not
+    score the item). `references` (REFERENCE_SCHEMA) replace the rows' own where they match
     (references.referenced)."""
     if references is not None:
         block = block.set_column(block.schema.get_field_index("reference"), "reference", referenced(block, references))
@@ -51,8 +55,23 @@ def item_table(block: pa.Table, references: pa.Table | None = None) -> pa.Table:
         "start_s": pc.subtract(end_s, block["model_s"]),
         **_asr_edits(block, pc.and_(scored, pc.equal(keys["task"], "asr"))),
         **_captions(block, pc.and_(scored, pc.equal(keys["task"], "aac"))),
+        **{metric.name: _item_values(block, _of_task(scored, keys["task"], metric.task), metric)
+           for metric in metrics if metric.source is Source.ITEM_MEAN},
     }
     return pa.table(columns)
+
+
+def _of_task(scored: pa.Array, tasks: pa.Array, task: str | None) -> pa.Array:
+    """The scored items of `task` (of any task for None)."""
+    return scored if task is None else pc.and_(scored, pc.equal(tasks, task))
+
+
+def _item_values(block: pa.Table, chosen: pa.Array, metric: Metric) -> pa.Array:
+    """The metric's value of each chosen item, from its references and answer; null for the others."""
+    where = np.flatnonzero(chosen.to_numpy(zero_copy_only=False))
+    rows = block.take(where)
+    values = metric.item_values(rows["reference"].to_pylist(), rows["text"].to_pylist())
+    return _scattered_array(len(block), where, pa.array(values, pa.float64()))
 
 
 def captioned(items: pa.Table) -> pa.Table:

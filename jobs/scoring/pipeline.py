@@ -3,10 +3,9 @@ where the data is, only accumulators merged), or in this process for a small inp
 
 from __future__ import annotations
 
-import os
 import pickle
-from collections.abc import Callable, Iterable, Iterator
-from functools import reduce
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial, reduce
 from typing import Any
 
 import fsspec
@@ -15,7 +14,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs
 import ray
 
+from jobs.metrics.registry import Metric, registered
 from jobs.predictions import OUTPUT_SCHEMA, prediction_files
+from jobs.ray_session import join_ray
 from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_scores import ItemsOut, asr_item_scores
@@ -40,7 +41,9 @@ def score_predictions(
     """The groups and latency statistics of every prediction under `url`; `distributed` None decides
     by the input's work (sizing.single_process_seconds). `references`: a URL whose references replace the rows' (references.read_references),
     read in this process, or on the cluster by a Ray task whose table the map tasks share. `items_out`:
-    where each item's scores go (item_scores.py), written where the items are scored."""
+    where each item's scores go (item_scores.py), written where the items are scored. The metrics are
+    those registered when it starts (jobs.metrics.registry), handed to every stage, on the cluster too."""
+    metrics = registered()
     options = storage_options or {}
     fs, root = fsspec.core.url_to_fs(url, **options)
     files = prediction_files(fs, root)
@@ -50,17 +53,16 @@ def score_predictions(
         distributed = single_process_seconds(fs, files) > IN_PROCESS_S
     if not distributed:
         found = read_references(references, options) if references else None
-        return score_blocks(_blocks(fs, sorted(files)), found, spice_lib, items_out)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        return score_blocks(_blocks(fs, sorted(files)), found, spice_lib, items_out, metrics)
+    join_ray()
     found = _read_references_on_cluster(references, options) if references else None
     # a read task per part file: by default Ray Data reads small inputs (200 000 rows here) as one block,
     # so one task would score them all
     dataset = ray.data.read_parquet(sorted(files), filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
                                     columns=READ_COLUMNS, override_num_blocks=len(files))
     items = dataset.map_batches(_shared_item_table, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH,
-                                fn_kwargs={"references": found, "items_out": items_out}).materialize()
-    summary = _aggregate(items, Totals.of, Totals.summary)
+                                fn_kwargs={"references": found, "items_out": items_out, "metrics": metrics}).materialize()
+    summary = _aggregate(items, partial(Totals.of, metrics=metrics), Totals.summary)
     if not summary.captioned_items:
         return summary
     frequencies = items.map_batches(frequency_parts, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH).groupby(
@@ -74,23 +76,19 @@ def score_predictions(
     scored = blocks.map_batches(
         CaptionScorer, batch_format="pyarrow", batch_size=ITEMS_PER_BATCH, concurrency=actors,
         fn_constructor_kwargs={"frequencies": frequencies.to_arrow_refs(), "corpus_items": summary.captions,
-                               "spice_lib": spice_lib, "items_out": items_out}).materialize()
+                               "spice_lib": spice_lib, "metrics": metrics, "items_out": items_out}).materialize()
     return _with_captions(summary, _aggregate(scored, merged_captions, CaptionsByGroup.quality))
 
 
-def score_table(table: pa.Table, references: pa.Table | None = None, spice_lib: str | None = None) -> Summary:
-    """The stages over one table in this process."""
-    return score_blocks([table], references, spice_lib)
-
-
 def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None, spice_lib: str | None = None,
-                 items_out: ItemsOut | None = None) -> Summary:
+                 items_out: ItemsOut | None = None, metrics: Sequence[Metric] | None = None) -> Summary:
     """The stages in this process, a block at a time, as on the cluster: only the totals, the document
-    frequencies and the captioned items are kept between blocks."""
+    frequencies and the captioned items are kept between blocks. `metrics`: those registered, unless given."""
+    metrics = registered() if metrics is None else metrics
     totals, parts, captioned_blocks = Totals(), [], []
     for block in blocks:
-        items = _written_item_table(block, references, items_out)
-        totals = totals.merge(Totals.of(items))
+        items = _written_item_table(block, references, items_out, metrics)
+        totals = totals.merge(Totals.of(items, metrics))
         parts.append(frequency_parts(items))
         captioned_blocks.append(captioned(items))
     summary = totals.summary()
@@ -98,7 +96,8 @@ def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None,
         return summary
     parts = pa.concat_tables(parts)
     frequencies = DocumentFrequencies([merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()])
-    captions = (CaptionsByGroup.of(items, frequencies, summary.captions, spice_lib, items_out) for items in captioned_blocks)
+    captions = (CaptionsByGroup.of(items, frequencies, summary.captions, spice_lib, metrics, items_out)
+                for items in captioned_blocks)
     return _with_captions(summary, reduce(CaptionsByGroup.merge, captions, CaptionsByGroup()).quality())
 
 
@@ -132,16 +131,18 @@ def _counted_references(url: str, options: dict[str, Any]) -> tuple[int, pa.Tabl
     return len(table), table
 
 
-def _shared_item_table(block: pa.Table, references: ray.ObjectRef | None, items_out: ItemsOut | None) -> pa.Table:
+def _shared_item_table(block: pa.Table, references: ray.ObjectRef | None, items_out: ItemsOut | None,
+                       metrics: Sequence[Metric]) -> pa.Table:
     """item_table with the references from the object store (zero-copy: Arrow buffers are not unpickled)."""
-    return _written_item_table(block, None if references is None else ray.get(references), items_out)
+    return _written_item_table(block, None if references is None else ray.get(references), items_out, metrics)
 
 
-def _written_item_table(block: pa.Table, references: pa.Table | None, items_out: ItemsOut | None) -> pa.Table:
+def _written_item_table(block: pa.Table, references: pa.Table | None, items_out: ItemsOut | None,
+                        metrics: Sequence[Metric]) -> pa.Table:
     """item_table, whose items the caption metrics do not score written to `items_out` on the way."""
-    items = item_table(block, references)
+    items = item_table(block, references, metrics)
     if items_out is not None:
-        items_out.write(asr_item_scores(items))
+        items_out.write(asr_item_scores(items, metrics))
     return items
 
 
@@ -153,7 +154,7 @@ def _with_captions(summary: Summary, qualities: dict[tuple[str, ...], tuple[dict
     for group in summary.groups:
         if (key := (group["corpus"], group["task"], group["model"])) in qualities:
             quality, unavailable, worst = qualities[key]
-            group["quality"], group["scored_items"] = quality, quality["items"]
+            group["quality"], group["scored_items"] = quality | group["quality"], quality["items"]
             group["unavailable"].update(unavailable)
             summary.analysis[key]["worst_items"] = worst
     return summary

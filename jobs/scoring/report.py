@@ -14,28 +14,30 @@ from matplotlib import cbook
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+from jobs.metrics.registry import metric, registered  # noqa: E402
 from jobs.scoring.analysis import DURATION_EDGES_S, WORST_ITEMS  # noqa: E402
 from jobs.scoring.totals import Distribution  # noqa: E402
 
 DURATION_CHART = "charts/wer_by_duration.png"
 DURATION_LABELS = [f"{start}–{end}" for start, end in zip(DURATION_EDGES_S, DURATION_EDGES_S[1:])] + [f"{DURATION_EDGES_S[-1]}+"]
 
-QUALITY_COLUMNS = {"WER %": ("wer", 100), "CER %": ("cer", 100), "CIDEr-D": ("cider_d", 1), "SPICE": ("spice", 1),
-                   "SPIDEr": ("spider", 1), "METEOR": ("meteor", 1), "BLEU-1": ("bleu_1", 1), "BLEU-4": ("bleu_4", 1),
-                   "ROUGE-L": ("rouge_l", 1)}
+QUALITY_CHART = ("wer", "spider", "cider_d")  # the metrics charts/quality.png shows
 SHOWN_CHARACTERS = 90  # of a text in the worst items' table
 
 
 def table(groups: Sequence[dict[str, Any]]) -> str:
-    """The metrics table, Markdown: one line a (corpus, task, model)."""
-    header = ["corpus", "task", "model", "items", "errors", *QUALITY_COLUMNS, "items/s", "x real time", "ttft p50 s", "tpot p50 s"]
+    """The metrics table, Markdown: one line a (corpus, task, model), with its items, errors, the items its
+    quality metrics score and those they do not (answered without a reference), then a column a
+    registered metric the report shows (jobs.metrics.registry), its better direction marked."""
+    columns = [column for column in registered() if column.in_report]
+    header = ["corpus", "task", "model", "items", "errors", "scored", "unscored",
+              *(f"{column.unit_label} {column.arrow}" for column in columns)]
     lines = [_line(header), _line(["---"] * len(header))]
     for group in groups:
-        quality = [_number(group["quality"].get(name), scale) for name, scale in QUALITY_COLUMNS.values()]
-        speed = group["speed"] or {}
-        latency = [_number((speed.get(name) or {}).get("p50"), 1, 4) for name in ("ttft_s", "tpot_s")]
-        lines.append(_line([group["corpus"], group["task"], group["model"], group["items"], group["errors"], *quality,
-                            _number(speed.get("items_per_s")), _number(speed.get("x_real_time")), *latency]))
+        unscored = group["items"] - group["errors"] - group["scored_items"]
+        figures = [_number(column.value(group), column.scale, column.digits) for column in columns]
+        lines.append(_line([group["corpus"], group["task"], group["model"], group["items"], group["errors"],
+                            group["scored_items"], unscored, *figures]))
     return "\n".join(lines)
 
 
@@ -137,7 +139,8 @@ def _cell(text: str | None) -> str:
 
 
 DEFINITIONS = """## How these are computed
-- Items with an error are counted and left out of quality metrics.
+- Items with an error are counted and left out of quality metrics, as are the unscored items: answered,
+  but without a reference (or of a task no quality metric scores). ↓: lower is better; ↑: higher is better.
 - WER: total word edits over total reference words, after the Whisper English normalizer (jiwer).
 - CIDEr-D, SPICE, METEOR, BLEU, ROUGE-L: pycocoevalcap over the PTB-tokenized captions, all references
   of an item; SPIDEr = (CIDEr-D + SPICE) / 2; BLEU-n from the n-gram matches summed over all items
@@ -182,7 +185,8 @@ def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, Dist
     scorer's distributions by group key and latency) and WER by duration."""
     labels = {_key(group): f"{group['corpus']}\n{group['task']}" for group in groups}
     made = {
-        "charts/quality.png": _bars(groups, labels, [("WER %", "wer", 100), ("SPIDEr", "spider", 1), ("CIDEr-D", "cider_d", 1)],
+        "charts/quality.png": _bars(groups, labels, [(shown.unit_label, shown.name, shown.scale)
+                                                     for shown in map(metric, QUALITY_CHART)],
                                     lambda group, name: group["quality"].get(name)),
         "charts/speed.png": _bars(groups, labels, [("items/s", "items_per_s", 1), ("x real time", "x_real_time", 1)],
                                   lambda group, name: (group["speed"] or {}).get(name)),
@@ -211,11 +215,11 @@ def _bars(groups, labels, panels, value: Callable[[dict, str], float | None]) ->
 
 def _latency(groups, labels, latency) -> bytes | None:
     panels = []
-    for metric in ("ttft_s", "tpot_s"):
+    for latency_metric in ("ttft_s", "tpot_s"):
         boxes = [latency_box(values) | {"label": labels[_key(g)]} for g in groups
-                 if (values := latency.get(_key(g), {}).get(metric)) is not None]
+                 if (values := latency.get(_key(g), {}).get(latency_metric)) is not None]
         if boxes:
-            panels.append((metric.replace("_s", " (s)"), boxes))
+            panels.append((latency_metric.replace("_s", " (s)"), boxes))
     if not panels:
         return None
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)

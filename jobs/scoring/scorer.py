@@ -1,5 +1,5 @@
 """The scorer's public API: `score()` scores stored predictions and writes metrics.parquet (long format,
-METRICS_SCHEMA), items.parquet (one row an item: item_scores.ITEMS_SCHEMA), metrics.json (with each group's
+METRICS_SCHEMA), items.parquet (one row an item: item_scores.items_schema), metrics.json (with each group's
 error analysis), report.md and its charts, and the seed's submission CSVs when asked (`python -m jobs.score`
 is the command line over it; its help says what is measured)."""
 
@@ -17,11 +17,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.predictions import OUTPUT_SCHEMA, PART_NAME, parquet_bytes, prediction_files, read_predictions, require_bucket
+from jobs.predictions import PART_NAME, parquet_bytes, prediction_files, read_predictions, require_bucket
 from jobs.scoring import report
 from jobs.scoring.item_scores import ITEMS_FOLDER, ItemsOut
 from jobs.scoring.item_table import GROUP_KEYS
-from jobs.scoring.pipeline import score_predictions, score_table
+from jobs.scoring.pipeline import score_predictions
 from nota_model.storage import write_atomically, write_bytes_atomically
 
 SUBMISSION_COLUMNS = ["id", "corpus", "shard", "index", "text", "error"]
@@ -36,11 +36,6 @@ METRICS_SCHEMA = pa.schema(
         pa.field("note", pa.string()),
     ]
 )
-
-
-def score_rows(rows: Sequence[dict[str, Any]], spice_lib: str | None = None) -> list[dict[str, Any]]:
-    """One result per (corpus, task, model), sorted; plain JSON-able dicts. Rows of OUTPUT_SCHEMA, in this process."""
-    return score_table(pa.Table.from_pylist(list(rows), schema=OUTPUT_SCHEMA), spice_lib=spice_lib).groups
 
 
 def long_rows(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -65,11 +60,6 @@ def long_rows(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def flat_values(group: dict[str, Any]) -> dict[str, float]:
-    """A group's quality and whole-group speed figures, one level deep (`ttft_s.p50`)."""
-    return {**group["quality"], **_flat_speed(group["speed"] or {})}
-
-
 def _flat_speed(speed: dict[str, Any]) -> dict[str, float]:
     flat = {}
     for name, value in speed.items():
@@ -80,14 +70,8 @@ def _flat_speed(speed: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def submission_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """The seed's submission format: `testset_id,text`, in corpus order; an item with an error has empty text."""
-    buffer = io.StringIO()
-    _write_submission_rows(buffer, sorted(rows, key=lambda row: (row["shard"], row["index"])), header=True)
-    return buffer.getvalue()
-
-
 def _write_submission_rows(file: io.TextIOBase, rows: Sequence[dict[str, Any]], header: bool = False) -> None:
+    """The seed's submission format: `testset_id,text`; an item with an error has empty text."""
     writer = csv.writer(file, lineterminator="\n")
     if header:
         writer.writerow(["testset_id", "text"])

@@ -8,6 +8,7 @@ spans. (CIDEr-D's document frequencies, which grow with the corpus, are merged a
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.metrics.registry import Metric, Source
 from jobs.metrics.speed import Speed, speed
 from jobs.metrics.wer import EDIT_COLUMNS, word_errors
 from jobs.scoring.analysis import Analysis
@@ -78,13 +80,16 @@ class GroupTotals:
     captioned: int = 0  # items with a tokenized hypothesis (stage 4 scores them where the group is scored)
     audio_seconds: float = 0.0
     edits: Counter = field(default_factory=Counter)
+    item_sums: dict[str, float] = field(default_factory=dict)  # ITEM_MEAN metric -> the sum of its scored items' values
     caption_failure: str | None = None
     workers: dict[str, WorkerTotals] = field(default_factory=dict)
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # job -> first start, last end
     analysis: Analysis = field(default_factory=Analysis)
 
     @classmethod
-    def of(cls, items: pa.Table) -> GroupTotals:
+    def of(cls, items: pa.Table, metrics: Sequence[Metric]) -> GroupTotals:
+        """The totals of one group's items (item_table rows), with the sums of the ITEM_MEAN `metrics` that
+        score its task."""
         errors = items["error"].drop_null().to_pylist()
         failures = items["caption_failure"].drop_null()
         modelled = items.filter(items["modelled"])
@@ -97,6 +102,8 @@ class GroupTotals:
             captioned=len(items) - items["caption_hyp"].null_count,
             audio_seconds=pc.sum(items["audio_seconds"]).as_py() or 0.0,
             edits=Counter({name: pc.sum(items[name]).as_py() or 0 for name in EDIT_COLUMNS}),
+            item_sums={metric.name: pc.sum(items[metric.name]).as_py() or 0.0 for metric in metrics
+                       if metric.source is Source.ITEM_MEAN and metric.task in (None, items["task"][0].as_py())},
             caption_failure=failures[0].as_py() if len(failures) else None,
             workers={worker: WorkerTotals.of(rows) for worker, rows in split(modelled, ["worker"]).items()},
             spans={job: (pc.min(rows["start_s"]).as_py(), pc.max(rows["end_s"]).as_py())
@@ -109,7 +116,9 @@ class GroupTotals:
             self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
             self.scored + other.scored, self.segmented + other.segmented, self.captioned + other.captioned,
             self.audio_seconds + other.audio_seconds,
-            self.edits + other.edits, self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
+            self.edits + other.edits,
+            {name: self.item_sums.get(name, 0.0) + other.item_sums.get(name, 0.0) for name in self.item_sums | other.item_sums},
+            self.caption_failure or other.caption_failure, merge_by_key(self.workers, other.workers),
             {job: _span(self.spans.get(job), other.spans.get(job)) for job in self.spans | other.spans},
             self.analysis.merge(other.analysis),
         )
@@ -120,6 +129,8 @@ class GroupTotals:
         quality, unavailable = {}, {}
         if task == "asr" and self.scored:
             quality = asdict(word_errors(self.edits, self.scored))
+        if self.scored:
+            quality |= {name: total / self.scored for name, total in self.item_sums.items()}
         if task == "aac" and self.scored and self.caption_failure:
             unavailable["captioning"] = self.caption_failure
         if self.succeeded and not self.scored and task in ("asr", "aac"):
@@ -158,8 +169,8 @@ class Totals(dict):
     """GroupTotals by (corpus, task, model)."""
 
     @classmethod
-    def of(cls, items: pa.Table) -> Totals:
-        return cls({key: GroupTotals.of(rows) for key, rows in split(items, list(GROUP_KEYS)).items()})
+    def of(cls, items: pa.Table, metrics: Sequence[Metric]) -> Totals:
+        return cls({key: GroupTotals.of(rows, metrics) for key, rows in split(items, list(GROUP_KEYS)).items()})
 
     def merge(self, other: Totals) -> Totals:
         return Totals(merge_by_key(self, other))

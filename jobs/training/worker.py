@@ -332,7 +332,7 @@ class WorkerTrainer:
 
 def validation_scores(predictions: list[dict[str, Any]], validation: ValidationSection) -> dict[str, Any]:
     """WER/CER over the asr items, caption metrics over the aac items (None with a note where they cannot run)."""
-    from jobs.metrics.captions import caption_scores
+    from jobs.scoring.coco_tools import caption_scores
     from jobs.metrics.wer import corpus_wer
 
     scores: dict[str, Any] = {}

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from jobs.cli import run_command
+from jobs.command_line import run_command
 from jobs.corpus.errors import ManifestError
 from jobs.corpus.items import WORK_ITEM_SCHEMA
 from jobs.corpus.manifest_schema import Manifest, load_manifest

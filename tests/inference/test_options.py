@@ -56,6 +56,8 @@ def test_every_option_is_described_and_is_a_flag(capsys):
     help_text = capsys.readouterr().out
     flags = ["--set" if name == "overrides" else f"--{name.replace('_', '-')}" for name in RunOptions.model_fields]
     assert [flag for flag in flags if f" {flag} " not in help_text and f"[{flag}" not in help_text] == []
+    words = " ".join(help_text.split())  # the defaults are shown, wherever argparse wraps the lines
+    assert "(pieces of long recordings) (default: 8)" in words and "cpu: never (default: auto)" in words
 
 
 def test_the_shipped_run_configs_are_valid_and_name_real_config_keys():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.cli import run_command
+from jobs.command_line import run_command
 from jobs.corpus.errors import ManifestError
 from jobs.corpus.manifest_schema import Manifest
 from jobs.infer import parse_args, run

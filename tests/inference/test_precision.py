@@ -15,6 +15,7 @@ from nota_model.errors import ConfigError
 from nota_model.precision import (
     ct2_compute_type,
     float16_overflow_warning,
+    llm_dtype,
     needs_grad_scaler,
     resolve_dtype,
     training_autocast_dtype,
@@ -37,6 +38,13 @@ def test_auto_is_bfloat16_from_capability_8_float16_below_float32_on_cpu():
 def test_bfloat16_on_a_gpu_below_capability_8_is_a_config_error(check):
     with pytest.raises(ConfigError, match="compute capability 8.0 or above.* this one is 7.[05] .*use float16"):
         check()
+
+
+def test_auto_keeps_an_overflowing_llm_out_of_float16_below_capability_8():
+    assert llm_dtype("auto", V100, "qwen2") == llm_dtype("auto", (7, 5), "qwen3") == torch.float32
+    assert llm_dtype("auto", V100, "llama") == torch.float16
+    assert llm_dtype("auto", A100, "qwen2") == torch.bfloat16 and llm_dtype("auto", None, "qwen2") == torch.float32
+    assert llm_dtype("float16", V100, "qwen2") == torch.float16, "asked for float16, it gets float16 (and a warning)"
 
 
 def test_ctranslate2_compute_types():
@@ -62,18 +70,33 @@ def test_qwen2_in_float16_is_warned_about():
 
 def test_identity_names_the_precision(tiny_config):
     assert build.model_identity(tiny_config).endswith("+no-checkpoint+float32")
-    assert build.model_identity(tiny_config, capability=V100).endswith("+float16")
+    assert build.model_identity(tiny_config, capability=V100).endswith("+llm-float32:encoders-float16")
+    assert build.model_identity(tiny_config.with_overrides({"dtype": "float16"}), capability=V100).endswith("+float16")
     assert build.model_identity(tiny_config, capability=H200).endswith("+bfloat16")
     whisper = load_config("whisper-base")
     assert build.precision_tag(whisper, None) == "ctranslate2:int8" and build.precision_tag(whisper, V100) == "ctranslate2:float16"
     assert build.precision_tag(load_config("whisper-base", {"engine": "transformers"}), A100) == "bfloat16"
 
 
-def test_a_v100_loads_qwen2_in_float16_with_a_warning_and_encoders_cast_once(tiny_config, monkeypatch):
+def test_a_v100_loads_qwen2_by_default_as_a_float32_llm_with_float16_encoders(tiny_config, monkeypatch):
     monkeypatch.setattr(build, "device_capability", lambda device: V100)  # the CPU plays a V100's part
     loaded = load_model(tiny_config, device="cpu")
     model = loaded.model
-    assert loaded.identity == "tiny+no-checkpoint+float16" and model.dtype == torch.float16
+    assert loaded.identity == "tiny+no-checkpoint+llm-float32:encoders-float16" and loaded.precision_warning is None
+    assert model.dtype == torch.float32 and model.encoder_dtype == torch.float16
+    assert model.speech_encoder.conv1.weight.dtype == model.ced.blocks[0].attn.qkv.weight.dtype == torch.float16
+    clips = [make_clip(1.5, seed=1), make_clip(3.0, seed=2)]
+    tokens = model.audio_tokens(clips)
+    assert all(item.dtype == torch.float32 and torch.isfinite(item).all() for item in tokens), "the LLM's input"
+    answers = model.generate(clips, [model.prompt_for("asr")] * 2, model.config.decoding.model_copy(update={"max_new_tokens": 2}))
+    assert answers.non_finite == (False, False)
+
+
+def test_a_v100_loads_qwen2_in_float16_when_asked_with_a_warning_and_encoders_cast_once(tiny_config, monkeypatch):
+    monkeypatch.setattr(build, "device_capability", lambda device: V100)  # the CPU plays a V100's part
+    loaded = load_model(tiny_config.with_overrides({"dtype": "float16"}), device="cpu")
+    model = loaded.model
+    assert loaded.identity == "tiny+no-checkpoint+float16" and model.dtype == torch.float16 and model.encoder_dtype is None
     assert "qwen2 LLM runs in float16" in loaded.precision_warning and "qwen2 LLM runs in float16" in loaded.warning()
     assert model.speech_encoder.conv1.weight.dtype == model.speech_encoder.layers[0].fc1.weight.dtype == torch.float16
     assert model.ced.blocks[0].attn.qkv.weight.dtype == torch.float16
@@ -103,6 +126,8 @@ def test_an_output_claimed_in_one_precision_refuses_another(tiny_config, tmp_pat
     claim(None)  # the same precision resumes
     with pytest.raises(OutputMismatchError, match="float32.*not .*bfloat16"):
         claim(H200)
+    with pytest.raises(OutputMismatchError, match="llm-float32:encoders-float16"):
+        claim(V100)  # a float32 LLM with float16 encoders is not the CPU's float32
 
 
 def test_an_actor_refuses_another_precision_than_the_runs(tiny_config, local_ray, monkeypatch):

@@ -4,11 +4,14 @@ actor, out of memory splits the batch, an ordinary error is the failing item's r
 import re
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
-from jobs.inference.devices import DEVICE_FAILURE_EXIT_CODE, DeviceFailure, is_device_failure
+from jobs.inference.devices import (
+    DEVICE_FAILURE, DEVICE_FAILURE_EXIT_CODE, MODEL_ERROR, OUT_OF_MEMORY, DeviceFailure, classify_model_error,
+)
 from jobs.inference.predict import Predictor
 from jobs.inference.settings import JobSettings
 from nota_model.long_form import piece_features
@@ -86,11 +89,46 @@ def test_an_ordinary_model_error_is_the_failing_items_row(tiny, monkeypatch):
     assert batch[0]["error_message"] == "ValueError: bad clip" and batch[1]["text"] is not None
 
 
-def test_what_counts_as_a_device_failure():
-    assert is_device_failure(RuntimeError("CUDA error: unspecified launch failure"))
-    assert not is_device_failure(torch.OutOfMemoryError("CUDA out of memory"))
-    assert not is_device_failure(RuntimeError("shape mismatch"))
-    assert not is_device_failure(ValueError("CUDA error"))  # only RuntimeErrors come from the device
+@pytest.mark.parametrize(("error", "meaning"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), OUT_OF_MEMORY),
+    (RuntimeError("CUDA error: out of memory"), OUT_OF_MEMORY),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), OUT_OF_MEMORY),
+    (RuntimeError("CUDA failed with error out of memory"), OUT_OF_MEMORY),  # CTranslate2
+    (RuntimeError("CUDA failed with error unspecified launch failure"), DEVICE_FAILURE),  # CTranslate2
+    (RuntimeError("CUDA error: unspecified launch failure"), DEVICE_FAILURE),
+    (RuntimeError("cuBLAS failed with status CUBLAS_STATUS_EXECUTION_FAILED"), DEVICE_FAILURE),
+    (RuntimeError("shape mismatch"), MODEL_ERROR),
+    (ValueError("CUDA error"), MODEL_ERROR),  # only RuntimeErrors come from the device
+])
+def test_model_errors_are_classified_by_type_and_message(error, meaning):
+    assert classify_model_error(error) == meaning
+
+
+@pytest.mark.parametrize("message", ["CUDA error: out of memory", "CUDA failed with error out of memory",
+                                     "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"])
+def test_every_out_of_memory_splits_the_batch(tiny, monkeypatch, message):
+    calls = failing_generate(tiny.model, monkeypatch, lambda clips: RuntimeError(message) if len(clips) > 1 else None)
+    batch = rows(tiny.model, 2)
+    predictor(tiny, 8)._generate(batch)
+    assert calls == [2, 1, 1] and all(row["text"] is not None for row in batch)
+
+
+def test_the_failed_batchs_tensors_are_freed_before_its_halves_run(tiny, monkeypatch):
+    failed_tensors: list[weakref.ref] = []
+    alive_when_halves_ran: list[bool] = []
+    real = tiny.model.generate
+
+    def generate(clips, prompts, decoding=None, features=None):
+        if len(clips) > 2:
+            activations = torch.zeros(1024)  # a tensor of the failing call's frame, as the model's would be
+            failed_tensors.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        alive_when_halves_ran.append(any(ref() is not None for ref in failed_tensors))
+        return real(clips, prompts, decoding, features)
+
+    monkeypatch.setattr(tiny.model, "generate", generate)
+    predictor(tiny, 8)._generate(rows(tiny.model, 4))
+    assert len(failed_tensors) == 1 and alive_when_halves_ran == [False, False]
 
 
 def test_a_device_failure_ends_the_actor_process_for_ray_to_restart():

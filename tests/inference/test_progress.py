@@ -8,7 +8,8 @@ import pytest
 
 from jobs.corpus.walk import TarShard
 from jobs.inference.progress import Progress, ProgressEstimator, ProgressReport, duration, shard_sizes
-from jobs.inference.write import WRITE_RESULT_SCHEMA
+from jobs.inference.plan import ReadPlan
+from jobs.inference.write import WRITE_RESULT_SCHEMA, KeptRows
 
 
 def simulated_run(seed: int, shards: int = 10, in_flight: int = 3, block: int = 32, spread: float = 0.1) -> tuple[ProgressEstimator, list]:
@@ -108,3 +109,15 @@ def test_off_a_terminal_the_report_is_a_structured_log_line():
     assert event == "progress" and fields | {"items_per_s": None, "x_real_time": None} == {
         "shards_done": 1, "shards": 1, "items_done": 4, "items_total": 4, "items_total_known": False, "errors": 1,
         "items_per_s": None, "x_real_time": None, "eta_s": 0.0}
+
+
+def test_rows_kept_from_an_interrupted_run_are_done_from_the_start_but_in_no_rate():
+    plan = ReadPlan(pending=[TarShard(0, "a.tar", 1000), TarShard(1, "b.tar", 1000)], shards=2, items=None, pending_items=None,
+                    kept={1: KeptRows(frozenset(range(30)), errors=2, audio_seconds=60.0)})
+    estimator = ProgressEstimator.of(plan)
+    assert (estimator.snapshot(0.0).items_done, estimator.snapshot(0.0).errors, estimator.snapshot(0.0).items_per_s) == (30, 2, None)
+    estimator.staged(20.0, 0, 10, errors=0, audio_seconds=20.0, answered=(0.0, 10.0))
+    estimator.commit(0, 10)  # 10 items in 1000 bytes, but shard 1 has staged 30 already
+    progress = estimator.snapshot(20.0)
+    assert (progress.items_done, progress.items_total) == (40, 40)
+    assert progress.items_per_s == pytest.approx(1.0) and progress.x_real_time == pytest.approx(2.0)  # this run's answers only

@@ -8,7 +8,7 @@ import pyarrow as pa
 from jobs.predictions import OUTPUT_SCHEMA
 from jobs.scoring.scorer import score
 from jobs.scoring.analysis import WORST_ITEMS
-from jobs.scoring.pipeline import score_blocks, score_table
+from jobs.scoring.pipeline import score_blocks
 from tests.scoring.test_score import row
 from tests.scoring.test_stages import pa_table, three_shards, write_shards
 
@@ -17,7 +17,7 @@ WORDS = ["cat", "dog", "sat", "ran", "home", "there", "hello", "red", "blue", "f
 
 
 def test_word_edits_buckets_worst_items_and_error_examples_by_hand():
-    found = score_table(pa_table(three_shards())).analysis[KEY]
+    found = score_blocks([pa_table(three_shards())]).analysis[KEY]
     assert found["word_edits"] == {"substitution": [{"reference": "ran", "hypothesis": "run", "count": 1}],
                                    "deletion": [{"reference": "there", "hypothesis": "", "count": 1}],
                                    "insertion": [{"reference": "", "hypothesis": "down", "count": 1}]}
@@ -43,7 +43,7 @@ def random_rows(count: int, seed: int = 5) -> list[dict]:
 
 def test_the_analysis_of_blocks_merged_is_the_whole_sets():
     table = pa.Table.from_pylist(random_rows(150), schema=OUTPUT_SCHEMA)
-    whole = score_table(table).analysis[KEY]
+    whole = score_blocks([table]).analysis[KEY]
     merged = score_blocks([table.slice(start, 7) for start in range(0, 150, 7)]).analysis[KEY]
     assert merged == whole
     assert len(whole["worst_items"]) == WORST_ITEMS and len(whole["wer_by_duration"]) == 6

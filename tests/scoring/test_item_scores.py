@@ -10,10 +10,11 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from jobs.metrics import captions
+from jobs.scoring import coco_tools
 from jobs.predictions import OutputStore
 from jobs.scoring.scorer import score
-from jobs.scoring.item_scores import ITEMS_SCHEMA
+from jobs.metrics.registry import registered
+from jobs.scoring.item_scores import items_schema
 from tests.scoring.test_score import SPEECH, row, speech_rows
 from tests.scoring.test_stages import GTS, RES, three_shards, write_shards
 
@@ -21,7 +22,7 @@ java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metr
 
 
 def items(scores) -> list[dict]:
-    table = ds.dataset(str(scores / "items.parquet"), format="parquet", schema=ITEMS_SCHEMA).to_table()
+    table = ds.dataset(str(scores / "items.parquet"), format="parquet", schema=items_schema(registered())).to_table()
     return sorted(table.to_pylist(), key=lambda item: item["id"])
 
 
@@ -72,9 +73,9 @@ def test_a_second_score_replaces_the_items_of_the_first(tmp_path):
 
 @java
 def test_captioned_items_carry_pycocoevalcaps_per_item_scores(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setattr(captions, "_download_corenlp", lambda: "no network in tests")
+    monkeypatch.setattr(coco_tools, "_download_corenlp", lambda: "no network in tests")
     monkeypatch.setenv("NOTA_SPICE_LIB", str(tmp_path))
-    monkeypatch.setattr(captions, "PACKAGE_SPICE_LIB", tmp_path / "none")
+    monkeypatch.setattr(coco_tools, "PACKAGE_SPICE_LIB", tmp_path / "none")
     rows = [row(f"c{i}", i, corpus="sounds", task="aac", reference=GTS[i], text=RES[i][0]) for i in GTS]
     OutputStore(str(tmp_path / "predictions"), "sounds").write_shard(0, rows)
     score(str(tmp_path / "predictions"), str(tmp_path / "in-process"), distributed=False)
@@ -87,7 +88,7 @@ def test_captioned_items_carry_pycocoevalcaps_per_item_scores(local_ray, tmp_pat
         assert [r[name] for r in on_ray] == pytest.approx([r[name] for r in written], abs=1e-12)
     _, cider = Cider().compute_score(GTS, RES)
     _, rouge = Rouge().compute_score(GTS, RES)
-    _, meteor = captions._meteor_scorer().compute_score(GTS, RES)
+    _, meteor = coco_tools._meteor_scorer().compute_score(GTS, RES)
     assert [r["cider_d"] for r in written] == pytest.approx(list(cider), abs=1e-9)
     assert [r["rouge_l"] for r in written] == pytest.approx(list(rouge), abs=1e-12)
     assert [r["meteor"] for r in written] == pytest.approx(meteor, abs=1e-9)

@@ -1,5 +1,7 @@
 """Scoring and re-scoring stored predictions: hand-checked WER and speed, errors left out, outputs, deltas."""
 
+import csv
+import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -8,12 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.metrics import captions
+from jobs.scoring import coco_tools
 from jobs.predictions import OUTPUT_SCHEMA, OutputStore
 from jobs.rescore import COMPARISON_SCHEMA, rescore
 from jobs.score import main
 from jobs.scoring.references import REFERENCE_SCHEMA, read_references, referenced
-from jobs.scoring.scorer import METRICS_SCHEMA, score, score_rows, submission_csv
+from jobs.scoring.pipeline import score_blocks
+from jobs.scoring.scorer import METRICS_SCHEMA, score
 from nota_model.errors import NotaError
 from tests.s3 import moto_server, s3_filesystem
 
@@ -43,6 +46,11 @@ def speech_rows(hypotheses: list[str], model: str = "m1") -> list[dict]:
     ]
     return rows + [row("utt-3", 3, reference=["many words that would count"], error="not_audio",
                        error_message="not audio", model=model)]
+
+
+def score_rows(rows: list[dict]) -> list[dict]:
+    """The groups of OUTPUT_SCHEMA rows, scored in this process."""
+    return score_blocks([pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)]).groups
 
 
 def write_run(root: Path, rows: list[dict]) -> str:
@@ -78,12 +86,21 @@ def test_score_writes_metrics_json_report_and_charts(tmp_path):
     document = json.loads((tmp_path / "scores/metrics.json").read_text())
     assert document["groups"][0]["quality"]["wer"] == pytest.approx(1 / 3)
     report = (tmp_path / "scores/report.md").read_text()
-    assert "| speech | asr | m1 | 4 | 1 | 33.3 |" in report
+    assert "| speech | asr | m1 | 4 | 1 | 3 | 0 | 33.3 |" in report
     assert "1 of 4 items had errors (not_audio 1), left out of quality metrics" in report
     assert "percentiles over items, exact (not\n  a sketch)" in report
     for chart in ("quality", "speed", "latency"):
         assert f"![charts/{chart}.png](charts/{chart}.png)" in report
         assert (tmp_path / f"scores/charts/{chart}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_table_counts_the_scored_and_the_unscored_items_and_marks_the_better_direction(tmp_path):
+    rows = speech_rows([hyp for _, hyp in SPEECH])
+    rows[2]["reference"] = None  # answered, but nothing to score it against: out of WER, counted in the table
+    assert main(["--predictions", write_run(tmp_path / "predictions", rows), "--output", str(tmp_path / "scores")]) == 0
+    report = (tmp_path / "scores/report.md").read_text()
+    assert "| corpus | task | model | items | errors | scored | unscored | WER % ↓ | CER % ↓ | CIDEr-D ↑ |" in report
+    assert "| speech | asr | m1 | 4 | 1 | 2 | 1 | 28.6 |" in report  # 1 insertion + 1 substitution over 3 + 4 words
 
 
 def test_references_from_a_manifest_replace_the_rows(tmp_path):
@@ -161,10 +178,19 @@ def test_distributed_scoring_with_references_gives_the_in_process_groups(local_r
               distributed=True)
 
 
-def test_submission_csv_is_the_seeds_format_in_corpus_order():
+def test_submission_csv_is_the_seeds_format_in_corpus_order(tmp_path):
     rows = speech_rows(["one, two", "three", "four"])
     rows[0], rows[3] = rows[3], rows[0]
-    assert submission_csv(rows) == 'testset_id,text\nutt-0,"one, two"\nutt-1,three\nutt-2,four\nutt-3,\n'
+    score(write_run(tmp_path / "predictions", rows), str(tmp_path / "scores"), submission=str(tmp_path / "csv"))
+    assert (tmp_path / "csv/speech.csv").read_text() == 'testset_id,text\nutt-0,"one, two"\nutt-1,three\nutt-2,four\nutt-3,\n'
+
+
+def submission_csv(rows: list[dict]) -> str:
+    """The submission CSV of rows given in corpus order, by the csv module."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows([("testset_id", "text"), *((r["id"], "" if r["error"] else r["text"]) for r in rows)])
+    return buffer.getvalue()
 
 
 def test_submission_files_are_streamed_in_shard_and_index_order(tmp_path):
@@ -203,6 +229,15 @@ def test_rescore_compares_runs_and_is_idempotent(tmp_path):
     assert {r["metric"]: r["delta"] for r in changed["comparison"]}["wer"] == 0.0
 
 
+def test_the_comparison_gives_each_metric_in_the_reports_unit_with_its_better_direction(tmp_path):
+    run_a = write_run(tmp_path / "a", speech_rows([hyp for _, hyp in SPEECH]))
+    run_b = write_run(tmp_path / "b", speech_rows([ref for ref, _ in SPEECH], model="m2"))
+    rescore({"base": run_a, "new": run_b}, str(tmp_path / "cmp"))
+    table = (tmp_path / "cmp/comparison.md").read_text()
+    assert "| speech | asr | WER % | lower | base | 33.33 | new | 0 | -33.33 | -100 |" in table  # as report.md gives it
+    assert "| speech | asr | items/s | higher | base | 0.4286 | new | 0.4286 | +0 | +0 |" in table
+
+
 def test_score_reads_and_writes_object_storage():
     with moto_server() as options:
         fs = s3_filesystem(options)
@@ -215,8 +250,8 @@ def test_score_reads_and_writes_object_storage():
 
 def test_captioning_groups_get_cider_d_and_say_why_spice_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("NOTA_SPICE_LIB", str(tmp_path))
-    monkeypatch.setattr(captions, "PACKAGE_SPICE_LIB", tmp_path / "none")
-    monkeypatch.setattr(captions, "_download_corenlp", lambda: "no network in tests")
+    monkeypatch.setattr(coco_tools, "PACKAGE_SPICE_LIB", tmp_path / "none")
+    monkeypatch.setattr(coco_tools, "_download_corenlp", lambda: "no network in tests")
     rows = [  # each hypothesis is its reference, no shared word, 4+ words: CIDEr-D 10 (see test_captions)
         row("dog", 0, corpus="sounds", task="aac", reference=["a small dog barks loudly"], text="A small dog barks loudly"),
         row("rain", 1, corpus="sounds", task="aac", reference=["rain falls on the roof"], text="Rain falls on the roof."),

@@ -13,18 +13,18 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from jobs.metrics import captions
-from jobs.metrics.captions import (bleu_from_statistics, bleu_statistics, cider_d_items, document_frequency,
-                                   meteor_from_statistics, meteor_scores, meteor_statistics, rouge_l_items)
+from jobs.scoring import coco_tools
+from jobs.metrics.captions import bleu_from_statistics, bleu_statistics, cider_d_items, document_frequency, rouge_l_items
+from jobs.scoring.coco_tools import meteor_from_statistics, meteor_scores, meteor_statistics
 from jobs.predictions import OutputStore, prediction_files
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_table import GROUP_KEYS
-from jobs.scoring.pipeline import score_table
+from jobs.scoring.pipeline import score_blocks
 from jobs.scoring.report import latency_box
-from jobs.scoring.scorer import long_rows, score, score_rows
+from jobs.scoring.scorer import long_rows, score
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
-from tests.scoring.test_score import SPEECH, row, speech_rows
+from tests.scoring.test_score import SPEECH, row, score_rows, speech_rows
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
 GTS = {0: ["a dog barks loudly outside", "the dog is barking"], 1: ["rain falls on the roof"],
@@ -71,13 +71,13 @@ def test_rouge_l_mean_over_blocks_is_pycocoevalcaps_whole_set_score():
 @java
 @pytest.mark.parametrize("lines_at_once", [1, 3, 64])
 def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeypatch, lines_at_once):
-    monkeypatch.setattr(captions, "METEOR_LINES_AT_ONCE", lines_at_once)
-    assert meteor_statistics(GTS, RES)[0] == [captions._meteor_scorer()._stat(RES[i][0], GTS[i]) for i in RES]
-    expected, _ = captions._meteor_scorer().compute_score(GTS, RES)  # pycocoevalcap's own, on the same JVM
+    monkeypatch.setattr(coco_tools, "METEOR_LINES_AT_ONCE", lines_at_once)
+    assert meteor_statistics(GTS, RES)[0] == [coco_tools._meteor_scorer()._stat(RES[i][0], GTS[i]) for i in RES]
+    expected, _ = coco_tools._meteor_scorer().compute_score(GTS, RES)  # pycocoevalcap's own, on the same JVM
     statistics = [line for gts, res in zip(blocks(GTS, range(1), range(1, 4)), blocks(RES, range(1), range(1, 4)))
                   for line in meteor_statistics(gts, res)[0]]
     assert meteor_from_statistics(statistics) == (expected, None)
-    _, per_item = captions._meteor_scorer().compute_score(GTS, RES)
+    _, per_item = coco_tools._meteor_scorer().compute_score(GTS, RES)
     assert meteor_scores(statistics)[0][0] == per_item
 
 
@@ -110,7 +110,7 @@ def test_distributed_scoring_gives_the_in_process_groups_and_latency_statistics(
     assert in_process["workers"]["w1"]["wall_s"] == 4.0  # its batch is counted once, though split over two files
     ttft = [r["ttft_s"] for shard in shards for r in shard if r["ttft_s"] is not None]
     (expected,) = cbook.boxplot_stats(np.array(ttft))
-    box = latency_box(score_table(pa_table(shards)).latency[("speech", "asr", "m1")]["ttft_s"])
+    box = latency_box(score_blocks([pa_table(shards)]).latency[("speech", "asr", "m1")]["ttft_s"])
     assert {k: v for k, v in box.items() if k != "fliers"} == pytest.approx({k: v for k, v in expected.items() if k != "fliers"})
     assert (tmp_path / "scores/charts/latency.png").read_bytes().startswith(b"\x89PNG")
 
@@ -128,15 +128,15 @@ def pa_table(shards):
 
 @java
 def test_distributed_captioning_gives_the_in_process_cider_d_and_meteor(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setattr(captions, "_download_corenlp", lambda: "no network in tests")
+    monkeypatch.setattr(coco_tools, "_download_corenlp", lambda: "no network in tests")
     monkeypatch.setenv("NOTA_SPICE_LIB", str(tmp_path))
-    monkeypatch.setattr(captions, "PACKAGE_SPICE_LIB", tmp_path / "none")
+    monkeypatch.setattr(coco_tools, "PACKAGE_SPICE_LIB", tmp_path / "none")
     rows = [row(f"c{i}", i, corpus="sounds", task="aac", reference=GTS[i], text=RES[i][0], created_at=None) for i in GTS]
     OutputStore(str(tmp_path / "predictions"), "sounds").write_shard(0, rows)  # blocks are split in the tests above
     (distributed,) = score(str(tmp_path / "predictions"), str(tmp_path / "scores"), distributed=True)
     (in_process,) = score_rows(rows)
     assert in_process["quality"]["cider_d"] == pytest.approx(Cider().compute_score(GTS, RES)[0], abs=1e-9)
-    assert in_process["quality"]["meteor"] == pytest.approx(captions._meteor_scorer().compute_score(GTS, RES)[0], abs=1e-9)
+    assert in_process["quality"]["meteor"] == pytest.approx(coco_tools._meteor_scorer().compute_score(GTS, RES)[0], abs=1e-9)
     assert distributed["quality"] == pytest.approx(in_process["quality"], abs=1e-9)
     bleu, _ = Bleu(4).compute_score(GTS, RES, verbose=0)
     assert [distributed["quality"][f"bleu_{n}"] for n in range(1, 5)] == pytest.approx(bleu, abs=1e-9)

@@ -1,4 +1,4 @@
-"""jobs.metrics.captions on the real pycocoevalcap jars and Java: CIDEr-D against values derived by hand,
+"""jobs.scoring.coco_tools (and jobs.metrics.captions behind it) on the real pycocoevalcap jars and Java: CIDEr-D against values derived by hand,
 METEOR, and how SPICE reports itself unavailable. No test downloads anything."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.metrics import captions
-from jobs.metrics.captions import caption_scores
+from jobs.scoring import coco_tools
+from jobs.scoring.coco_tools import caption_scores
 
 DOG = "a dog barks loudly outside"
 RAIN = "rain falls on the roof"
@@ -24,8 +24,8 @@ def no_corenlp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     empty = tmp_path / "spice-lib"
     empty.mkdir()
     monkeypatch.setenv("NOTA_SPICE_LIB", str(empty))
-    monkeypatch.setattr(captions, "PACKAGE_SPICE_LIB", tmp_path / "no-package-lib")
-    monkeypatch.setattr(captions, "_download_corenlp", lambda: "download disabled in tests")
+    monkeypatch.setattr(coco_tools, "PACKAGE_SPICE_LIB", tmp_path / "no-package-lib")
+    monkeypatch.setattr(coco_tools, "_download_corenlp", lambda: "download disabled in tests")
     return empty
 
 
@@ -103,11 +103,11 @@ def test_spice_and_spider_are_unavailable_without_corenlp(no_corenlp: Path, tmp_
 
 
 def test_spice_asks_for_a_javascript_engine_on_java_15_and_later(no_corenlp: Path, monkeypatch):
-    if captions._java_major() < 15:
+    if coco_tools._java_major() < 15:
         pytest.skip("Java before 15 has Nashorn")
-    for jar in captions.CORENLP_JARS:
+    for jar in coco_tools.CORENLP_JARS:
         (no_corenlp / jar).touch()
-    monkeypatch.setattr(captions, "RHINO_JAR", no_corenlp / "no-rhino.jar")
+    monkeypatch.setattr(coco_tools, "RHINO_JAR", no_corenlp / "no-rhino.jar")
     scores = caption_scores([[DOG], [RAIN]], [DOG, RAIN])
     assert scores.spice is None
     assert "JavaScript" in scores.unavailable["spice"] and "librhino-java" in scores.unavailable["spice"]
@@ -115,7 +115,7 @@ def test_spice_asks_for_a_javascript_engine_on_java_15_and_later(no_corenlp: Pat
 
 def test_spice_failing_at_run_time_is_reported_not_raised(no_corenlp: Path):
     # Empty files under the right names: the JVM starts SPICE's main class, which then misses CoreNLP.
-    for jar in (*captions.CORENLP_JARS, "rhino.jar"):
+    for jar in (*coco_tools.CORENLP_JARS, "rhino.jar"):
         (no_corenlp / jar).touch()
     scores = caption_scores([[DOG], [RAIN]], [DOG, RAIN])
     assert scores.spice is None and scores.spider is None
@@ -124,12 +124,12 @@ def test_spice_failing_at_run_time_is_reported_not_raised(no_corenlp: Path):
 
 
 def test_spice_classpath_takes_corenlp_from_the_lib_and_the_rest_beside_the_jar(tmp_path: Path):
-    classpath, main_class = captions._spice_classpath(tmp_path, [tmp_path / "rhino.jar"])
+    classpath, main_class = coco_tools._spice_classpath(tmp_path, [tmp_path / "rhino.jar"])
     jars = classpath.split(":")
     assert main_class == "edu.anu.spice.SpiceScorer"
-    assert {str(tmp_path / jar) for jar in captions.CORENLP_JARS} <= set(jars)
-    assert str(captions.SPICE_JAR.parent / "lib" / "SceneGraphParser-1.0.jar") in jars
-    assert jars[-2:] == [str(tmp_path / "rhino.jar"), str(captions.SPICE_JAR)]
+    assert {str(tmp_path / jar) for jar in coco_tools.CORENLP_JARS} <= set(jars)
+    assert str(coco_tools.SPICE_JAR.parent / "lib" / "SceneGraphParser-1.0.jar") in jars
+    assert jars[-2:] == [str(tmp_path / "rhino.jar"), str(coco_tools.SPICE_JAR)]
 
 
 @pytest.mark.parametrize(
@@ -147,6 +147,6 @@ def test_bad_input_is_a_value_error(references, hypotheses, message):
 
 
 def test_no_java_says_to_install_java_17(monkeypatch):
-    monkeypatch.setattr(captions.shutil, "which", lambda name: None)
+    monkeypatch.setattr(coco_tools.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="install Java 17"):
         caption_scores([[DOG]], [DOG])
