@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="training config (YAML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override, e.g. run.max_steps=100 or model.overrides.lora.r=16")
-    parser.add_argument("--publish", metavar="PATH", help="train nothing: write the run's latest checkpoint here, "
+    parser.add_argument("--publish", metavar="PATH", help="train nothing: write the run's chosen checkpoint here "
+                        "(lowest validation WER, else the latest), "
                         "in float16, as weights to ship (a preset's trained_weights)")
     return parser.parse_args(argv)
 

