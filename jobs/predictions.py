@@ -18,6 +18,7 @@ import io
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -72,6 +73,10 @@ BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 class OutputMismatchError(NotaError):
     """The output already holds results made with another model or decoding."""
+
+
+class RepeatedRunsError(NotaError):
+    """Predictions to score together hold one corpus answered by one model in more than one output."""
 
 
 class MissingBucketError(NotaError):
@@ -157,6 +162,27 @@ def prediction_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict
         return {root: fs.info(root)}
     listing = fs.find(root, detail=True)
     return {path: info for path, info in listing.items() if PART_NAME.search(path) and "/_" not in path[len(root):]}
+
+
+def require_one_run_per_group(fs: fsspec.AbstractFileSystem, files: Iterable[str]) -> None:
+    """Refuse predictions holding the same corpus answered by the same model in two outputs (two runs scored
+    together): their items would count twice, and a group's figures would mix the runs. A corpus folder holds
+    one model's rows (`OutputStore.claim`), so its first part file names the model."""
+    folders: dict[str, list[str]] = {}
+    for path in files:
+        folders.setdefault(path.rsplit("/", 1)[0], []).append(path)
+    runs: dict[tuple[str, str], list[str]] = {}
+    for folder, paths in sorted(folders.items()):
+        with fs.open(min(paths), "rb") as file:
+            models = pq.read_table(file, columns=["model"]).column("model").drop_null()
+        if len(models):
+            runs.setdefault((folder.rsplit("/", 1)[-1], models[0].as_py()), []).append(folder)
+    repeated = {key: found for key, found in runs.items() if len(found) > 1}
+    if repeated:
+        (corpus, model), found = next(iter(repeated.items()))
+        raise RepeatedRunsError(
+            f"corpus {corpus} answered by {model} is in {len(found)} outputs ({', '.join(found)}): its items would count "
+            "more than once; score each output on its own (--predictions OUTPUT), or compare them with `nota-batch rescore`")
 
 
 def read_predictions(url: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:

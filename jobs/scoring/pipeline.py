@@ -15,7 +15,7 @@ import pyarrow.fs
 import ray
 
 from jobs.metrics.registry import Metric, registered
-from jobs.predictions import OUTPUT_SCHEMA, prediction_files
+from jobs.predictions import OUTPUT_SCHEMA, prediction_files, require_one_run_per_group
 from jobs.ray_session import join_ray
 from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
@@ -49,6 +49,7 @@ def score_predictions(
     files = prediction_files(fs, root)
     if not files:
         raise NotaError(f"{url} holds no prediction files (part-NNNNN.parquet): check the --predictions URL")
+    require_one_run_per_group(fs, files)
     if distributed is None:
         distributed = single_process_seconds(fs, files) > IN_PROCESS_S
     if not distributed:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.scoring import coco_tools
-from jobs.predictions import OUTPUT_SCHEMA, OutputStore
+from jobs.predictions import OUTPUT_SCHEMA, OutputStore, RepeatedRunsError
 from jobs.rescore import COMPARISON_SCHEMA, rescore
 from jobs.score import main
 from jobs.scoring.references import REFERENCE_SCHEMA, read_references, referenced
@@ -267,3 +267,16 @@ def test_captioning_groups_get_cider_d_and_say_why_spice_is_missing(tmp_path, mo
     assert notes["spice"]["value"] is None and "NOTA_SPICE_LIB" in notes["spice"]["note"]
     assert notes["spider"]["value"] is None and notes["spider"]["note"]
     assert "**spice unavailable**" in (tmp_path / "scores/report.md").read_text()
+
+
+def test_the_same_corpus_and_model_from_two_outputs_is_refused_not_counted_twice(tmp_path):
+    first = write_run(tmp_path / "runs/first", speech_rows([hyp for _, hyp in SPEECH]))
+    write_run(tmp_path / "runs/second", speech_rows([hyp for _, hyp in SPEECH]))
+    with pytest.raises(RepeatedRunsError, match=r"corpus speech answered by m1 is in 2 outputs \(.*first/speech, .*second/speech\)"):
+        score(str(tmp_path / "runs"), str(tmp_path / "scores"), distributed=False)
+    write_run(tmp_path / "models/m1", speech_rows([hyp for _, hyp in SPEECH]))
+    write_run(tmp_path / "models/m2", speech_rows([hyp for _, hyp in SPEECH], model="m2"))
+    groups = score(str(tmp_path / "models"), str(tmp_path / "scores"), distributed=False)
+    assert sorted((group["model"], group["items"]) for group in groups) == [("m1", 4), ("m2", 4)]
+    (group,) = score(first, str(tmp_path / "scores"), distributed=False)  # one output alone
+    assert group["items"] == 4
