@@ -65,7 +65,7 @@ def measure(corpus: str, run: dict[str, Any]) -> dict[str, Any]:
         "corpus": corpus, "items": len(run["rows"]), "errors": len(run["rows"]) - len(rows), "audio_s": round(audio_s, 1),
         "segmented": sum(1 for row in rows if len(row["segments"] or []) > 1),
         "pieces": sum(len(row["segments"] or []) for row in rows),
-        "wer": round(100 * wer.wer, 2), "job_wall_s": run["summary"]["wall_s"], "x_real_time": run["summary"]["x_real_time"],
+        "wer": round(100 * wer.wer, 2), "job_wall_s": run["summary"]["wall_s"], "x_real_time": run["summary"]["wall_x_real_time"],
         "process_wall_s": round(run["process_wall_s"], 2), "process_x_real_time": round(audio_s / run["process_wall_s"], 2),
     }
     if result["segmented"]:

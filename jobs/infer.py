@@ -140,7 +140,7 @@ def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor
             "items": rows, "errors": sum(errors.values()), "error_codes": dict(sorted(errors.items())),
             "items_this_run": processed, "items_kept": plan.kept_items, "shards_skipped": len(done), "shards_written": len(commits),
             "audio_seconds_this_run": round(audio_seconds, 3), "wall_s": round(wall, 3),
-            "items_per_s": round(processed / wall, 3), "x_real_time": round(audio_seconds / wall, 3),
+            "wall_items_per_s": round(processed / wall, 3), "wall_x_real_time": round(audio_seconds / wall, 3),
             "finished_at": datetime.now(UTC).isoformat(),
             "random_weights": list(untrained),
         }
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from jobs import logs
+    from jobs.metrics.speed import RATE_LABELS
     from jobs.scoring import report
 
     logs.ray_data_warnings_to_file()
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()  # the model actors and the tasks in flight stop: nothing is written after the count
         raise KeyboardInterrupt(f"interrupted: {interrupted.output_rows()} items kept; run the same command again to resume") from interrupted
     groups = summary.pop("groups", None)
-    logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s, "
+    logs.headline(f"nota-batch job {summary['job_id']} done: {summary['items_this_run']} items in {summary['wall_s']} s "
+                  f"({summary['wall_items_per_s']} {RATE_LABELS['wall_clock']}), "
                   f"{summary['errors']} errors, output {summary['output']}", sys.stdout)
     print(json.dumps(summary), flush=True)
     if groups is not None:

@@ -114,7 +114,7 @@ def job(ctx: Context) -> None:
                 summary = infer.run(infer.parse_args(argv + (["--set", f"engine={engine}"] if engine else [])))
             start, end = model_phase(f"{output}/{summary['corpus']}")
             run |= {"items": summary["items"], "errors": summary["errors"], "audio_seconds": summary["audio_seconds_this_run"],
-                    "wall_s": summary["wall_s"], "x_real_time": summary["x_real_time"], "model_phase_s": round(end - start, 3),
+                    "wall_s": summary["wall_s"], "x_real_time": summary["wall_x_real_time"], "model_phase_s": round(end - start, 3),
                     "gpu_utilisation": sampler.summary(start, end)}
         except Exception as err:  # noqa: BLE001 - reported in its row
             traceback.print_exc()

@@ -27,6 +27,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from jobs.corpus.walk import InputShard, TarShard
+from jobs.metrics.speed import RATE_LABELS
 from jobs.inference.plan import ReadPlan
 
 RATE_WINDOW_S = 60.0  # the items/s and x real time shown
@@ -48,11 +49,12 @@ class Progress:
     eta_s: float | None
 
     def line(self) -> str:
-        """One line a person reads: `shards 3/8 · items 780/~2080 · errors 2 · 12.5 items/s · 40x real time · ETA 1m44s`."""
+        """One line a person reads: `shards 3/8 · items 780/~2080 · errors 2 · 12.5 items/s answered (last min) · 40x
+        real time · ETA 1m44s` (the answer rate: jobs.metrics.speed)."""
         total = "?" if self.items_total is None else f"{'' if self.items_total_known else '~'}{self.items_total}"
         rate, real_time = _figure(self.items_per_s), _figure(self.x_real_time)
         return (f"shards {self.shards_done}/{self.shards} · items {self.items_done}/{total} · errors {self.errors} · "
-                f"{rate} items/s · {real_time}x real time · ETA {duration(self.eta_s)}")
+                f"{rate} {RATE_LABELS['answer']} · {real_time}x real time · ETA {duration(self.eta_s)}")
 
     def fields(self) -> dict[str, Any]:
         """The structured log line's fields."""

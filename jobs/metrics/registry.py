@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
 
+from jobs.metrics.speed import RATE_LABELS
+
 Better = Literal["lower", "higher"]
 # each scored item's value, from its references and its answer (a block's items at once)
 ItemValues = Callable[[Sequence[Sequence[str]], Sequence[str]], Sequence[float]]
@@ -106,8 +108,8 @@ register(Metric("meteor", "aac", "METEOR", "higher", Source.CAPTIONS, item_colum
 register(Metric("bleu_1", "aac", "BLEU-1", "higher", Source.CAPTIONS, compared=False))
 register(Metric("bleu_4", "aac", "BLEU-4", "higher", Source.CAPTIONS))
 register(Metric("rouge_l", "aac", "ROUGE-L", "higher", Source.CAPTIONS, item_column=True))
-register(Metric("items_per_s", None, "items/s", "higher", Source.SPEED))
-register(Metric("x_real_time", None, "x real time", "higher", Source.SPEED))
+register(Metric("items_per_s", None, RATE_LABELS["model_phase"], "higher", Source.SPEED))
+register(Metric("x_real_time", None, "x real time model phase", "higher", Source.SPEED))
 register(Metric("output_tokens_per_s", None, "output tokens/s", "higher", Source.SPEED, in_report=False))
 register(Metric("ttft_s.p50", None, "ttft p50 s", "lower", Source.SPEED, digits=4))
 register(Metric("tpot_s.p50", None, "tpot p50 s", "lower", Source.SPEED, digits=4))

@@ -9,6 +9,14 @@ Each row that went through the model carries `model_s` (the wall time of its bat
 - latency: ttft/tpot percentiles over items (each item sees its batch's figures).
 
 The scorer (jobs.scoring) gathers these sums and distributions; this module turns them into figures.
+
+Three rates are shown, each under its own label wherever it appears (RATE_LABELS), since they differ for one run:
+- the **answer rate**, on the job's progress line: items answered over the last minute of answer times
+  (`created_at`), this run's answers only: how fast the model answers now;
+- the **wall-clock rate**, in the job's summary (`wall_items_per_s`): this run's items over its whole wall time,
+  Ray's start-up, model loading and the last shard's commit included: what a user waits;
+- the **model-phase rate**, in the scores (`items_per_s`, above): items over first batch's start to last batch's
+  end: the model's throughput, comparable across runs of any size.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
+RATE_LABELS = {"answer": "items/s answered (last min)", "wall_clock": "items/s wall clock (start-up incl.)",
+               "model_phase": "items/s model phase"}
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def _notes(groups: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _workers(groups: Sequence[dict[str, Any]]) -> str:
-    header = ["corpus", "task", "worker", "items", "busy s", "items/s", "x real time", "output tokens/s"]
+    header = ["corpus", "task", "worker", "items", "busy s", "items/s busy", "x real time busy", "output tokens/s"]
     lines = [_line(header), _line(["---"] * len(header))]
     for group in groups:
         for worker, speed in group["workers"].items():
@@ -188,7 +188,7 @@ def charts(groups: Sequence[dict[str, Any]], latency: dict[tuple, dict[str, Dist
         "charts/quality.png": _bars(groups, labels, [(shown.unit_label, shown.name, shown.scale)
                                                      for shown in map(metric, QUALITY_CHART)],
                                     lambda group, name: group["quality"].get(name)),
-        "charts/speed.png": _bars(groups, labels, [("items/s", "items_per_s", 1), ("x real time", "x_real_time", 1)],
+        "charts/speed.png": _bars(groups, labels, [(metric(name).label, name, 1) for name in ("items_per_s", "x_real_time")],
                                   lambda group, name: (group["speed"] or {}).get(name)),
         "charts/latency.png": _latency(groups, labels, latency),
         DURATION_CHART: _wer_by_duration(groups, analysis or {}),

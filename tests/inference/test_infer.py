@@ -134,6 +134,8 @@ def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, tmp
     (output / "mixed" / "part-00002.parquet.tmp-crashed").write_bytes(b"half a file")
     resumed = run(job_args(manifest, output))
     assert resumed["items_this_run"] == 3 and resumed["shards_written"] == 1
+    # the summary's rate is the wall-clock one, named so (the scores' items_per_s is the model phase's)
+    assert resumed["wall_items_per_s"] == pytest.approx(3 / resumed["wall_s"], rel=0.01) and "items_per_s" not in resumed
     assert {row["id"]: row["text"] for row in read_rows(output)} == first
 
 

@@ -82,10 +82,10 @@ def test_an_item_lists_total_is_known():
 
 def test_the_line_a_person_reads():
     progress = Progress(3, 8, 780, 2080, False, 2, 12.5, 140.2, 104.0)
-    assert progress.line() == "shards 3/8 · items 780/~2080 · errors 2 · 12.5 items/s · 140x real time · ETA 1m44s"
-    assert Progress(3, 8, 780, 2080, True, 2, 0.4231, 4.0, 3725).line().endswith("items 780/2080 · errors 2 · 0.42 items/s · 4.00x real time · ETA 1h02m")
+    assert progress.line() == "shards 3/8 · items 780/~2080 · errors 2 · 12.5 items/s answered (last min) · 140x real time · ETA 1m44s"
+    assert Progress(3, 8, 780, 2080, True, 2, 0.4231, 4.0, 3725).line().endswith("items 780/2080 · errors 2 · 0.42 items/s answered (last min) · 4.00x real time · ETA 1h02m")
     assert Progress(0, 8, 0, None, False, 0, None, None, None).line() == (
-        "shards 0/8 · items 0/? · errors 0 · – items/s · –x real time · ETA –")
+        "shards 0/8 · items 0/? · errors 0 · – items/s answered (last min) · –x real time · ETA –")
     assert [duration(s) for s in (5, 65, 3725, None)] == ["5s", "1m05s", "1h02m", "–"]
 
 

@@ -235,7 +235,7 @@ def test_the_comparison_gives_each_metric_in_the_reports_unit_with_its_better_di
     rescore({"base": run_a, "new": run_b}, str(tmp_path / "cmp"))
     table = (tmp_path / "cmp/comparison.md").read_text()
     assert "| speech | asr | WER % | lower | base | 33.33 | new | 0 | -33.33 | -100 |" in table  # as report.md gives it
-    assert "| speech | asr | items/s | higher | base | 0.4286 | new | 0.4286 | +0 | +0 |" in table
+    assert "| speech | asr | items/s model phase | higher | base | 0.4286 | new | 0.4286 | +0 | +0 |" in table
 
 
 def test_score_reads_and_writes_object_storage():
