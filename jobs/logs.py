@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -17,10 +17,16 @@ def configure(job_id: str) -> structlog.stdlib.BoundLogger:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger("nota").bind(job_id=job_id)
+
+
+def _stderr_logger(*args: Any) -> structlog.PrintLogger:
+    """A logger printing to `sys.stderr` as it is when a logger is made, not as it was when logging was configured:
+    a stream swapped in meanwhile (a test's captured output, since closed) must not swallow later lines."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def headline(text: str, stream: TextIO) -> None:

