@@ -83,7 +83,7 @@ def figures(stderr: str) -> dict:
                             "ratio": round(line["eta_s"] / left, 3)})
     start = datetime.fromisoformat(lines[0]["timestamp"])
     timeline = [[round((datetime.fromisoformat(line["timestamp"]) - start).total_seconds(), 1), line["shards_done"],
-                 line["items_done"], line["items_total"], line["items_per_s"], line["eta_s"]] for line in lines]
+                 line["items_done"], line["items_total"], line["answer_items_per_s"], line["eta_s"]] for line in lines]
     return {"items": lines[-1]["items_done"], "shards": lines[-1]["shards"], "lines": len(lines), "checked": checked,
             "timeline (s, shards done, items done, items total, items/s, ETA s)": timeline,
             "worst_ratio": max((c["ratio"] for c in checked), key=lambda r: abs(r - 1), default=None)}

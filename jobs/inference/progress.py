@@ -44,15 +44,15 @@ class Progress:
     items_total: int | None  # known (an item list), else estimated from bytes once a shard is committed
     items_total_known: bool
     errors: int
-    items_per_s: float | None  # over the last RATE_WINDOW_S
-    x_real_time: float | None
+    answer_items_per_s: float | None  # over the last RATE_WINDOW_S
+    answer_x_real_time: float | None
     eta_s: float | None
 
     def line(self) -> str:
         """One line a person reads: `shards 3/8 · items 780/~2080 · errors 2 · 12.5 items/s answered (last min) · 40x
         real time · ETA 1m44s` (the answer rate: jobs.metrics.speed)."""
         total = "?" if self.items_total is None else f"{'' if self.items_total_known else '~'}{self.items_total}"
-        rate, real_time = _figure(self.items_per_s), _figure(self.x_real_time)
+        rate, real_time = _figure(self.answer_items_per_s), _figure(self.answer_x_real_time)
         return (f"shards {self.shards_done}/{self.shards} · items {self.items_done}/{total} · errors {self.errors} · "
                 f"{rate} {RATE_LABELS['answer']} · {real_time}x real time · ETA {duration(self.eta_s)}")
 

@@ -62,16 +62,16 @@ def test_the_total_is_estimated_from_bytes_and_the_rates_from_the_last_minute():
     estimator = ProgressEstimator({0: 1000, 1: 3000})
     assert estimator.snapshot(0.0).items_total is None and estimator.snapshot(0.0).eta_s is None
     estimator.staged(130.0, 0, 10, errors=1, audio_seconds=50.0, answered=(95.0, 99.0))  # delivered late, with the next
-    assert estimator.snapshot(130.0).items_per_s is None  # answers spanning 4 s: too short to tell a rate
+    assert estimator.snapshot(130.0).answer_items_per_s is None  # answers spanning 4 s: too short to tell a rate
     estimator.staged(130.0, 0, 10, errors=0, audio_seconds=50.0, answered=(101.0, 110.0))
     estimator.commit(0, 20)  # 20 items in 1000 bytes: 80 items in all
     progress = estimator.snapshot(130.0)
     assert (progress.items_total, progress.items_total_known, progress.errors) == (80, False, 1)
     # 20 items answered from 95 s to 110 s, whenever they reached the driver
-    assert progress.items_per_s == pytest.approx(20 / 15) and progress.x_real_time == pytest.approx(100 / 15)
+    assert progress.answer_items_per_s == pytest.approx(20 / 15) and progress.answer_x_real_time == pytest.approx(100 / 15)
     assert progress.eta_s == pytest.approx(60 / (20 / 15) - 20)  # less the 20 s since the last answer
     estimator.staged(210.0, 1, 30, errors=0, audio_seconds=0.0, answered=(150.0, 200.0))
-    assert estimator.snapshot(210.0).items_per_s == pytest.approx(30 / 50)  # the last minute's answers: 140 s to 200 s
+    assert estimator.snapshot(210.0).answer_items_per_s == pytest.approx(30 / 50)  # the last minute's answers: 140 s to 200 s
 
 
 def test_an_item_lists_total_is_known():
@@ -106,18 +106,18 @@ def test_off_a_terminal_the_report_is_a_structured_log_line():
     assert log.lines == []  # a line only every REPORT_EVERY_S and at the end
     report.close()
     ((event, fields),) = log.lines
-    assert event == "progress" and fields | {"items_per_s": None, "x_real_time": None} == {
+    assert event == "progress" and fields | {"answer_items_per_s": None, "answer_x_real_time": None} == {
         "shards_done": 1, "shards": 1, "items_done": 4, "items_total": 4, "items_total_known": False, "errors": 1,
-        "items_per_s": None, "x_real_time": None, "eta_s": 0.0}
+        "answer_items_per_s": None, "answer_x_real_time": None, "eta_s": 0.0}
 
 
 def test_rows_kept_from_an_interrupted_run_are_done_from_the_start_but_in_no_rate():
     plan = ReadPlan(pending=[TarShard(0, "a.tar", 1000), TarShard(1, "b.tar", 1000)], shards=2, items=None, pending_items=None,
                     kept={1: KeptRows(frozenset(range(30)), errors=2, audio_seconds=60.0)})
     estimator = ProgressEstimator.of(plan)
-    assert (estimator.snapshot(0.0).items_done, estimator.snapshot(0.0).errors, estimator.snapshot(0.0).items_per_s) == (30, 2, None)
+    assert (estimator.snapshot(0.0).items_done, estimator.snapshot(0.0).errors, estimator.snapshot(0.0).answer_items_per_s) == (30, 2, None)
     estimator.staged(20.0, 0, 10, errors=0, audio_seconds=20.0, answered=(0.0, 10.0))
     estimator.commit(0, 10)  # 10 items in 1000 bytes, but shard 1 has staged 30 already
     progress = estimator.snapshot(20.0)
     assert (progress.items_done, progress.items_total) == (40, 40)
-    assert progress.items_per_s == pytest.approx(1.0) and progress.x_real_time == pytest.approx(2.0)  # this run's answers only
+    assert progress.answer_items_per_s == pytest.approx(1.0) and progress.answer_x_real_time == pytest.approx(2.0)  # this run's answers only
