@@ -157,10 +157,14 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def prediction_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
     """The part files under `root` (or `root` itself, a file) and their listings (size, ETag or mtime);
-    folders named `_…` (scores) are not predictions."""
+    folders named `_…` (scores) are not predictions. None where `root` or its bucket does not exist (the callers
+    say "holds no prediction files" rather than the object store's traceback)."""
     if fs.isfile(root):
         return {root: fs.info(root)}
-    listing = fs.find(root, detail=True)
+    try:
+        listing = fs.find(root, detail=True)
+    except FileNotFoundError:  # s3fs: the bucket does not exist
+        return {}
     return {path: info for path, info in listing.items() if PART_NAME.search(path) and "/_" not in path[len(root):]}
 
 

@@ -12,6 +12,7 @@ from jobs.infer import parse_args, run
 from jobs.predictions import MissingBucketError, OutputStore, require_bucket
 from jobs.scoring.scorer import score
 from jobs.transcripts import export
+from nota_model.errors import NotaError
 from tests.corpus.test_manifest import write_jsonl, write_manifest
 from tests.s3 import moto_fixture, s3_filesystem
 
@@ -51,3 +52,10 @@ def test_the_export_refuses_an_output_in_a_missing_bucket(s3, tmp_path):
     with pytest.raises(MissingBucketError, match=f"bucket {MISSING} does not exist"):
         export(str(tmp_path / "predictions"), f"s3://{MISSING}/subtitles", "vtt", s3)
     assert not s3_filesystem(s3).exists(MISSING)
+
+
+def test_predictions_in_a_missing_bucket_are_one_error_line_not_the_stores_traceback(s3, tmp_path):
+    with pytest.raises(NotaError, match=f"s3://{MISSING}/predictions holds no prediction files"):
+        export(f"s3://{MISSING}/predictions", str(tmp_path / "subtitles"), "srt", s3)
+    with pytest.raises(NotaError, match=f"s3://{MISSING}/predictions holds no prediction files"):
+        score(f"s3://{MISSING}/predictions", str(tmp_path / "scores"), storage_options=s3)
