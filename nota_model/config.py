@@ -171,7 +171,10 @@ class DecodingConfig(_Strict):
     `cache`: the LLM's KV cache in transformers' `generate`: `dynamic` (grows each step) or `static`
     (allocated once for the prompt plus `max_new_tokens`: fixed shapes, the same greedy tokens).
     `compile`: `torch.compile` the LLM's forward (with the static cache; the first batches of each
-    shape pay the compilation). Both apply to the NOTA model's LLM; the Whisper engines ignore them."""
+    shape pay the compilation). Both apply to the NOTA model's LLM; the Whisper engines ignore them.
+    `word_timestamps`: each word's start, end and probability, from an alignment of the text with the audio
+    after decoding (`nota_model.word_times`): Whisper on CTranslate2 only; the transformers engine, the parity
+    reference, gives none, and the NOTA model cannot (its LLM's answer has no alignment to the audio)."""
 
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(200, ge=1)
@@ -181,6 +184,7 @@ class DecodingConfig(_Strict):
     extra_stop_tokens: tuple[str, ...] = ()
     cache: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
+    word_timestamps: bool = False
 
     @model_validator(mode="after")
     def _check_compile(self) -> DecodingConfig:
@@ -226,8 +230,9 @@ class _ModelConfig(_Strict):
 
 class WhisperASRConfig(_ModelConfig):
     """Plain Whisper speech recognition: the reference every re-scoring compares against.
-    `path` is a transformers Whisper directory (e.g. `pack://whisper-base`); `language` None for
-    English-only models. `engine`: `transformers` (torch; `dtype` applies) or `ctranslate2` (the C++
+    `path` is a transformers Whisper directory (e.g. `pack://whisper-base`). `language`: the language to
+    transcribe (a Whisper code, `en`); None: Whisper detects each piece's language and transcribes in it (an
+    English-only model takes None or `en`, and always writes English). `engine`: `transformers` (torch; `dtype` applies) or `ctranslate2` (the C++
     engine, several files per batch; `compute_type` applies: `auto` is int8 on CPU and float16 on GPU).
     `num_mel_bins`: the model's log-mel bins, which the features are computed with before the model is
     loaded (checked against the model when it loads). `audio_context`: see `AudioContextConfig` (both
@@ -268,6 +273,9 @@ class NotaConfig(_ModelConfig):
     def _check(self) -> NotaConfig:
         if self.qformer.hidden_size % self.qformer.num_heads:
             raise ValueError("qformer.hidden_size must be a multiple of qformer.num_heads")
+        if self.decoding.word_timestamps:
+            raise ValueError("decoding.word_timestamps: the NOTA model gives no word times (its LLM's answer has no "
+                             "alignment to the audio); only the Whisper models do")
         return self
 
     @property

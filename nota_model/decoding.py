@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from nota_model.config import DecodingConfig
+from nota_model.word_times import Word
 
 
 def next_forward_cache(output: object) -> dict[str, object]:
@@ -34,7 +35,10 @@ class GenerationOutput:
     """One batch's results. `output_tokens` counts each item's tokens before its stop token.
     `ttft_s`: start of the batch (audio encoders included) to its first token; `tpot_s`: mean time of the
     later decode steps (None when there was only one step). Times are synchronised on GPU. `non_finite`: per
-    item, whether a decode step's scores held NaN or +inf (a float16 overflow; empty: not checked)."""
+    item, whether a decode step's scores held NaN or +inf (a float16 overflow; empty: not checked).
+    Whisper only (empty for a model without them): per item, `languages`, the language its text is in, and
+    `language_probabilities`, how likely the model finds that language in the clip (None where it cannot tell:
+    an English-only model); `words`, its words with their times in seconds of the clip (None: not asked for)."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -43,6 +47,9 @@ class GenerationOutput:
     tpot_s: float | None
     decode_steps: int
     non_finite: tuple[bool, ...] = ()
+    languages: tuple[str, ...] = ()
+    language_probabilities: tuple[float | None, ...] = ()
+    words: tuple[list[Word] | None, ...] = ()
 
 
 class NonFiniteScores(LogitsProcessor):
@@ -154,6 +161,13 @@ def generate_in_groups(groups: Sequence[Sequence[int]], run: Callable[[list[int]
     order = [picks[index] for index in sorted(picks)]
     later_steps = [(out.decode_steps - 1, out.tpot_s) for _, out in outputs if out.tpot_s is not None]
     steps = sum(count for count, _ in later_steps)
+
+    def in_order(field: str, missing: object = None) -> tuple:
+        """A per-item field in item order (`missing` for a group without it); empty where no group has it."""
+        if not any(getattr(output, field) for _, output in outputs):
+            return ()
+        return tuple(getattr(output, field)[position] if getattr(output, field) else missing for output, position in order)
+
     return GenerationOutput(
         texts=[output.texts[position] for output, position in order],
         token_ids=[output.token_ids[position] for output, position in order],
@@ -161,5 +175,8 @@ def generate_in_groups(groups: Sequence[Sequence[int]], run: Callable[[list[int]
         ttft_s=outputs[0][1].ttft_s,
         tpot_s=sum(count * tpot for count, tpot in later_steps) / steps if steps else None,
         decode_steps=sum(out.decode_steps for _, out in outputs),
-        non_finite=tuple(bool(output.non_finite) and output.non_finite[position] for output, position in order),
+        non_finite=in_order("non_finite", False),
+        languages=in_order("languages"),
+        language_probabilities=in_order("language_probabilities"),
+        words=in_order("words"),
     )

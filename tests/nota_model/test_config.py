@@ -36,6 +36,12 @@ def test_unknown_keys_and_bad_values_are_clear_errors(tmp_path):
         load_config("tiny").prompt.task_prompt("translate")
 
 
+def test_word_timestamps_are_the_whisper_presets_and_no_nota_models():
+    assert all(load_config(name).decoding.word_timestamps for name in ("whisper-base", "whisper-tiny.en"))
+    with pytest.raises(ConfigError, match="decoding.word_timestamps: the NOTA model gives no word times"):
+        load_config("tiny", {"decoding": {"word_timestamps": True}})
+
+
 def test_config_describes_the_original_salmonn():
     salmonn = NotaConfig.model_validate(
         {

@@ -32,15 +32,41 @@ def librivox():
     return [json.loads(line) for line in fetch_librivox(default_dest()).read_text().splitlines()]
 
 
-def test_whisper_base_transcribes_librivox_under_10_percent_wer_batched_and_alone(whisper_base, librivox, clips):
-    model = whisper_base.model
-    batch = model.generate(clips)
-    alone = [model.generate([clip]).texts[0] for clip in clips]
-    assert batch.texts == alone
+@pytest.fixture(scope="module")
+def batch(whisper_base, clips):
+    return whisper_base.model.generate(clips)
+
+
+@pytest.fixture(scope="module")
+def alone(whisper_base, clips):
+    return [whisper_base.model.generate([clip]) for clip in clips]
+
+
+def test_whisper_base_transcribes_librivox_under_10_percent_wer_batched_and_alone(whisper_base, librivox, batch, alone):
+    assert batch.texts == [output.texts[0] for output in alone]
     result = corpus_wer([item["reference"] for item in librivox], batch.texts)
     assert result.wer < 0.10, (result, batch.texts)
     assert all(n > 3 for n in batch.output_tokens) and batch.ttft_s > 0 and batch.tpot_s > 0
     assert whisper_base.identity.startswith("whisper-base+weights:sha256:")
+
+
+def test_whisper_says_the_language_it_heard_and_each_words_times_inside_the_clip_in_order(clips, batch, alone):
+    assert batch.languages == ("en",) * len(clips) and all(p > 0.9 for p in batch.language_probabilities)
+    for clip, text, words in zip(clips, batch.texts, batch.words):
+        assert "".join(word.word for word in words) == text and len(words) > 5
+        assert all(0 <= w.start <= w.end <= clip.seconds and 0 < w.probability <= 1 for w in words)
+        assert all(a.end <= b.start for a, b in zip(words, words[1:])), words
+    assert [output.words[0] for output in alone] == list(batch.words)
+    assert [output.language_probabilities[0] for output in alone] == list(batch.language_probabilities)
+
+
+def test_whisper_detects_the_language_where_none_is_set(clips, batch):
+    model = load_model(load_config("whisper-base", {"language": None}), device="cpu").model
+    assert model.prompt_for("asr") == "<|startoftranscript|><|transcribe|><|notimestamps|>"
+    out = model.generate(clips[:2])
+    assert out.languages == ("en", "en") and out.texts == batch.texts[:2] and out.words == batch.words[:2]
+    with pytest.raises(ConfigError, match="knows no language 'xx'"):
+        load_model(load_config("whisper-base", {"language": "xx"}), device="cpu")
 
 
 def test_whisper_reference_model_does_asr_only(whisper_base):
@@ -66,6 +92,8 @@ def test_ctranslate2_in_float32_gives_the_transformers_engines_tokens(clips):
                for engine in ("transformers", "ctranslate2")]
     reference, ct2 = (model.generate(clips) for model in engines)
     assert ct2.token_ids == reference.token_ids and ct2.texts == reference.texts
+    assert ct2.languages == reference.languages and ct2.language_probabilities == pytest.approx(reference.language_probabilities, abs=1e-3)
+    assert reference.words == ()  # the transformers engine gives no word times
     assert ct2.output_tokens == reference.output_tokens and ct2.decode_steps == reference.decode_steps
 
 
