@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from nota_model.config import DecodingConfig
 from nota_model.errors import NotaError
 from nota_model.storage import write_bytes_atomically
 
@@ -44,6 +45,13 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(
             "segments",
             pa.list_(pa.struct([pa.field("start", pa.float64()), pa.field("end", pa.float64()), pa.field("text", pa.string())])),
+        ),
+        pa.field("language", pa.string()),
+        pa.field("language_probability", pa.float64()),
+        pa.field(
+            "words",
+            pa.list_(pa.struct([pa.field("word", pa.string()), pa.field("start", pa.float64()), pa.field("end", pa.float64()),
+                                pa.field("probability", pa.float64())])),
         ),
         pa.field("error", pa.string()),
         pa.field("error_message", pa.string()),
@@ -120,11 +128,11 @@ class OutputStore:
         """Record what this output is made with, or refuse to mix in results of another model or decoding."""
         path = f"{self.dir}/_RUN.json"
         if self.fs.exists(path):
-            recorded = _renamed_keys(json.loads(self.fs.cat_file(path)))
+            recorded = _as_today(json.loads(self.fs.cat_file(path)))
             if recorded != run:
                 raise OutputMismatchError(
-                    f"{self.url} (corpus {self.dir.rsplit('/', 1)[-1]}) holds results of {recorded}, not {run}: "
-                    "write to another --output, or delete it to start over"
+                    f"{self.url} (corpus {self.dir.rsplit('/', 1)[-1]}) holds results of {recorded}, not {run} "
+                    f"({_differences(recorded, run)}): write to another --output, or delete it to start over"
                 )
             return
         write_bytes_atomically(self.fs, path, json.dumps(run, indent=2).encode())
@@ -143,9 +151,36 @@ class OutputStore:
         return rows, errors
 
 
-def _renamed_keys(run: dict[str, Any]) -> dict[str, Any]:
-    """A `_RUN.json` written before `long_audio` was named `long_form`, read under today's key."""
-    return {LEGACY_RUN_KEYS.get(key, key): value for key, value in run.items()}
+def _as_today(run: dict[str, Any]) -> dict[str, Any]:
+    """A `_RUN.json` as today's job would write it: a key renamed since (`long_audio`) under today's name, and its
+    decoding read as today's `DecodingConfig`, so that a setting added since takes its default, which is what the
+    output was made with (`word_timestamps`: false). A decoding that is no `DecodingConfig` is kept as it is."""
+    today = {LEGACY_RUN_KEYS.get(key, key): value for key, value in run.items()}
+    try:
+        today["decoding"] = DecodingConfig.model_validate_json(today["decoding"]).model_dump_json()
+    except (KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+        pass
+    return today
+
+
+def _differences(recorded: dict[str, Any], run: dict[str, Any]) -> str:
+    """Which settings differ, decoding's one by one: `decoding.word_timestamps false there, true here`."""
+    def flat(settings: dict[str, Any]) -> dict[str, Any]:
+        decoding = _json_object(settings.get("decoding"))
+        return {**{key: value for key, value in settings.items() if key != "decoding" or decoding is None},
+                **{f"decoding.{key}": value for key, value in (decoding or {}).items()}}
+
+    there, here = flat(recorded), flat(run)
+    return "; ".join(f"{key} {json.dumps(there.get(key))} there, {json.dumps(here.get(key))} here"
+                     for key in sorted(there.keys() | here.keys()) if there.get(key) != here.get(key))
+
+
+def _json_object(text: Any) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

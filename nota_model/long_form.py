@@ -9,6 +9,7 @@ without running the model.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from statistics import fmean
@@ -18,8 +19,10 @@ import numpy as np
 
 from nota_model.audio import SAMPLE_RATE, AudioClip
 from nota_model.config import DecodingConfig, ModelConfig
+from nota_model.decoding import GenerationOutput
 from nota_model.features import ModelFeatures, check_feature_inputs, compute_features
 from nota_model.segment import Piece
+from nota_model.word_times import Word
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,32 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class PieceAnswer:
+    """The model's answer to one piece (`GenerationOutput`'s fields for one item), and its batch's size."""
+
+    text: str
+    output_tokens: int
+    batch_size: int
+    non_finite: bool
+    language: str | None
+    language_probability: float | None
+    words: list[Word] | None  # times in seconds of the piece
+
+
+@dataclass(frozen=True)
 class ItemAnswer:
+    """An item's answer, its pieces' stitched. `language`: the language of most of its pieces' audio, and
+    `language_probability` its mean over those pieces, weighted by their seconds; `words`: its pieces' words, in
+    seconds of the recording. All three None where the model gives none or no piece ran (silence)."""
+
     text: str
     segments: list[Segment]
     output_tokens: int
     batch_size: int | None  # pieces in the largest model batch that ran one of this item's pieces
     non_finite: bool = False  # a piece's scores held NaN or +inf (decoding.NonFiniteScores)
+    language: str | None = None
+    language_probability: float | None = None
+    words: list[Word] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +88,7 @@ def generate_pieces(
     work = [(item, number, piece) for item, item_pieces in enumerate(pieces) for number, piece in enumerate(item_pieces)]
     order = sorted(range(len(work)), key=lambda index: work[index][2][1] - work[index][2][0], reverse=True)
     min_samples = round(model.config.audio.min_seconds * SAMPLE_RATE)
-    answers: list[tuple[str, int, int, bool] | None] = [None] * len(work)
+    answers: list[PieceAnswer | None] = [None] * len(work)
     ttfts, tpots = [], []
     for first in range(0, len(order), batch_size):
         indices = order[first : first + batch_size]
@@ -79,16 +102,30 @@ def generate_pieces(
         ttfts.append(output.ttft_s)
         tpots += [output.tpot_s] if output.tpot_s is not None else []
         for position, index in enumerate(indices):
-            non_finite = bool(output.non_finite) and output.non_finite[position]
-            answers[index] = (output.texts[position], output.output_tokens[position], len(batch), non_finite)
-    by_item: list[list[tuple[Piece, tuple[str, int, int, bool]]]] = [[] for _ in clips]
+            answers[index] = _piece_answer(output, position, len(batch))
+    by_item: list[list[tuple[Piece, PieceAnswer]]] = [[] for _ in clips]
     for (item, _, piece), answer in zip(work, answers):
         by_item[item].append((piece, answer))
     return LongFormOutput(
-        answers=[_item_answer(item_answers) for item_answers in by_item],
+        answers=[_item_answer(item_answers, clip.original_seconds) for item_answers, clip in zip(by_item, clips)],
         ttft_s=fmean(ttfts) if ttfts else None,
         tpot_s=fmean(tpots) if tpots else None,
         model_batches=len(ttfts),
+    )
+
+
+def _piece_answer(output: GenerationOutput, position: int, batch_size: int) -> PieceAnswer:
+    def of(values: tuple, missing: object = None) -> object:
+        return values[position] if values else missing
+
+    return PieceAnswer(
+        text=output.texts[position],
+        output_tokens=output.output_tokens[position],
+        batch_size=batch_size,
+        non_finite=bool(of(output.non_finite, False)),
+        language=of(output.languages),
+        language_probability=of(output.language_probabilities),
+        words=of(output.words),
     )
 
 
@@ -128,12 +165,41 @@ def stitch(texts: Sequence[str]) -> str:
     return " ".join(text.strip() for text in texts if text.strip())
 
 
-def _item_answer(piece_answers: list[tuple[Piece, tuple[str, int, int, bool]]]) -> ItemAnswer:
-    segments = [Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, text) for (start, end), (text, *_) in piece_answers]
+def _item_answer(piece_answers: list[tuple[Piece, PieceAnswer]], audio_seconds: float) -> ItemAnswer:
+    segments = [Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, answer.text) for (start, end), answer in piece_answers]
+    language, probability = _language(piece_answers)
     return ItemAnswer(
         text=stitch([segment.text for segment in segments]),
         segments=segments,
-        output_tokens=sum(tokens for _, (_, tokens, _, _) in piece_answers),
-        batch_size=max((size for _, (_, _, size, _) in piece_answers), default=None),
-        non_finite=any(non_finite for _, (*_, non_finite) in piece_answers),
+        output_tokens=sum(answer.output_tokens for _, answer in piece_answers),
+        batch_size=max((answer.batch_size for _, answer in piece_answers), default=None),
+        non_finite=any(answer.non_finite for _, answer in piece_answers),
+        language=language,
+        language_probability=probability,
+        words=_recording_words(piece_answers, audio_seconds),
     )
+
+
+def _language(piece_answers: list[tuple[Piece, PieceAnswer]]) -> tuple[str | None, float | None]:
+    """The language of most of the pieces' samples, and its probability's mean over those pieces, weighted by their
+    samples (a single piece's own)."""
+    samples: Counter[str] = Counter()
+    for (start, end), answer in piece_answers:
+        if answer.language is not None:
+            samples[answer.language] += end - start
+    if not samples:
+        return None, None
+    language = samples.most_common(1)[0][0]
+    weighted = [(end - start, answer.language_probability) for (start, end), answer in piece_answers
+                if answer.language == language and answer.language_probability is not None]
+    total = sum(weight for weight, _ in weighted)
+    return language, (sum(weight * probability for weight, probability in weighted) / total if weighted else None)
+
+
+def _recording_words(piece_answers: list[tuple[Piece, PieceAnswer]], audio_seconds: float) -> list[Word] | None:
+    """The pieces' words in seconds of the recording, each kept inside its piece and the audio (a piece padded to
+    the model's minimum length has no words in its padding); None where the model gave none."""
+    if not piece_answers or any(answer.words is None for _, answer in piece_answers):
+        return None
+    return [word.shifted(start / SAMPLE_RATE, min(end / SAMPLE_RATE, audio_seconds))
+            for (start, end), answer in piece_answers for word in answer.words]

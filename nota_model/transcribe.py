@@ -116,6 +116,10 @@ def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, An
             rows[position].update(
                 text=answer.text,
                 segments=[[round(s.start, 3), round(s.end, 3), s.text] for s in answer.segments],
+                language=answer.language,
+                language_probability=None if answer.language_probability is None else round(answer.language_probability, 4),
+                words=None if answer.words is None else [[w.word, round(w.start, 3), round(w.end, 3), round(w.probability, 3)]
+                                                         for w in answer.words],
                 audio_seconds=round(clip.original_seconds, 3),
                 truncated=clip.truncated,
                 output_tokens=answer.output_tokens,

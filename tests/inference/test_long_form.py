@@ -1,7 +1,9 @@
 """Long recordings: cut at pauses (Silero VAD) or into fixed windows, every item's pieces batched together,
-answers stitched in order, and the job's `segments` column (`--long-form segment|truncate`)."""
+answers stitched in order, and the job's `segments` column (`--long-form segment|truncate`); Whisper's language
+and word times over the pieces."""
 
 import json
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -187,6 +189,35 @@ def test_the_job_segments_long_recordings_into_one_row_each(local_ray, long_corp
     assert json.loads((tmp_path / "out/long/_RUN.json").read_text())["long_form"] == "segment"
     groups = {group["task"]: group for group in score_predictions(str(tmp_path / "out"), distributed=False).groups}
     assert (groups["asr"]["segmented_items"], groups["aac"]["segmented_items"]) == (2, 1)  # speech and silence; sounds
+
+
+@pytest.mark.real_weights
+def test_the_whisper_job_gives_each_row_the_language_and_word_times_the_model_gives_it_alone(local_ray, speech, librivox, tmp_path):
+    build("whisper-tiny.en")
+    sf.write(tmp_path / "long.wav", speech[: 40 * SAMPLE_RATE], SAMPLE_RATE)
+    sf.write(tmp_path / "silence.wav", np.zeros(35 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    items = {"long": str(tmp_path / "long.wav"), "short": librivox[0]["audio"], "silence": str(tmp_path / "silence.wav")}
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"id": i, "audio": a, "task": "asr"}) + "\n" for i, a in items.items()))
+    (tmp_path / "corpus.yaml").write_text("name: words\ntask: asr\nitems: items.jsonl\n")
+    run(parse_args(["--manifest", str(tmp_path / "corpus.yaml"), "--model", "whisper-tiny.en", "--output", str(tmp_path / "out"),
+                    "--batch-size", "2", "--no-score"]))
+    rows = {row["id"]: row for row in pq.read_table(tmp_path / "out/words").to_pylist()}
+    config = load_config("whisper-tiny.en")
+    model = load_model(config, device="cpu").model
+    for row in rows.values():
+        clip = load_audio(row["audio"], config.audio, whole=True)
+        alone = generate_pieces(model, [clip], [row["prompt"]], [plan_pieces(clip.waveform, "asr", 30)], 1).answers[0]
+        assert row["words"] == (None if alone.words is None else [asdict(word) for word in alone.words]), row["id"]
+        assert (row["language"], row["language_probability"]) == (alone.language, alone.language_probability)
+    long = rows["long"]
+    words, pieces = long["words"], long["segments"]
+    assert len(pieces) == 2 and (long["language"], long["language_probability"]) == ("en", None)  # English-only: no probability
+    assert "".join(word["word"] for word in words) == "".join(piece["text"] for piece in pieces)
+    assert all(0 <= a["start"] <= a["end"] <= b["start"] <= b["end"] <= 40 for a, b in zip(words, words[1:]))
+    assert all(any(p["start"] <= w["start"] <= w["end"] <= p["end"] for p in pieces) for w in words)
+    assert any(w["start"] >= pieces[1]["start"] for w in words)  # the second piece's words, in the recording's seconds
+    assert (rows["silence"]["language"], rows["silence"]["words"]) == (None, None)  # no piece reached the model
+    assert json.loads(json.loads((tmp_path / "out/words/_RUN.json").read_text())["decoding"])["word_timestamps"]
 
 
 @pytest.mark.parametrize("mode", ["segment", "truncate"])

@@ -11,6 +11,7 @@ import nota_model.build as build
 from jobs.predictions import OutputMismatchError, OutputStore
 from jobs.inference.settings import JobSettings
 from nota_model import load_config, load_model
+from nota_model.config import DecodingConfig
 from nota_model.errors import ConfigError
 from nota_model.precision import (
     ct2_compute_type,
@@ -145,3 +146,13 @@ def test_an_output_written_before_long_form_was_named_so_still_resumes(tmp_path)
     store.claim({**run, "long_form": "segment"})
     with pytest.raises(OutputMismatchError):
         store.claim({**run, "long_form": "truncate"})
+
+
+def test_an_output_written_before_word_timestamps_resumes_without_them_and_names_the_difference_with_them(tmp_path):
+    store = OutputStore(str(tmp_path), "corpus")
+    before = DecodingConfig(num_beams=1).model_dump(exclude={"word_timestamps"})
+    (tmp_path / "corpus/_RUN.json").write_text(json.dumps({"model": "m", "decoding": json.dumps(before), "long_form": "segment"}))
+    store.claim({"model": "m", "decoding": DecodingConfig(num_beams=1).model_dump_json(), "long_form": "segment"})
+    with pytest.raises(OutputMismatchError, match="decoding.word_timestamps false there, true here"):
+        store.claim({"model": "m", "decoding": DecodingConfig(num_beams=1, word_timestamps=True).model_dump_json(),
+                     "long_form": "segment"})
