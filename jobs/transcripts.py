@@ -1,8 +1,11 @@
-"""Transcripts handed on: a predictions folder as subtitles (SRT or WebVTT, a file an item, cues from its
-`segments`' times) or as JSONL (a file a corpus, a line an item).
+"""Transcripts handed on: a predictions folder as subtitles (SRT or WebVTT, a file an item) or as JSONL (a file
+a corpus, a line an item, its language and word times included).
 
-An item without `segments` (written before long recordings were segmented) is one cue over its whole
-audio. Items with an error or no text get no subtitle file (they are counted); in JSONL every item has
+Cues are cut at word times where the row has them (`words`: Whisper on CTranslate2), to be read as they
+show: at most two lines of about 42 characters, at most 7 s, and a new cue after a pause of over half a
+second, never inside a word (a word longer than a line is a line of its own). A row without word times
+(the NOTA model; outputs written before word times) gets a cue a piece of its `segments`, and one without
+`segments` (written before long recordings were segmented) one cue over its whole audio. Items with an error or no text get no subtitle file (they are counted); in JSONL every item has
 its line, its error included. Part files are read one at a time, in shard order, and a JSONL file is
 streamed (one atomic write).
 
@@ -28,8 +31,14 @@ from nota_model.errors import NotaError
 from nota_model.storage import write_atomically, write_bytes_atomically
 
 FORMATS = ("srt", "vtt", "jsonl")
-JSONL_COLUMNS = ["id", "corpus", "shard", "index", "audio", "task", "model", "text", "segments", "audio_seconds", "error",
-                 "error_message"]
+JSONL_COLUMNS = ["id", "corpus", "shard", "index", "audio", "task", "model", "text", "segments", "language",
+                 "language_probability", "words", "audio_seconds", "error", "error_message"]
+# A cue read as it shows: at most MAX_LINES lines of MAX_LINE_CHARACTERS, on screen MAX_CUE_SECONDS at most;
+# a pause between words of over PAUSE_SECONDS starts a new cue.
+MAX_LINE_CHARACTERS = 42
+MAX_LINES = 2
+MAX_CUE_SECONDS = 7.0
+PAUSE_SECONDS = 0.5
 # Characters a file name keeps as they are; every other byte of the id's UTF-8 is written %XX.
 SAFE_CHARACTERS = "_.-"
 # Longest file stem kept whole (file systems allow 255 bytes a name); a longer one is cut and given a hash.
@@ -64,10 +73,40 @@ def timestamp(seconds: float, separator: str) -> str:
 
 
 def cues(row: dict[str, Any]) -> list[tuple[float, float, str]]:
-    """(start, end, text) of each piece with text; the whole audio for an item without segments."""
+    """(start, end, text) of each cue: cut at the row's word times where it has them, else a cue a piece with
+    text; the whole audio for an item without segments."""
+    if row.get("words"):
+        return word_cues(row["words"])
     if row["segments"] is None:
         return [(0.0, row["audio_seconds"] or 0.0, row["text"].strip())] if (row["text"] or "").strip() else []
     return [(piece["start"], piece["end"], piece["text"].strip()) for piece in row["segments"] if (piece["text"] or "").strip()]
+
+
+def word_cues(words: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+    """The words (`word`, `start`, `end`, each word's text with its leading space) in cues: a word joins the
+    cue before it unless a pause comes first, the cue would last over MAX_CUE_SECONDS, or its text would not fit
+    MAX_LINES lines. A cue's lines are joined by a newline."""
+    groups: list[list[dict[str, Any]]] = []
+    for word in (word for word in words if word["word"].strip()):
+        current = groups[-1] if groups else None
+        if (current and word["start"] - current[-1]["end"] <= PAUSE_SECONDS and word["end"] - current[0]["start"] <= MAX_CUE_SECONDS
+                and len(cue_lines([*current, word])) <= MAX_LINES):
+            current.append(word)
+        else:
+            groups.append([word])
+    return [(group[0]["start"], group[-1]["end"], "\n".join(cue_lines(group))) for group in groups]
+
+
+def cue_lines(words: list[dict[str, Any]]) -> list[str]:
+    """The words' text in lines of at most MAX_LINE_CHARACTERS, filled in order, broken between words only."""
+    filled: list[str] = []
+    for word in words:
+        joined = (filled[-1] + word["word"]).strip() if filled else ""
+        if filled and len(joined) <= MAX_LINE_CHARACTERS:
+            filled[-1] = joined
+        else:
+            filled.append(word["word"].strip())
+    return filled
 
 
 def srt(row: dict[str, Any]) -> str:
