@@ -2,9 +2,9 @@
 
     python -m jobs.export --predictions URL --format srt|vtt|jsonl --output URL [--storage-options JSON]
 
-srt / vtt: OUTPUT/CORPUS/ID.srt (or .vtt), cues cut at the item's word times (two lines of about 42 characters,
-7 s at most, a new cue at a pause), else a cue a piece of its `segments`; ID is the item's id
-percent-encoded (`/` as %2F, so `a/b` and `a_b` never share a file; `urllib.parse.unquote` gives it back),
+srt / vtt: OUTPUT/CORPUS/ID.srt (or .vtt), cues cut at the item's word times (two lines of about 42
+characters, 7 s at most, a new cue at a pause, a full cue ended at a clause), else a cue a piece of its
+`segments`; ID is the item's id percent-encoded (`/` as %2F, so `a/b` and `a_b` never share a file; `urllib.parse.unquote` gives it back),
 a WebVTT file names it in a NOTE too; items with an error or no text are skipped and counted, and so is a
 repeated id. jsonl: OUTPUT/CORPUS.jsonl, a line an item (id, text, segments, language, words, error, ...).
 """

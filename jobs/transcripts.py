@@ -3,11 +3,12 @@ a corpus, a line an item, its language and word times included).
 
 Cues are cut at word times where the row has them (`words`: Whisper on CTranslate2), to be read as they
 show: at most two lines of about 42 characters, at most 7 s, and a new cue after a pause of over half a
-second, never inside a word (a word longer than a line is a line of its own). A row without word times
-(the NOTA model; outputs written before word times) gets a cue a piece of its `segments`, and one without
-`segments` (written before long recordings were segmented) one cue over its whole audio. Items with an error or no text get no subtitle file (they are counted); in JSONL every item has
-its line, its error included. Part files are read one at a time, in shard order, and a JSONL file is
-streamed (one atomic write).
+second, never inside a word (a word longer than a line is a line of its own); a full cue ends at its last
+clause end rather than a word into the next sentence. A row without word times (the NOTA model; outputs
+written before word times) gets a cue a piece of its `segments`, and one without `segments` (written before
+long recordings were segmented) one cue over its whole audio. Items with an error or no text get no subtitle
+file (they are counted); in JSONL every item has its line, its error included. Part files are read one at a
+time, in shard order, and a JSONL file is streamed (one atomic write).
 
 A subtitle file is named by its id percent-encoded (`file_stem`), so that two ids never share a file and the
 name gives the id back (`urllib.parse.unquote`); a name too long for a file system is cut and ends in a hash
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -34,11 +36,13 @@ FORMATS = ("srt", "vtt", "jsonl")
 JSONL_COLUMNS = ["id", "corpus", "shard", "index", "audio", "task", "model", "text", "segments", "language",
                  "language_probability", "words", "audio_seconds", "error", "error_message"]
 # A cue read as it shows: at most MAX_LINES lines of MAX_LINE_CHARACTERS, on screen MAX_CUE_SECONDS at most;
-# a pause between words of over PAUSE_SECONDS starts a new cue.
+# a pause between words of over PAUSE_SECONDS starts a new cue; punctuation and a pause of CLAUSE_PAUSE_SECONDS
+# end a clause, where a full cue ends.
 MAX_LINE_CHARACTERS = 42
 MAX_LINES = 2
 MAX_CUE_SECONDS = 7.0
 PAUSE_SECONDS = 0.5
+CLAUSE_PAUSE_SECONDS = 0.2
 # Characters a file name keeps as they are; every other byte of the id's UTF-8 is written %XX.
 SAFE_CHARACTERS = "_.-"
 # Longest file stem kept whole (file systems allow 255 bytes a name); a longer one is cut and given a hash.
@@ -84,17 +88,35 @@ def cues(row: dict[str, Any]) -> list[tuple[float, float, str]]:
 
 def word_cues(words: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
     """The words (`word`, `start`, `end`, each word's text with its leading space) in cues: a word joins the
-    cue before it unless a pause comes first, the cue would last over MAX_CUE_SECONDS, or its text would not fit
-    MAX_LINES lines. A cue's lines are joined by a newline."""
-    groups: list[list[dict[str, Any]]] = []
+    cue before it unless a pause comes first or the cue would not fit (`fits`). A full cue ends after its last
+    clause end (`_after_last_clause`) where the words after it, with the new one, fit a cue of their own: a cue
+    does not end a word or two into the next sentence. A cue's lines are joined by a newline."""
+    cues: list[list[dict[str, Any]]] = []
     for word in (word for word in words if word["word"].strip()):
-        current = groups[-1] if groups else None
-        if (current and word["start"] - current[-1]["end"] <= PAUSE_SECONDS and word["end"] - current[0]["start"] <= MAX_CUE_SECONDS
-                and len(cue_lines([*current, word])) <= MAX_LINES):
+        current = cues[-1] if cues else []
+        if current and word["start"] - current[-1]["end"] <= PAUSE_SECONDS and fits([*current, word]):
             current.append(word)
+            continue
+        carried = _after_last_clause(current) if current and word["start"] - current[-1]["end"] <= PAUSE_SECONDS else []
+        if carried and fits([*carried, word]):
+            del current[-len(carried):]
+            cues.append([*carried, word])
         else:
-            groups.append([word])
-    return [(group[0]["start"], group[-1]["end"], "\n".join(cue_lines(group))) for group in groups]
+            cues.append([word])
+    return [(cue[0]["start"], cue[-1]["end"], "\n".join(cue_lines(cue))) for cue in cues]
+
+
+def fits(words: list[dict[str, Any]]) -> bool:
+    """Whether the words make one cue: on screen MAX_CUE_SECONDS at most, in MAX_LINES lines at most."""
+    return words[-1]["end"] - words[0]["start"] <= MAX_CUE_SECONDS and len(cue_lines(words)) <= MAX_LINES
+
+
+def _after_last_clause(words: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The words after the last clause end: a word ending in punctuation and followed by a pause of at least
+    CLAUSE_PAUSE_SECONDS (so not `Mr.` in `Mr. John`). None where no word but the last ends a clause."""
+    ends = [n for n, (word, following) in enumerate(zip(words, words[1:]))
+            if unicodedata.category(word["word"].strip()[-1]).startswith("P") and following["start"] - word["end"] >= CLAUSE_PAUSE_SECONDS]
+    return words[ends[-1] + 1:] if ends else []
 
 
 def cue_lines(words: list[dict[str, Any]]) -> list[str]:

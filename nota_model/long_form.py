@@ -50,7 +50,7 @@ class PieceAnswer:
 @dataclass(frozen=True)
 class ItemAnswer:
     """An item's answer, its pieces' stitched. `language`: the language of most of its pieces' audio, and
-    `language_probability` its mean over those pieces, weighted by their seconds; `words`: its pieces' words, in
+    `language_probability` its mean over those pieces, weighted by their length; `words`: its pieces' words, in
     seconds of the recording. All three None where the model gives none or no piece ran (silence)."""
 
     text: str
@@ -181,8 +181,8 @@ def _item_answer(piece_answers: list[tuple[Piece, PieceAnswer]], audio_seconds: 
 
 
 def _language(piece_answers: list[tuple[Piece, PieceAnswer]]) -> tuple[str | None, float | None]:
-    """The language of most of the pieces' samples, and its probability's mean over those pieces, weighted by their
-    samples (a single piece's own)."""
+    """The language of most of the pieces' audio, and its probability's mean over those pieces, weighted by their
+    length (a single piece's own)."""
     samples: Counter[str] = Counter()
     for (start, end), answer in piece_answers:
         if answer.language is not None:

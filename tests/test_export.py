@@ -113,6 +113,16 @@ def test_word_cues_start_at_a_pause_and_break_lines_between_words():
                          "2\n00:00:06,000 --> 00:00:06,900\nHe was not\n")
 
 
+def test_a_full_cue_ends_at_its_last_clause_not_a_word_into_the_next_sentence():
+    sentence_end = words_of("Unless to be rather cold-hearted and rather selfish is to be ill-disposed. Had he married a more "
+                            "amiable woman", 0.0, 0.25, pause_after={11: 0.3})
+    assert [text for _, _, text in word_cues(sentence_end)] == [
+        "Unless to be rather cold-hearted and\nrather selfish is to be ill-disposed.", "Had he married a more amiable woman"]
+    title = words_of("He said that Mr. Smith and his wife had gone to the seaside town where they met the rest", 0.0, 0.25)
+    assert [text for _, _, text in word_cues(title)] == [  # no pause after `Mr.`: no clause ends there
+        "He said that Mr. Smith and his wife had\ngone to the seaside town where they met", "the rest"]
+
+
 def test_word_cues_fit_two_lines_and_seven_seconds_and_a_long_word_is_a_line_of_its_own():
     slow = words_of(" ".join(["ab"] * 40), 0.0, 0.3)
     fast = words_of(" ".join(["abcdefghij"] * 13), 0.0, 0.1)
