@@ -232,11 +232,11 @@ class WhisperASRConfig(_ModelConfig):
     """Plain Whisper speech recognition: the reference every re-scoring compares against.
     `path` is a transformers Whisper directory (e.g. `pack://whisper-base`). `language`: the language to
     transcribe (a Whisper code, `en`); None: Whisper detects each piece's language and transcribes in it (an
-    English-only model takes None or `en`, and always writes English). `engine`: `transformers` (torch; `dtype` applies) or `ctranslate2` (the C++
-    engine, several files per batch; `compute_type` applies: `auto` is int8 on CPU and float16 on GPU).
-    `num_mel_bins`: the model's log-mel bins, which the features are computed with before the model is
-    loaded (checked against the model when it loads). `audio_context`: see `AudioContextConfig` (both
-    engines take a trimmed input)."""
+    English-only model takes None or `en`, and always writes English). `engine`: `transformers` (torch;
+    `dtype` applies) or `ctranslate2` (the C++ engine, several files per batch; `compute_type` applies: `auto`
+    is int8 on CPU and float16 on GPU). `num_mel_bins`: the model's log-mel bins, which the features are
+    computed with before the model is loaded (checked against the model when it loads). `audio_context`: see
+    `AudioContextConfig` (both engines take a trimmed input)."""
 
     model_kind: Literal["whisper"] = "whisper"
     path: str

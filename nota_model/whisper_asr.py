@@ -86,7 +86,8 @@ class WhisperASR(nn.Module, WhisperPrompt):
         """Transcribe each clip; `prompts` are accepted for the common interface and must be `prompt_for`'s.
         `features`: the clips' `compute_features`, when computed elsewhere. Whisper's `generate` returns only
         the tokens after the decoder prompt. One `generate` per encoder input length (one unless the audio
-        context is trimmed)."""
+        context is trimmed). Each clip's language comes from one decoder step on its encoder states, inside
+        `ttft_s`; this engine gives no word times."""
         base = self.whisper.generation_config
         config = generation_config(decoding or self.config.decoding, [base.eos_token_id], base.pad_token_id, base=base)
         context = self.config.audio_context
