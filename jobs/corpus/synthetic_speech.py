@@ -19,6 +19,7 @@ import random
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import soundfile as sf
@@ -53,9 +54,7 @@ class PlannedItem:
 def plan(split: str, count: int, seed: int, exclusions: Exclusions) -> list[PlannedItem]:
     """The split's items: texts and voices drawn from a generator seeded by (seed, split)."""
     held_out = split == "held-out"
-    examples, glosses = wordnet_texts()
-    keep = lambda texts: [t for t in texts if _is_held_out(t) == held_out and not exclusions.excludes(t)]  # noqa: E731
-    examples, glosses = keep(examples), keep(glosses)
+    examples, glosses = split_texts(held_out, exclusions)
     words = common_words()
     pool = voices(held_out)
     rng = random.Random(f"{seed}:{split}")
@@ -65,6 +64,15 @@ def plan(split: str, count: int, seed: int, exclusions: Exclusions) -> list[Plan
         text = _text(kind, examples, glosses, words, rng)
         items.append(PlannedItem(f"{split}-{number:06d}", text, transcript(text), kind, pick_voice(pool, rng), rng.getrandbits(62)))
     return items
+
+
+@lru_cache(maxsize=2)
+def split_texts(held_out: bool, exclusions: Exclusions) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """WordNet's example sentences and glosses a split may draw: on its side of the held-out line, none excluded.
+    Kept for the next plan: the train parts of a build, and a test's plans, filter the same 140 000 texts."""
+    examples, glosses = wordnet_texts()
+    keep = lambda texts: tuple(t for t in texts if _is_held_out(t) == held_out and not exclusions.excludes(t))  # noqa: E731
+    return keep(examples), keep(glosses)
 
 
 def _text(kind: str, examples: Sequence[str], glosses: Sequence[str], words: Sequence[str], rng: random.Random) -> str:

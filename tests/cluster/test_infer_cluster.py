@@ -110,18 +110,20 @@ def test_a_killed_actor_is_replaced_and_its_batch_redone(local_ray, corpus, undi
     assert all(r["error"] is None for r in rows.values())
 
 
-def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(undisturbed, tmp_path):
-    # A longer corpus (its first 32 items are the undisturbed run's), so the kill lands mid-run.
+def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(local_ray, undisturbed, tmp_path):
+    # A longer corpus (its first 32 items are the undisturbed run's), so the kill lands mid-run. Both drivers join the
+    # session's Ray as a driver joins a cluster (RAY_ADDRESS), which outlives the killed one and starts no Ray for
+    # either; their jobs do not have the session's fake GPUs in their environment, so their actors run on the CPU.
     (tmp_path / "corpus").mkdir()
     corpus = write_corpus(tmp_path / "corpus", 64)
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "jobs.infer", *job_argv(corpus, output, "--pool-size", "1")]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "jobs.infer", *job_argv(corpus, output, "--pool-size", "1", "--accelerator", "cpu")]
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not list(output.glob("faults/part-*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    os.killpg(first.pid, signal.SIGKILL)  # the driver; Ray ends its job's actors and tasks
     first.wait()
     written_before = settled_part_count(output)
     assert 1 <= written_before < 16

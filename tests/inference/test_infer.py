@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -75,13 +76,25 @@ def read_rows(output: Path) -> list[dict]:
     return [row for file in files for row in pq.read_table(file).to_pylist()]
 
 
-def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus, tmp_path):
-    manifest, expected = corpus
-    summary = run(job_args(manifest, tmp_path / "out"))
-    rows = read_rows(tmp_path / "out")
+@pytest.fixture(scope="module")
+def finished(local_ray, corpus, tmp_path_factory) -> tuple[dict, Path]:
+    """The job run once over the corpus, scored: its summary and output, which the tests below check (a test that
+    writes to the output takes a copy, `copy_of`)."""
+    output = tmp_path_factory.mktemp("finished") / "out"
+    return run(job_args(corpus[0], output)), output
+
+
+def copy_of(output: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(output, tmp_path / "out"))
+
+
+def test_every_item_gets_exactly_one_row_with_the_right_error(corpus, finished):
+    _, expected = corpus
+    summary, output = finished
+    rows = read_rows(output)
     assert sorted(row["id"] for row in rows) == sorted(expected)
     assert {row["id"]: row["error"] for row in rows} == expected
-    assert pq.read_schema(next((tmp_path / "out").glob("mixed/part-*.parquet"))).equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert pq.read_schema(next(output.glob("mixed/part-*.parquet"))).equals(OUTPUT_SCHEMA, check_metadata=False)
     assert summary["items"] == 9 and summary["errors"] == 4 and summary["shards_written"] == 3
     good = {row["id"]: row for row in rows if row["error"] is None}
     # 45 s of a tone, segmented: no speech, so no piece and no model call, and an empty answer
@@ -91,29 +104,27 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(local_ray, corpus,
     assert good["captioned"]["prompt"].endswith("Please write down what your hear in the audio.")
     assert all(row["model"] == "tiny+no-checkpoint+float32" and row["job_id"] == summary["job_id"] for row in rows)
     assert all(row["output_tokens"] is not None and row["ttft_s"] > 0 for row in good.values() if row["segments"])
-    assert json.loads((tmp_path / "out" / "mixed" / "_SUCCESS.json").read_text())["items"] == 9
-    assert sorted(row["id"] for row in read_predictions(str(tmp_path / "out")).to_pylist()) == sorted(expected)  # the folder reads as one table
+    assert json.loads((output / "mixed" / "_SUCCESS.json").read_text())["items"] == 9
+    assert sorted(row["id"] for row in read_predictions(str(output)).to_pylist()) == sorted(expected)  # the folder reads as one table
     assert all(row["model_s"] > 0 and row["batch_size"] >= 1 for row in good.values() if row["segments"])
     assert all(row["actor_cpu_s"] >= 0 for row in good.values())  # the model actor's CPU outside generate, per item
 
 
-def test_the_job_scores_its_corpus_at_the_end(local_ray, corpus, tmp_path):
-    manifest, _ = corpus
-    summary = run(job_args(manifest, tmp_path / "out"))
-    scores = json.loads((tmp_path / "out/mixed/_scores/metrics.json").read_text())
+def test_the_job_scores_its_corpus_at_the_end(local_ray, corpus, finished, tmp_path):
+    summary, output = finished
+    scores = json.loads((output / "mixed/_scores/metrics.json").read_text())
     assert scores["groups"] == summary["groups"]
     asr, aac = sorted(summary["groups"], key=lambda group: group["task"] != "asr")
     assert (asr["task"], asr["items"], asr["errors"], asr["scored_items"]) == ("asr", 8, 4, 4)
     assert asr["quality"]["wer"] > 0 and asr["speed"]["items"] == 4 and asr["speed"]["items_per_s"] > 0
     assert aac["task"] == "aac" and "pass --references" in aac["unavailable"]["quality"]  # the item has no caption
-    assert (tmp_path / "out/mixed/_scores/report.md").exists()
-    assert not run(job_args(manifest, tmp_path / "quiet", "--no-score")).get("groups")
+    assert (output / "mixed/_scores/report.md").exists()
+    assert not run(job_args(corpus[0], tmp_path / "quiet", "--no-score")).get("groups")
 
 
-def test_job_output_equals_the_model_one_item_at_a_time(local_ray, corpus, tmp_path):
-    manifest, expected = corpus
-    run(job_args(manifest, tmp_path / "out"))
-    rows = {row["id"]: row for row in read_rows(tmp_path / "out") if row["error"] is None}
+def test_job_output_equals_the_model_one_item_at_a_time(finished):
+    _, output = finished
+    rows = {row["id"]: row for row in read_rows(output) if row["error"] is None}
     config = load_config("tiny", {"decoding": {"num_beams": 1, "max_new_tokens": 6}})
     model = load_model(config, device="cpu").model
     for row in rows.values():
@@ -123,10 +134,9 @@ def test_job_output_equals_the_model_one_item_at_a_time(local_ray, corpus, tmp_p
         assert row["text"] == alone.answers[0].text, row["id"]
 
 
-def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, tmp_path):
+def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, finished, tmp_path):
     manifest, _ = corpus
-    output = tmp_path / "out"
-    run(job_args(manifest, output))
+    output = copy_of(finished[1], tmp_path)
     first = {row["id"]: row["text"] for row in read_rows(output)}
     again = run(job_args(manifest, output))
     assert again["items_this_run"] == 0 and again["shards_skipped"] == 3
@@ -139,11 +149,10 @@ def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, tmp
     assert {row["id"]: row["text"] for row in read_rows(output)} == first
 
 
-def test_an_output_made_with_other_settings_is_refused(local_ray, corpus, tmp_path):
-    manifest, _ = corpus
-    run(job_args(manifest, tmp_path / "out"))
+def test_an_output_made_with_other_settings_is_refused(local_ray, corpus, finished, tmp_path):
+    output = copy_of(finished[1], tmp_path)
     with pytest.raises(OutputMismatchError, match="another --output"):
-        run(job_args(manifest, tmp_path / "out", "--set", "decoding.max_new_tokens=7"))
+        run(job_args(corpus[0], output, "--set", "decoding.max_new_tokens=7"))
 
 
 def test_the_command_exits_1_for_failed_items_under_strict_and_2_for_a_mismatched_output(local_ray, corpus, tmp_path):

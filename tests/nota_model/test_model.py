@@ -40,17 +40,27 @@ def test_prompt_layout_is_bos_prompt_audio_prompt_with_left_padding(tiny):
     assert torch.equal(embeds[1, 1 + len(before) : 1 + len(before) + 88], audio[1])
 
 
+def mixed_batch(model) -> tuple[list, list[str]]:
+    """Clips of different lengths with both tasks' prompts and a custom one: the batch that must act as its items alone."""
+    prompts = prompts_for(model, [ASR, AAC, ASR])
+    prompts[2] = "<Speech><SpeechHere></Speech> What is said?"
+    return [make_clip(1.2), make_clip(30.0, seed=1), make_clip(7.0, seed=2)], prompts
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_a_batch_gives_the_same_output_as_each_item_alone(tiny, num_beams):
     model = tiny.model
-    clips = [make_clip(1.2), make_clip(30.0, seed=1), make_clip(7.0, seed=2)]
-    prompts = prompts_for(model, [ASR, AAC, ASR])
-    prompts[2] = "<Speech><SpeechHere></Speech> What is said?"
+    clips, prompts = mixed_batch(model)
     decoding = DecodingConfig(num_beams=num_beams, max_new_tokens=8)
     batch = model.generate(clips, prompts, decoding)
     alone = [model.generate([clip], [prompt], decoding) for clip, prompt in zip(clips, prompts)]
     assert batch.token_ids == [one.token_ids[0] for one in alone]
     assert batch.texts == [one.texts[0] for one in alone]
+
+
+def test_a_batch_gives_the_next_token_logits_of_each_item_alone(tiny):
+    model = tiny.model
+    clips, prompts = mixed_batch(model)
     batch_logits = model.next_token_logits(clips, prompts)
     for index, (clip, prompt) in enumerate(zip(clips, prompts)):
         torch.testing.assert_close(batch_logits[index], model.next_token_logits([clip], [prompt])[0], rtol=1e-4, atol=1e-4)
