@@ -80,7 +80,7 @@ class WhisperCT2(WhisperPrompt):
             beam_size=decoding.num_beams,
             length_penalty=decoding.length_penalty,
             repetition_penalty=decoding.repetition_penalty,
-            max_length=len(prompts[0]) + decoding.max_new_tokens,
+            max_length=ct2_max_length(len(prompts[0]), decoding.max_new_tokens),
             suppress_blank=True,  # the generation config's begin_suppress_tokens: no blank, no end first
             suppress_tokens=list(self.generation.suppress_tokens or []),
         )
@@ -135,6 +135,14 @@ class WhisperCT2(WhisperPrompt):
                       else np.ascontiguousarray(np.asarray(encoded)[indices]))
             rows = ctranslate2.StorageView.from_array(picked)
         return self.whisper.align(rows, prompt[:-1], texts, audio_frames)
+
+
+def ct2_max_length(prompt_tokens: int, new_tokens: int) -> int:
+    """CTranslate2's `max_length` for `new_tokens` decoding steps (the stop token's included) after a decoder prompt,
+    as the transformers engine's `max_new_tokens` gives: its Whisper decodes min(max_length // 2, max_length - the
+    prompt's tokens after the first) steps (whisper.cc; CTranslate2 issue 1856), so that the prompt's length plus
+    the new tokens would stop at half of them."""
+    return max(2 * new_tokens, new_tokens + prompt_tokens - 1)
 
 
 def load_whisper_ct2(config: WhisperASRConfig, device: torch.device, threads: int | None = None) -> WhisperCT2:

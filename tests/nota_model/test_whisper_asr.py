@@ -95,6 +95,10 @@ def test_ctranslate2_in_float32_gives_the_transformers_engines_tokens(clips):
     assert ct2.languages == reference.languages and ct2.language_probabilities == pytest.approx(reference.language_probabilities, abs=1e-3)
     assert reference.words == ()  # the transformers engine gives no word times
     assert ct2.output_tokens == reference.output_tokens and ct2.decode_steps == reference.decode_steps
+    # at the token limit too: CTranslate2 given half its max_length would stop at 14 of the first clip's 27 tokens
+    limit = DecodingConfig(num_beams=1, max_new_tokens=24)
+    reference, ct2 = (model.generate(clips[:1], decoding=limit) for model in engines)
+    assert ct2.token_ids == reference.token_ids and ct2.output_tokens == [24]
 
 
 def test_ctranslate2_stops_at_max_new_tokens_and_reports_its_steps(whisper_base, clips):
