@@ -83,6 +83,7 @@ class WhisperCT2(WhisperPrompt):
             max_length=ct2_max_length(len(prompts[0]), decoding.max_new_tokens),
             suppress_blank=True,  # the generation config's begin_suppress_tokens: no blank, no end first
             suppress_tokens=list(self.generation.suppress_tokens or []),
+            return_scores=True,
         )
         decode_s = time.perf_counter() - decoding_started
         token_ids = [result.sequences_ids[0] for result in results]
@@ -95,6 +96,9 @@ class WhisperCT2(WhisperPrompt):
             ttft_s=decoding_started - started + step_s,
             tpot_s=step_s if steps > 1 else None,
             decode_steps=steps,
+            # a score is the log-probabilities' sum (the stop token's included) over the token count to the length penalty
+            logprob_sums=tuple(result.scores[0] * max(len(ids), 1) ** decoding.length_penalty
+                               for result, ids in zip(results, token_ids)),
             languages=tuple(languages),
             language_probabilities=tuple(probabilities),
             words=self._words(encoded, prompts, token_ids, audio_frames, languages) if decoding.word_timestamps else (),

@@ -73,7 +73,7 @@ def test_audio_that_fits_the_window_is_one_whole_piece_without_the_vad(speech, m
 class RecordingModel:
     """Answers each piece with its length in samples, and records the batches it was given."""
 
-    config = SimpleNamespace(audio=AudioConfig(min_seconds=1.0))
+    config = SimpleNamespace(audio=AudioConfig(min_seconds=1.0), decoding=DecodingConfig())
 
     def __init__(self):
         self.batches: list[list[int]] = []
