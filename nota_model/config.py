@@ -208,10 +208,14 @@ class AudioConfig(_Strict):
 
 
 class SignalsConfig(_Strict):
-    """What a row says about how far to trust it (`nota_model.signals`). The thresholds: a mean token
-    log-probability below `low_confidence_logprob` flags `low_confidence`, a compression ratio above
-    `repetition_compression_ratio` flags `repetition` (Whisper's own defaults; a model's preset may set its own)."""
+    """What a row says about how far to trust it (`nota_model.signals`). `skip_silence`: speech recognition audio
+    in which the VAD hears no speech gets an empty answer and the `no_speech` flag without reaching the model
+    (false: a clip of up to the window goes to the model whatever the VAD hears; a longer recording is cut at
+    its speech either way). The thresholds: a mean token log-probability below `low_confidence_logprob` flags
+    `low_confidence`, a compression ratio above `repetition_compression_ratio` flags `repetition` (Whisper's
+    own defaults; a model's preset may set its own)."""
 
+    skip_silence: bool = True
     low_confidence_logprob: float = -1.0
     repetition_compression_ratio: float = 2.4
 

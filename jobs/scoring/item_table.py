@@ -18,6 +18,7 @@ READ_COLUMNS = ["id", *GROUP_KEYS, "error", "error_message", "reference", "text"
                 "model_s", "created_at", "worker", "job_id", "segments"]
 # A piece shorter than the item's audio by more than this was cut from a long recording.
 WHOLE_CLIP_TOLERANCE_S = 0.01
+WINDOW_S = 30.0  # the models' window (audio.max_seconds): audio without a piece was a long recording only over it
 CAPTION_FAILURES = (OSError, RuntimeError)
 WORD_EDIT = pa.struct([pa.field("kind", pa.string()), pa.field("reference", pa.string()), pa.field("hypothesis", pa.string())])
 
@@ -80,9 +81,10 @@ def captioned(items: pa.Table) -> pa.Table:
 
 
 def _segmented(block: pa.Table) -> pa.Array:
-    """Whether each item was a long recording cut into pieces: none (silence), several, or one piece shorter
-    than the item (a recording of one piece is the whole clip). Outputs written before long recordings were
-    segmented have no `segments`: none of their items was."""
+    """Whether each item was a long recording cut into pieces: none (silence over the window; a clip within it
+    without speech never reached the model), several, or one piece shorter than the item (a recording of one
+    piece is the whole clip). Outputs written before long recordings were segmented have no `segments`: none of
+    their items was."""
     if "segments" not in block.column_names:
         return pa.array(np.zeros(block.num_rows, dtype=bool))
     segments = block["segments"]
@@ -90,7 +92,9 @@ def _segmented(block: pa.Table) -> pa.Array:
     first = pc.list_element(pc.if_else(pc.greater(pieces, 0), segments, pa.scalar([{"start": 0.0, "end": 0.0}], segments.type)), 0)
     span = pc.subtract(pc.struct_field(first, "end"), pc.struct_field(first, "start"))
     shorter = pc.less(span, pc.subtract(block["audio_seconds"], WHOLE_CLIP_TOLERANCE_S))
-    return pc.fill_null(pc.or_(pc.not_equal(pieces, 1), pc.and_(pc.is_valid(segments), shorter)), False)
+    one_shorter = pc.and_(pc.and_(pc.equal(pieces, 1), pc.is_valid(segments)), shorter)
+    silent_recording = pc.and_(pc.equal(pieces, 0), pc.greater(block["audio_seconds"], WINDOW_S))
+    return pc.fill_null(pc.or_(pc.or_(pc.greater(pieces, 1), silent_recording), one_shorter), False)
 
 
 def _asr_edits(block: pa.Table, chosen: pa.Array) -> dict[str, np.ndarray | pa.Array]:
