@@ -15,7 +15,7 @@ from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")
 READ_COLUMNS = ["id", *GROUP_KEYS, "error", "error_message", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
-                "model_s", "created_at", "worker", "job_id", "segments"]
+                "model_s", "created_at", "worker", "job_id", "segments", "mean_logprob", "flags"]
 # A piece shorter than the item's audio by more than this was cut from a long recording.
 WHOLE_CLIP_TOLERANCE_S = 0.01
 WINDOW_S = 30.0  # the models' window (audio.max_seconds): audio without a piece was a long recording only over it
@@ -24,7 +24,8 @@ WORD_EDIT = pa.struct([pa.field("kind", pa.string()), pa.field("reference", pa.s
 
 
 def item_table(block: pa.Table, references: pa.Table | None, metrics: Sequence[Metric]) -> pa.Table:
-    """One row per item: its id, group keys ('' for null), error, whether it is scored, edit counts,
+    """One row per item: its id, group keys ('' for null), error, whether it is scored, its answer and the
+    answer's signals (`mean_logprob`, `flags`: null in outputs made before rows carried them), edit counts,
     normalized texts and word edits (ASR), tokenized captions (captioning), the speed fields of items
     the model answered, and a column of each ITEM_MEAN metric of `metrics` (null where it does not
     score the item). `references` (REFERENCE_SCHEMA) replace the rows' own where they match
@@ -43,6 +44,9 @@ def item_table(block: pa.Table, references: pa.Table | None, metrics: Sequence[M
         "error_message": block["error_message"],
         "scored": scored,
         "segmented": _segmented(block),
+        "text": block["text"],
+        "mean_logprob": block["mean_logprob"],
+        "flags": block["flags"],
         "audio_seconds": pc.fill_null(pc.if_else(succeeded, block["audio_seconds"], 0.0), 0.0),
         "modelled": modelled,
         "worker": pc.fill_null(block["worker"], "unknown"),

@@ -207,6 +207,7 @@ def test_the_job_segments_long_recordings_into_one_row_each_and_keeps_audio_with
     assert run["long_form"] == "segment" and run["signals"]["skip_silence"]
     groups = {group["task"]: group for group in score_predictions(str(tmp_path / "out"), distributed=False).groups}
     assert (groups["asr"]["segmented_items"], groups["aac"]["segmented_items"]) == (2, 1)  # speech and silence; sounds
+    assert groups["asr"]["flags"]["no_speech"] == 3 and groups["asr"]["signalled_items"] == 5
 
 
 @pytest.mark.real_weights
