@@ -39,7 +39,7 @@ def workloads(model: Any, long_form: bool) -> dict[str, Callable[[Any], Any]]:
     if long_form:
         recording = build_long_form(default_dest()).parent / "long-1min.wav"
         clip = load_audio(recording, model.config.audio, whole=True)
-        pieces = plan_pieces(clip.waveform, "asr", model.config.audio.max_seconds)
+        pieces = plan_pieces(clip.waveform, "asr", model.config.audio.max_seconds).pieces
         prompt = model.prompt_for("asr")
         loads[f"long-form 1 min, {len(pieces)} pieces in one batch"] = lambda decoding: generate_pieces(
             model, [clip], [prompt], [pieces], len(pieces), decoding)

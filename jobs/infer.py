@@ -102,7 +102,8 @@ def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor
     identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator), options.gpu_wait))
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), options.batch_size)
     store = OutputStore(options.output, manifest.name, storage_options)
-    store.claim({"model": identity, "decoding": settings.decoding, "long_form": config.audio.long_form})
+    store.claim({"model": identity, "decoding": settings.decoding, "long_form": config.audio.long_form,
+                 "signals": config.signals.model_dump()})
 
     with interruptible(store):
         done = store.completed_shards()

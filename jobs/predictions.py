@@ -53,6 +53,11 @@ OUTPUT_SCHEMA = pa.schema(
             pa.list_(pa.struct([pa.field("word", pa.string()), pa.field("start", pa.float64()), pa.field("end", pa.float64()),
                                 pa.field("probability", pa.float64())])),
         ),
+        # what the row says about how far to trust it (nota_model.signals); null where a model cannot tell
+        pa.field("speech_share", pa.float64()),
+        pa.field("mean_logprob", pa.float64()),
+        pa.field("compression_ratio", pa.float64()),
+        pa.field("flags", pa.list_(pa.string())),
         pa.field("error", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("audio_seconds", pa.float64()),

@@ -207,12 +207,26 @@ class AudioConfig(_Strict):
     max_recording_seconds: float = Field(3600.0, gt=0)
 
 
+class SignalsConfig(_Strict):
+    """What a row says about how far to trust it (`nota_model.signals`). `skip_silence`: speech recognition audio
+    in which the VAD hears no speech gets an empty answer and the `no_speech` flag without reaching the model
+    (false: a clip of up to the window goes to the model whatever the VAD hears; a longer recording is cut at
+    its speech either way). The thresholds: a mean token log-probability below `low_confidence_logprob` flags
+    `low_confidence`, a compression ratio above `repetition_compression_ratio` flags `repetition` (Whisper's
+    own defaults; a model's preset may set its own)."""
+
+    skip_silence: bool = True
+    low_confidence_logprob: float = -1.0
+    repetition_compression_ratio: float = 2.4
+
+
 class _ModelConfig(_Strict):
-    """What every model kind's config has: a name, decoding, audio preparation and a dtype."""
+    """What every model kind's config has: a name, decoding, audio preparation, the signals' settings and a dtype."""
 
     name: str = "custom"
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
+    signals: SignalsConfig = Field(default_factory=SignalsConfig)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
     @model_validator(mode="after")

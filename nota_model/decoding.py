@@ -36,6 +36,8 @@ class GenerationOutput:
     `ttft_s`: start of the batch (audio encoders included) to its first token; `tpot_s`: mean time of the
     later decode steps (None when there was only one step). Times are synchronised on GPU. `non_finite`: per
     item, whether a decode step's scores held NaN or +inf (a float16 overflow; empty: not checked).
+    `logprob_sums`: per item, the sum of the log-probabilities of its tokens and of its stop token (not of a
+    token past the `max_new_tokens` limit: there is none), as decoding chose them (empty: the engine gave none).
     Whisper only (empty for a model without them): per item, `languages`, the language its text is in, and
     `language_probabilities`, how likely the model finds that language in the clip (None where it cannot tell:
     an English-only model); `words`, its words with their times in seconds of the clip (None: not asked for)."""
@@ -47,6 +49,7 @@ class GenerationOutput:
     tpot_s: float | None
     decode_steps: int
     non_finite: tuple[bool, ...] = ()
+    logprob_sums: tuple[float | None, ...] = ()
     languages: tuple[str, ...] = ()
     language_probabilities: tuple[float | None, ...] = ()
     words: tuple[list[Word] | None, ...] = ()
@@ -69,6 +72,28 @@ class NonFiniteScores(LogitsProcessor):
         if self.flags is None:
             return ()
         return tuple(self.flags.view(-1, self.num_beams).any(-1).tolist())
+
+
+class ChosenLogprobs(LogitsProcessor):
+    """Changes no score; under greedy search records, at each step and for every row, the log-probability of the
+    token greedy search picks: the highest of the final scores (this processor runs after the model's own, which
+    `generate` puts first), normalized. Beam search reorders its rows between steps: nothing is recorded there."""
+
+    def __init__(self, num_beams: int):
+        self.greedy = num_beams == 1
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            self.steps.append(scores.max(-1).values - torch.logsumexp(scores, -1))
+        return scores
+
+    def sums(self, steps: Sequence[int]) -> tuple[float, ...]:
+        """Each row's sum over its first `steps[row]` steps; empty when nothing was recorded."""
+        if not self.steps:
+            return ()
+        table = torch.stack(self.steps, 1).double().cpu()
+        return tuple(float(row[:count].sum()) for row, count in zip(table, steps))
 
 
 class StepClock(StoppingCriteria):
@@ -129,12 +154,13 @@ def timed_generate(
 ) -> GenerationOutput:
     """Run `prepare()` (encoders, prompt assembly) and `model.generate(**inputs)`, timing both.
     `prompt_length`: leading tokens of the returned sequences that are the decoder prompt, not output."""
-    clock, finite = StepClock(device), NonFiniteScores(config.num_beams)
+    clock, finite, logprobs = StepClock(device), NonFiniteScores(config.num_beams), ChosenLogprobs(config.num_beams)
     start = clock.now()
     with torch.inference_mode():
         sequences = model.generate(**prepare(), generation_config=config, stopping_criteria=StoppingCriteriaList([clock]),
-                                   logits_processor=LogitsProcessorList([finite]))
-    token_ids = [_until_stop(row[prompt_length:].tolist(), set(config.eos_token_id)) for row in sequences]
+                                   logits_processor=LogitsProcessorList([finite, logprobs]))
+    answers = [row[prompt_length:].tolist() for row in sequences]
+    token_ids = [_until_stop(ids, set(config.eos_token_id)) for ids in answers]
     steps = len(clock.times)
     return GenerationOutput(
         texts=[tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids],
@@ -144,6 +170,7 @@ def timed_generate(
         tpot_s=(clock.times[-1] - clock.times[0]) / (steps - 1) if steps > 1 else None,
         decode_steps=steps,
         non_finite=finite.items(),
+        logprob_sums=logprobs.sums([len(ids) + (len(ids) < len(answer)) for ids, answer in zip(token_ids, answers)]),
     )
 
 
@@ -176,6 +203,7 @@ def generate_in_groups(groups: Sequence[Sequence[int]], run: Callable[[list[int]
         tpot_s=sum(count * tpot for count, tpot in later_steps) / steps if steps else None,
         decode_steps=sum(out.decode_steps for _, out in outputs),
         non_finite=in_order("non_finite", False),
+        logprob_sums=in_order("logprob_sums"),
         languages=in_order("languages"),
         language_probabilities=in_order("language_probabilities"),
         words=in_order("words"),

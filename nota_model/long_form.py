@@ -2,9 +2,9 @@
 
 Each item comes with its pieces (`nota_model.segment.plan_pieces`). The pieces of all items fill the model's
 batches together, longest first, so that a long item shares batches with the others rather than running
-alone; the answers are put back in each item's order and stitched. An item whose piece is the whole clip
-gets exactly what `generate` gives for that clip; an item with no piece (silence) gets an empty answer
-without running the model.
+alone; the answers are put back in each item's order and stitched, with their signals (`nota_model.signals`).
+An item whose piece is the whole clip gets exactly what `generate` gives for that clip; an item with no piece
+(silence) gets an empty answer without running the model.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from nota_model.config import DecodingConfig, ModelConfig
 from nota_model.decoding import GenerationOutput
 from nota_model.features import ModelFeatures, check_feature_inputs, compute_features
 from nota_model.segment import Piece
+from nota_model.signals import AnswerSignals, PieceScore, answer_signals
 from nota_model.word_times import Word
 
 
@@ -35,11 +36,10 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class PieceAnswer:
-    """The model's answer to one piece (`GenerationOutput`'s fields for one item), and its batch's size."""
+class PieceAnswer(PieceScore):
+    """The model's answer to one piece (`GenerationOutput`'s fields for one item: its text, tokens, log-probability
+    and whether it ran to the token limit, a `PieceScore`), and its batch's size."""
 
-    text: str
-    output_tokens: int
     batch_size: int
     non_finite: bool
     language: str | None
@@ -57,6 +57,7 @@ class ItemAnswer:
     segments: list[Segment]
     output_tokens: int
     batch_size: int | None  # pieces in the largest model batch that ran one of this item's pieces
+    signals: AnswerSignals
     non_finite: bool = False  # a piece's scores held NaN or +inf (decoding.NonFiniteScores)
     language: str | None = None
     language_probability: float | None = None
@@ -88,6 +89,7 @@ def generate_pieces(
     work = [(item, number, piece) for item, item_pieces in enumerate(pieces) for number, piece in enumerate(item_pieces)]
     order = sorted(range(len(work)), key=lambda index: work[index][2][1] - work[index][2][0], reverse=True)
     min_samples = round(model.config.audio.min_seconds * SAMPLE_RATE)
+    decoding = decoding or model.config.decoding
     answers: list[PieceAnswer | None] = [None] * len(work)
     ttfts, tpots = [], []
     for first in range(0, len(order), batch_size):
@@ -102,7 +104,7 @@ def generate_pieces(
         ttfts.append(output.ttft_s)
         tpots += [output.tpot_s] if output.tpot_s is not None else []
         for position, index in enumerate(indices):
-            answers[index] = _piece_answer(output, position, len(batch))
+            answers[index] = _piece_answer(output, position, len(batch), decoding.max_new_tokens)
     by_item: list[list[tuple[Piece, PieceAnswer]]] = [[] for _ in clips]
     for (item, _, piece), answer in zip(work, answers):
         by_item[item].append((piece, answer))
@@ -114,13 +116,17 @@ def generate_pieces(
     )
 
 
-def _piece_answer(output: GenerationOutput, position: int, batch_size: int) -> PieceAnswer:
+def _piece_answer(output: GenerationOutput, position: int, batch_size: int, max_new_tokens: int) -> PieceAnswer:
+    """The answer at `position` of a model batch's output; a piece that gave `max_new_tokens` tokens ran to the
+    limit (a stop token would have been one of them)."""
     def of(values: tuple, missing: object = None) -> object:
         return values[position] if values else missing
 
     return PieceAnswer(
         text=output.texts[position],
         output_tokens=output.output_tokens[position],
+        logprob_sum=of(output.logprob_sums),
+        token_limit=output.output_tokens[position] >= max_new_tokens,
         batch_size=batch_size,
         non_finite=bool(of(output.non_finite, False)),
         language=of(output.languages),
@@ -173,6 +179,7 @@ def _item_answer(piece_answers: list[tuple[Piece, PieceAnswer]], audio_seconds: 
         segments=segments,
         output_tokens=sum(answer.output_tokens for _, answer in piece_answers),
         batch_size=max((answer.batch_size for _, answer in piece_answers), default=None),
+        signals=answer_signals([answer for _, answer in piece_answers]),
         non_finite=any(answer.non_finite for _, answer in piece_answers),
         language=language,
         language_probability=probability,

@@ -4,7 +4,8 @@ Speech (task `asr`) is cut at pauses that Silero VAD finds (the `silero-vad` pac
 nothing is downloaded), and neighbouring speech is merged back into pieces of up to the window, as WhisperX
 and faster-whisper's batched pipeline do; speech longer than the window with no pause is split at its
 quietest point (Silero's own rule), else at the window. Other tasks (captioning) are cut into fixed windows.
-Audio that fits the window stays one piece, the whole clip, and is never given to the VAD.
+Audio that fits the window stays one piece, the whole clip. Speech audio of any length is heard by the VAD, which
+gives its speech share (a signal of the row) and keeps audio without speech from the model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -32,15 +34,27 @@ MIN_SILENCE_MS = 100
 _vad_lock = threading.Lock()
 
 
-def plan_pieces(waveform: np.ndarray, task: str, window_seconds: float) -> list[Piece]:
-    """The pieces to run for a 16 kHz mono waveform: the whole clip when it fits the window; else speech
-    pieces for `asr` (none at all for silence) and fixed windows for other tasks."""
+@dataclass(frozen=True)
+class PiecePlan:
+    """The pieces the model is to run of a recording, and the share of its samples in the VAD's speech spans
+    (each widened as the pieces are; None where the VAD did not listen: tasks other than speech recognition)."""
+
+    pieces: list[Piece]
+    speech_share: float | None
+
+
+def plan_pieces(waveform: np.ndarray, task: str, window_seconds: float, skip_silence: bool = True) -> PiecePlan:
+    """The pieces to run for a 16 kHz mono waveform. Speech (`asr`): none where the VAD hears no speech (with
+    `skip_silence`; a recording over the window gets none either way), else the whole clip when it fits the
+    window, else the speech cut into pieces. Other tasks: the whole clip, or fixed windows."""
     window = round(window_seconds * SAMPLE_RATE)
-    if len(waveform) <= window:
-        return [(0, len(waveform))]
-    if task == SPEECH_TASK:
-        return merge_spans(speech_spans(waveform, window_seconds), window)
-    return fixed_windows(len(waveform), window)
+    if task != SPEECH_TASK:
+        return PiecePlan([(0, len(waveform))] if len(waveform) <= window else fixed_windows(len(waveform), window), None)
+    spans = speech_spans(waveform, window_seconds)
+    share = sum(end - start for start, end in spans) / len(waveform)
+    if len(waveform) > window:
+        return PiecePlan(merge_spans(spans, window), share)
+    return PiecePlan([] if skip_silence and not spans else [(0, len(waveform))], share)
 
 
 def fixed_windows(length: int, window: int) -> list[Piece]:

@@ -27,6 +27,7 @@ from nota_model.errors import AudioError
 from nota_model.long_form import generate_pieces
 from nota_model.overrides import parse_overrides
 from nota_model.segment import plan_pieces
+from nota_model.signals import flags
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, Any]]:
-    """One row per item, in order: the answer, or the audio error that kept the item out of the batch.
-    Recordings over the window are segmented (unless the config's `audio.long_form` is `truncate`) and
+    """One row per item, in order: the answer and its signals, or the audio error that kept the item out of the
+    batch. Recordings over the window are segmented (unless the config's `audio.long_form` is `truncate`) and
     the pieces of the whole batch share model batches of the batch's size."""
     rows: list[dict[str, Any]] = [
         {"id": item.id, "task": item.task, "text": None, "error": None, "reference": item.reference} for item in batch
@@ -110,9 +111,10 @@ def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, An
             rows[position].update(error=err.code, message=err.message)
     if ready:
         prompts = [model.prompt_for(batch[p].task, batch[p].prompt) for p, _ in ready]
-        pieces = [plan_pieces(clip.waveform, batch[p].task, audio.max_seconds) for p, clip in ready]
-        output = generate_pieces(model, [clip for _, clip in ready], prompts, pieces, len(batch))
-        for (position, clip), answer in zip(ready, output.answers):
+        signals = model.config.signals
+        plans = [plan_pieces(clip.waveform, batch[p].task, audio.max_seconds, signals.skip_silence) for p, clip in ready]
+        output = generate_pieces(model, [clip for _, clip in ready], prompts, [plan.pieces for plan in plans], len(batch))
+        for (position, clip), plan, answer in zip(ready, plans, output.answers):
             rows[position].update(
                 text=answer.text,
                 segments=[[round(s.start, 3), round(s.end, 3), s.text] for s in answer.segments],
@@ -120,6 +122,10 @@ def run_batch(model: Any, batch: list[Item], identity: str) -> list[dict[str, An
                 language_probability=None if answer.language_probability is None else round(answer.language_probability, 4),
                 words=None if answer.words is None else [[w.word, round(w.start, 3), round(w.end, 3), round(w.probability, 3)]
                                                          for w in answer.words],
+                speech_share=plan.speech_share,
+                mean_logprob=answer.signals.mean_logprob,
+                compression_ratio=answer.signals.compression_ratio,
+                flags=flags(answer.signals, plan.speech_share, signals),
                 audio_seconds=round(clip.original_seconds, 3),
                 truncated=clip.truncated,
                 output_tokens=answer.output_tokens,

@@ -80,9 +80,10 @@ class WhisperCT2(WhisperPrompt):
             beam_size=decoding.num_beams,
             length_penalty=decoding.length_penalty,
             repetition_penalty=decoding.repetition_penalty,
-            max_length=len(prompts[0]) + decoding.max_new_tokens,
+            max_length=ct2_max_length(len(prompts[0]), decoding.max_new_tokens),
             suppress_blank=True,  # the generation config's begin_suppress_tokens: no blank, no end first
             suppress_tokens=list(self.generation.suppress_tokens or []),
+            return_scores=True,
         )
         decode_s = time.perf_counter() - decoding_started
         token_ids = [result.sequences_ids[0] for result in results]
@@ -95,6 +96,9 @@ class WhisperCT2(WhisperPrompt):
             ttft_s=decoding_started - started + step_s,
             tpot_s=step_s if steps > 1 else None,
             decode_steps=steps,
+            # a score is the log-probabilities' sum (the stop token's included) over the token count to the length penalty
+            logprob_sums=tuple(result.scores[0] * max(len(ids), 1) ** decoding.length_penalty
+                               for result, ids in zip(results, token_ids)),
             languages=tuple(languages),
             language_probabilities=tuple(probabilities),
             words=self._words(encoded, prompts, token_ids, audio_frames, languages) if decoding.word_timestamps else (),
@@ -135,6 +139,14 @@ class WhisperCT2(WhisperPrompt):
                       else np.ascontiguousarray(np.asarray(encoded)[indices]))
             rows = ctranslate2.StorageView.from_array(picked)
         return self.whisper.align(rows, prompt[:-1], texts, audio_frames)
+
+
+def ct2_max_length(prompt_tokens: int, new_tokens: int) -> int:
+    """CTranslate2's `max_length` for `new_tokens` decoding steps (the stop token's included) after a decoder prompt,
+    as the transformers engine's `max_new_tokens` gives: its Whisper decodes min(max_length // 2, max_length - the
+    prompt's tokens after the first) steps (whisper.cc; CTranslate2 issue 1856), so that the prompt's length plus
+    the new tokens would stop at half of them."""
+    return max(2 * new_tokens, new_tokens + prompt_tokens - 1)
 
 
 def load_whisper_ct2(config: WhisperASRConfig, device: torch.device, threads: int | None = None) -> WhisperCT2:

@@ -22,6 +22,7 @@ DECODED_SCHEMA = (
     .append(pa.field("clip", pa.string()))  # AudioClip.metadata() as JSON
     .append(pa.field("pieces", pa.list_(pa.list_(pa.int64(), 2))))  # (start, end) samples the model runs
     .append(pa.field("features", pa.list_(pa.binary())))  # each piece's ModelFeatures.to_bytes(), float32
+    .append(pa.field("speech_share", pa.float64()))  # segment.PiecePlan.speech_share
 )
 # A decoded clip of up to 30 s: float32 at 16 kHz, and its features (at most 3000 Whisper frames of up to 128
 # bins, 3001 CED frames of 64 bins, float32). A long recording makes its block larger.
@@ -35,25 +36,26 @@ def decoded_block(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def decode_item(item: dict[str, Any], data: bytes | None, audio: AudioConfig, features_for: ModelConfig | None = None,
-                dry_run: bool = False) -> dict[str, Any]:
+                dry_run: bool = False, skip_silence: bool = True) -> dict[str, Any]:
     """A work item with its decoded audio (`waveform`, `clip`), the pieces the model is to run (`pieces`: the
     whole clip when it fits the model's window or `audio.long_form` is `truncate`, else the long recording's
-    segments) and, given a model config, each piece's input features (`features`); or with the error. `data`
-    is the item's bytes, None when it already has an error. A `dry_run` item gets no waveform and no features
-    (nothing would use them), but the same errors: its pieces are checked against the model's input needs."""
-    item.update(waveform=None, clip=None, pieces=None, features=None)
+    segments; none for speech recognition audio without speech, with `skip_silence`) and its `speech_share`,
+    and, given a model config, each piece's input features (`features`); or with the error. `data` is the item's
+    bytes, None when it already has an error. A `dry_run` item gets no waveform and no features (nothing would
+    use them), but the same errors: its pieces are checked against the model's input needs."""
+    item.update(waveform=None, clip=None, pieces=None, features=None, speech_share=None)
     if data is not None:
         try:
             whole = audio.long_form == "segment"
             clip = load_audio(data, audio, name=audio_name(item), whole=whole)
-            pieces = plan_pieces(clip.waveform, item["task"], audio.max_seconds)
-            item.update(clip=json.dumps(clip.metadata()), pieces=pieces)
+            plan = plan_pieces(clip.waveform, item["task"], audio.max_seconds, skip_silence)
+            item.update(clip=json.dumps(clip.metadata()), pieces=plan.pieces, speech_share=plan.speech_share)
             if dry_run:
                 if features_for is not None:
-                    check_pieces(clip, pieces, features_for)
+                    check_pieces(clip, plan.pieces, features_for)
             else:
-                features = None if features_for is None else [piece.to_bytes() for piece in piece_features(clip, pieces, features_for)]
+                features = None if features_for is None else [piece.to_bytes() for piece in piece_features(clip, plan.pieces, features_for)]
                 item.update(waveform=clip.waveform.tobytes(), features=features)
         except AudioError as err:
-            item.update(error=err.code, error_message=err.message, clip=None, pieces=None)
+            item.update(error=err.code, error_message=err.message, clip=None, pieces=None, speech_share=None)
     return item

@@ -26,6 +26,7 @@ from nota_model.config import ModelConfig
 from nota_model.errors import AudioError, ConfigError
 from nota_model.features import ModelFeatures
 from nota_model.long_form import LongFormOutput, generate_pieces, piece_features
+from nota_model.signals import flags
 
 
 def actor_threads() -> int:
@@ -55,6 +56,9 @@ def output_row(item: dict[str, Any], settings: JobSettings, model_identity: str,
         "language": None,
         "language_probability": None,
         "words": None,
+        "mean_logprob": None,
+        "compression_ratio": None,
+        "flags": None,
         "audio_seconds": clip.get("original_seconds"),
         "truncated": clip.get("truncated"),
         "sample_rate": clip.get("original_sample_rate"),
@@ -164,8 +168,8 @@ class Predictor:
         return spent + sum(self._generate(part) for part in parts)
 
     def _fill(self, rows: list[dict[str, Any]], output: LongFormOutput, model_s: float) -> None:
-        """Each row's answer. Latency and batch size only on rows that reached the model (silence does not);
-        `model_s` on every row of the batch, whose work it is."""
+        """Each row's answer and its signals. Latency and batch size only on rows that reached the model (silence
+        does not); `model_s` on every row of the batch, whose work it is."""
         finished = datetime.now(UTC)  # one timestamp a batch: (worker, created_at) names the batch
         for row, answer in zip(rows, output.answers):
             if answer.non_finite:
@@ -180,6 +184,9 @@ class Predictor:
                 language=answer.language,
                 language_probability=answer.language_probability,
                 words=None if answer.words is None else [asdict(word) for word in answer.words],
+                mean_logprob=answer.signals.mean_logprob,
+                compression_ratio=answer.signals.compression_ratio,
+                flags=flags(answer.signals, row["speech_share"], self.model.config.signals),
                 output_tokens=answer.output_tokens,
                 ttft_s=output.ttft_s if ran else None,
                 tpot_s=output.tpot_s if ran else None,

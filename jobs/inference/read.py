@@ -69,7 +69,8 @@ def read_pieces(pieces: list[ReadPiece], context: ReadContext, kept: dict[int, f
             if len(block) == size:
                 yield decoded_block(block)
                 size, block = next(sizes), []
-            block.append(decode_item(item, data, context.config.audio, features_for=context.config, dry_run=context.dry_run))
+            block.append(decode_item(item, data, context.config.audio, features_for=context.config, dry_run=context.dry_run,
+                                     skip_silence=context.config.signals.skip_silence))
         if isinstance(piece, TarShard):
             context.record_items(piece.number, items)
     if block:

@@ -32,6 +32,8 @@ BASE_FIELDS = [
     pa.field("audio_seconds", pa.float64()),  # the item's duration (0 where its audio was not read)
     pa.field("error", pa.string()),  # the item's error code; null: the model answered
     pa.field("error_message", pa.string()),
+    pa.field("flags", pa.list_(pa.string())),  # the answer's flags and mean token log-probability, as the row has them
+    pa.field("mean_logprob", pa.float64()),
     # as scored: the Whisper English normalizer's output (ASR, one reference), the PTB tokenizer's
     # (captioning, every reference); null where the item was not scored
     pa.field("reference", pa.list_(pa.string())),
@@ -87,7 +89,8 @@ def _table(items: pa.Table, reference: pa.Array, hypothesis: pa.Array, scores: d
     item_means = {metric.name: items[metric.name] for metric in metrics if metric.source is Source.ITEM_MEAN}
     columns = {"id": items["id"], "corpus": items["corpus"], "task": items["task"], "model": items["model"],
                "audio_seconds": items["modelled_audio_seconds"], "error": items["error"],
-               "error_message": items["error_message"], "reference": reference, "hypothesis": hypothesis,
+               "error_message": items["error_message"], "flags": items["flags"], "mean_logprob": items["mean_logprob"],
+               "reference": reference, "hypothesis": hypothesis,
                **scores, **item_means}
     schema = items_schema(metrics)
     return pa.table({field.name: _column(columns, field, items.num_rows) for field in schema}, schema=schema)

@@ -15,15 +15,17 @@ from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")
 READ_COLUMNS = ["id", *GROUP_KEYS, "error", "error_message", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
-                "model_s", "created_at", "worker", "job_id", "segments"]
+                "model_s", "created_at", "worker", "job_id", "segments", "mean_logprob", "flags"]
 # A piece shorter than the item's audio by more than this was cut from a long recording.
 WHOLE_CLIP_TOLERANCE_S = 0.01
+WINDOW_S = 30.0  # the models' window (audio.max_seconds): audio without a piece was a long recording only over it
 CAPTION_FAILURES = (OSError, RuntimeError)
 WORD_EDIT = pa.struct([pa.field("kind", pa.string()), pa.field("reference", pa.string()), pa.field("hypothesis", pa.string())])
 
 
 def item_table(block: pa.Table, references: pa.Table | None, metrics: Sequence[Metric]) -> pa.Table:
-    """One row per item: its id, group keys ('' for null), error, whether it is scored, edit counts,
+    """One row per item: its id, group keys ('' for null), error, whether it is scored, its answer and the
+    answer's signals (`mean_logprob`, `flags`: null in outputs made before rows carried them), edit counts,
     normalized texts and word edits (ASR), tokenized captions (captioning), the speed fields of items
     the model answered, and a column of each ITEM_MEAN metric of `metrics` (null where it does not
     score the item). `references` (REFERENCE_SCHEMA) replace the rows' own where they match
@@ -42,6 +44,9 @@ def item_table(block: pa.Table, references: pa.Table | None, metrics: Sequence[M
         "error_message": block["error_message"],
         "scored": scored,
         "segmented": _segmented(block),
+        "text": block["text"],
+        "mean_logprob": block["mean_logprob"],
+        "flags": block["flags"],
         "audio_seconds": pc.fill_null(pc.if_else(succeeded, block["audio_seconds"], 0.0), 0.0),
         "modelled": modelled,
         "worker": pc.fill_null(block["worker"], "unknown"),
@@ -80,9 +85,10 @@ def captioned(items: pa.Table) -> pa.Table:
 
 
 def _segmented(block: pa.Table) -> pa.Array:
-    """Whether each item was a long recording cut into pieces: none (silence), several, or one piece shorter
-    than the item (a recording of one piece is the whole clip). Outputs written before long recordings were
-    segmented have no `segments`: none of their items was."""
+    """Whether each item was a long recording cut into pieces: none (silence over the window; a clip within it
+    without speech never reached the model), several, or one piece shorter than the item (a recording of one
+    piece is the whole clip). Outputs written before long recordings were segmented have no `segments`: none of
+    their items was."""
     if "segments" not in block.column_names:
         return pa.array(np.zeros(block.num_rows, dtype=bool))
     segments = block["segments"]
@@ -90,7 +96,9 @@ def _segmented(block: pa.Table) -> pa.Array:
     first = pc.list_element(pc.if_else(pc.greater(pieces, 0), segments, pa.scalar([{"start": 0.0, "end": 0.0}], segments.type)), 0)
     span = pc.subtract(pc.struct_field(first, "end"), pc.struct_field(first, "start"))
     shorter = pc.less(span, pc.subtract(block["audio_seconds"], WHOLE_CLIP_TOLERANCE_S))
-    return pc.fill_null(pc.or_(pc.not_equal(pieces, 1), pc.and_(pc.is_valid(segments), shorter)), False)
+    one_shorter = pc.and_(pc.and_(pc.equal(pieces, 1), pc.is_valid(segments)), shorter)
+    silent_recording = pc.and_(pc.equal(pieces, 0), pc.greater(block["audio_seconds"], WINDOW_S))
+    return pc.fill_null(pc.or_(pc.or_(pc.greater(pieces, 1), silent_recording), one_shorter), False)
 
 
 def _asr_edits(block: pa.Table, chosen: pa.Array) -> dict[str, np.ndarray | pa.Array]:

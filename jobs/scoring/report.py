@@ -53,7 +53,7 @@ def markdown(groups: Sequence[dict[str, Any]], predictions: str, charts: Sequenc
     parts += [f"![{name}]({name})\n" for name in charts if name != DURATION_CHART]
     parts += ["## Workers\n", _workers(groups), ""]
     if analysis:
-        parts += [error_analysis(groups, analysis, DURATION_CHART in charts)]
+        parts += [error_analysis(groups, analysis, DURATION_CHART in charts), flags_and_confidence(groups, analysis)]
     parts += [DEFINITIONS]
     return "\n".join(parts)
 
@@ -80,6 +80,44 @@ def error_analysis(groups: Sequence[dict[str, Any]], analysis: dict[tuple, dict[
         if group["error_codes"]:
             parts += ["Errors:\n", _errors_table(group["error_codes"], found["error_examples"]), ""]
     return "\n".join(parts)
+
+
+def flags_and_confidence(groups: Sequence[dict[str, Any]], analysis: dict[tuple, dict[str, Any]]) -> str:
+    """The reference-free section: per group, the items each flag marks with examples, and, where references
+    exist, the WER of the scored items by quarter of confidence: how far the confidence can be trusted on a
+    corpus without references."""
+    parts = ["## Flags and confidence\n",
+             "What each row says about itself, without a reference (the `flags` and `mean_logprob` columns).\n"]
+    for group in groups:
+        parts.append(f"### {group['corpus']} / {group['task']} / {group['model']}\n")
+        if not group["signalled_items"]:
+            parts.append("Its rows carry no signals (a dry run, or predictions made before rows carried them).\n")
+            continue
+        found = analysis.get(_key(group), {})
+        parts += [f"{group['flagged_items']} of {group['signalled_items']} answered items flagged:\n",
+                  _flags_table(group["flags"], found.get("flag_examples", {})), ""]
+        if found.get("confidence_quarters"):
+            parts += ["WER by confidence (the scored items in quarters by mean token log-probability, the most "
+                      "confident first):\n", _confidence_table(found["confidence_quarters"]), ""]
+    return "\n".join(parts)
+
+
+def _flags_table(counts: dict[str, int], examples: dict[str, list[dict[str, str]]]) -> str:
+    lines = [_line(["flag", "items", "examples (id: answer)"]), _line(["---"] * 3)]
+    for flag, count in counts.items():
+        shown = "; ".join(f"`{example['id']}`: {_cell(example['text']) or '(empty)'}" for example in examples.get(flag, []))
+        lines.append(_line([f"`{flag}`", count, shown]))
+    return "\n".join(lines)
+
+
+def _confidence_table(quarters: Sequence[dict[str, Any]]) -> str:
+    lines = [_line(["quarter", "items", "mean log-prob", "reference words", "word edits", "WER %"]), _line(["---"] * 6)]
+    labels = {0: " (most confident)", len(quarters) - 1: " (least confident)"}
+    for number, quarter in enumerate(quarters):
+        lines.append(_line([f"{number + 1}{labels.get(number, '')}", quarter["items"],
+                            f"{_number(quarter['highest_logprob'])} to {_number(quarter['lowest_logprob'])}",
+                            quarter["reference_words"], quarter["word_edits"], _number(quarter["wer"], 100)]))
+    return "\n".join(lines)
 
 
 def _duration_table(buckets: Sequence[dict[str, Any]]) -> str:
@@ -147,6 +185,9 @@ DEFINITIONS = """## How these are computed
   (corpus-level), ROUGE-L the items' mean.
 - Error analysis: from each item's word alignment (the same as WER's); a bucket's WER is its edits over
   its reference words; the worst items are those with the highest WER (then the most edits).
+- Flags (the model config's `signals` thresholds): `no_speech` the VAD heard no speech, `repetition` the
+  answer's compression ratio is high, `token_limit` it ran to the token limit, `low_confidence` its mean
+  token log-probability is low. A quarter's WER is its items' edits over their reference words.
 - items/s and x real time: items (audio seconds) over the wall time from a job's first model batch to
   its last, summed over jobs; start-up and model loading are not in it. Per worker: over busy time.
 - ttft/tpot: each item's batch figures (encoders included in ttft); percentiles over items, exact (not
@@ -161,6 +202,9 @@ def _notes(groups: Sequence[dict[str, Any]]) -> list[str]:
         if group["errors"]:
             codes = ", ".join(f"{code} {count}" for code, count in group["error_codes"].items())
             notes.append(f"- {name}: {group['errors']} of {group['items']} items had errors ({codes}), left out of quality metrics.")
+        if group["flagged_items"]:
+            raised = ", ".join(f"{flag} {count}" for flag, count in group["flags"].items() if count)
+            notes.append(f"- {name}: {group['flagged_items']} of {group['signalled_items']} answered items flagged ({raised}).")
         if group.get("segmented_items"):
             notes.append(f"- {name}: {group['segmented_items']} of {group['items']} items were long recordings, cut into "
                          "pieces and scored on the stitched text.")

@@ -46,10 +46,12 @@ def long_rows(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         metric = lambda name, value, worker=None, note=None: rows.append(
             {**key, "worker": worker, "metric": name, "value": value, "note": note}
         )
-        for name in ("items", "errors", "scored_items", "segmented_items", "audio_seconds"):
+        for name in ("items", "errors", "scored_items", "segmented_items", "signalled_items", "flagged_items", "audio_seconds"):
             metric(name, float(group[name]))
         for code, count in group["error_codes"].items():
             metric(f"errors.{code}", float(count))
+        for flag, count in group["flags"].items():
+            metric(f"flags.{flag}", float(count))
         for name, value in group["quality"].items():
             metric(name, float(value))
         for name, reason in group["unavailable"].items():

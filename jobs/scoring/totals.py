@@ -22,6 +22,7 @@ from jobs.metrics.wer import EDIT_COLUMNS, word_errors
 from jobs.scoring.analysis import Analysis
 from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
+from nota_model.signals import FLAGS
 
 LATENCIES = ("ttft_s", "tpot_s")
 NO_REFERENCE = "no item has a reference: pass --references with the corpus manifest"
@@ -77,6 +78,9 @@ class GroupTotals:
     succeeded: int = 0
     scored: int = 0
     segmented: int = 0
+    signalled: int = 0  # items whose rows carry flags (answered by a model that gives signals)
+    flagged: int = 0  # items with at least one flag
+    flags: Counter = field(default_factory=Counter)  # flag -> its items
     captioned: int = 0  # items with a tokenized hypothesis (stage 4 scores them where the group is scored)
     audio_seconds: float = 0.0
     edits: Counter = field(default_factory=Counter)
@@ -93,12 +97,16 @@ class GroupTotals:
         errors = items["error"].drop_null().to_pylist()
         failures = items["caption_failure"].drop_null()
         modelled = items.filter(items["modelled"])
+        flags = items["flags"]
         return cls(
             items=items.num_rows,
             error_codes=Counter(errors),
             succeeded=items.num_rows - len(errors),
             scored=pc.sum(items["scored"]).as_py() or 0,
             segmented=pc.sum(items["segmented"]).as_py() or 0,
+            signalled=len(flags) - flags.null_count,
+            flagged=pc.sum(pc.greater(pc.list_value_length(flags), 0)).as_py() or 0,
+            flags=Counter(pc.list_flatten(flags).to_pylist()),
             captioned=len(items) - items["caption_hyp"].null_count,
             audio_seconds=pc.sum(items["audio_seconds"]).as_py() or 0.0,
             edits=Counter({name: pc.sum(items[name]).as_py() or 0 for name in EDIT_COLUMNS}),
@@ -114,7 +122,8 @@ class GroupTotals:
     def merge(self, other: GroupTotals) -> GroupTotals:
         return GroupTotals(
             self.items + other.items, self.error_codes + other.error_codes, self.succeeded + other.succeeded,
-            self.scored + other.scored, self.segmented + other.segmented, self.captioned + other.captioned,
+            self.scored + other.scored, self.segmented + other.segmented, self.signalled + other.signalled,
+            self.flagged + other.flagged, self.flags + other.flags, self.captioned + other.captioned,
             self.audio_seconds + other.audio_seconds,
             self.edits + other.edits,
             {name: self.item_sums.get(name, 0.0) + other.item_sums.get(name, 0.0) for name in self.item_sums | other.item_sums},
@@ -144,6 +153,9 @@ class GroupTotals:
             "error_codes": dict(sorted(self.error_codes.items())),
             "scored_items": self.scored if quality else 0,
             "segmented_items": self.segmented,
+            "signalled_items": self.signalled,
+            "flagged_items": self.flagged,
+            "flags": {name: self.flags[name] for name in FLAGS} if self.signalled else {},
             "audio_seconds": self.audio_seconds,
             "quality": quality,
             "unavailable": unavailable,

@@ -32,7 +32,7 @@ from jobs.inference.write import ShardStaging
 from jobs.predictions import OutputStore
 from nota_model.config import load_config
 from nota_model.errors import ConfigError
-from tests.inference.test_infer import TINY_DECODING, tone, wav_bytes
+from tests.inference.test_infer import TINY_SETTINGS, tone, wav_bytes
 
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -49,7 +49,7 @@ def write_corpus(root: Path, items: int) -> Path:
 
 
 def job_argv(manifest: Path, output: Path, *extra: str) -> list[str]:
-    sets = [arg for setting in TINY_DECODING for arg in ("--set", setting)]
+    sets = [arg for setting in TINY_SETTINGS for arg in ("--set", setting)]
     return ["--manifest", str(manifest), "--model", "tiny", "--output", str(output), "--batch-size", "2", *sets, *extra]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.inference.test_infer import TINY_DECODING, tone, wav_bytes
+from tests.inference.test_infer import TINY_SETTINGS, tone, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "cluster" / "local.sh"
@@ -104,7 +104,7 @@ def test_jobs_submitted_to_a_local_head_write_predictions_and_scores(head_env, s
 
     output = tmp_path / "predictions"
     infer_id = f"nota-infer-{uuid.uuid4().hex[:8]}"
-    sets = [arg for setting in TINY_DECODING for arg in ("--set", setting)]
+    sets = [arg for setting in TINY_SETTINGS for arg in ("--set", setting)]
     submitted = run_script(head_env, "submit", "--submission-id", infer_id, "--",
                            "python", "-m", "jobs.infer", "--manifest", str(small_corpus), "--model", "tiny",
                            "--output", str(output), "--batch-size", "2", *sets)

@@ -24,7 +24,8 @@ from nota_model.long_form import generate_pieces
 from nota_model.segment import plan_pieces
 from tests.s3 import moto_server, s3_filesystem
 
-TINY_DECODING = ["decoding.num_beams=1", "decoding.max_new_tokens=6"]
+# Greedy and short; the test corpora's tones are no speech, which the VAD would keep from the model
+TINY_SETTINGS = ["decoding.num_beams=1", "decoding.max_new_tokens=6", "signals.skip_silence=false"]
 
 
 def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 300.0) -> np.ndarray:
@@ -67,7 +68,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
 
 
 def job_args(manifest: Path, output: Path, *extra: str):
-    sets = [arg for setting in TINY_DECODING for arg in ("--set", setting)]
+    sets = [arg for setting in TINY_SETTINGS for arg in ("--set", setting)]
     return parse_args(["--manifest", str(manifest), "--model", "tiny", "--output", str(output), "--batch-size", "3", *sets, *extra])
 
 
@@ -125,11 +126,11 @@ def test_the_job_scores_its_corpus_at_the_end(local_ray, corpus, finished, tmp_p
 def test_job_output_equals_the_model_one_item_at_a_time(finished):
     _, output = finished
     rows = {row["id"]: row for row in read_rows(output) if row["error"] is None}
-    config = load_config("tiny", {"decoding": {"num_beams": 1, "max_new_tokens": 6}})
+    config = load_config("tiny", {"decoding": {"num_beams": 1, "max_new_tokens": 6}, "signals": {"skip_silence": False}})
     model = load_model(config, device="cpu").model
     for row in rows.values():
         clip = load_audio(row["audio"], config.audio, whole=True)
-        pieces = plan_pieces(clip.waveform, row["task"], config.audio.max_seconds)
+        pieces = plan_pieces(clip.waveform, row["task"], config.audio.max_seconds, config.signals.skip_silence).pieces
         alone = generate_pieces(model, [clip], [row["prompt"]], [pieces], 1, DecodingConfig(num_beams=1, max_new_tokens=6))
         assert row["text"] == alone.answers[0].text, row["id"]
 
@@ -151,8 +152,9 @@ def test_a_rerun_resumes_and_rewrites_only_missing_shards(local_ray, corpus, fin
 
 def test_an_output_made_with_other_settings_is_refused(local_ray, corpus, finished, tmp_path):
     output = copy_of(finished[1], tmp_path)
-    with pytest.raises(OutputMismatchError, match="another --output"):
-        run(job_args(corpus[0], output, "--set", "decoding.max_new_tokens=7"))
+    for other in ("decoding.max_new_tokens=7", "signals.low_confidence_logprob=-2"):
+        with pytest.raises(OutputMismatchError, match="another --output"):
+            run(job_args(corpus[0], output, "--set", other))
 
 
 def test_the_command_exits_1_for_failed_items_under_strict_and_2_for_a_mismatched_output(local_ray, corpus, tmp_path):
@@ -177,7 +179,7 @@ def test_the_job_reads_tar_shards_from_s3_and_writes_parquet_there(local_ray, co
         (audio_dir / "broken.wav").write_bytes(b"RIFF not really")
         manifest_url = build_shards(audio_dir, None, "s3corpus", "asr", "s3://infer-corpora/s3corpus/shard", 2, options)
         args = parse_args(["--manifest", manifest_url, "--model", "tiny", "--output", "s3://infer-corpora/predictions",
-                           "--storage-options", json.dumps(options), "--set", TINY_DECODING[0], "--set", TINY_DECODING[1]])
+                           "--storage-options", json.dumps(options), *(arg for setting in TINY_SETTINGS for arg in ("--set", setting))])
         summary = run(args)
         parts = sorted(fs.glob("infer-corpora/predictions/s3corpus/part-*.parquet"))
         rows = [row for part in parts for row in pq.read_table(part, filesystem=fs).to_pylist()]
@@ -263,7 +265,7 @@ def test_a_dry_run_reads_and_decodes_every_item_without_a_model_and_never_mixes_
 def test_decoding_ships_the_models_features_and_the_actor_uses_them():
     config = load_config("tiny")
     item = {"id": "a", "audio": "a.wav", "error": None, "task": "asr"}
-    decoded = decode_item(dict(item), wav_bytes(tone(2.0), 16000), config.audio, features_for=config)
+    decoded = decode_item(dict(item), wav_bytes(tone(2.0), 16000), config.audio, features_for=config, skip_silence=False)
     clip = load_audio(wav_bytes(tone(2.0), 16000), config.audio)
     [features] = [ModelFeatures.from_bytes(piece) for piece in decoded["features"]]
     expected = compute_features([clip], config)[0]
@@ -273,7 +275,8 @@ def test_decoding_ships_the_models_features_and_the_actor_uses_them():
     long = decode_item(dict(item, task="aac"), wav_bytes(tone(40.0), 16000), config.audio, features_for=config)
     first, second = (ModelFeatures.from_bytes(piece) for piece in long["features"])
     assert long["pieces"] == [(0, 480000), (480000, 640000)] and second.whisper.shape[1] < first.whisper.shape[1]
-    too_short = decode_item(dict(item), wav_bytes(tone(0.01), 16000), config.audio.model_copy(update={"min_seconds": 0.0}), features_for=config)
+    too_short = decode_item(dict(item), wav_bytes(tone(0.01), 16000), config.audio.model_copy(update={"min_seconds": 0.0}),
+                            features_for=config, skip_silence=False)
     assert too_short["error"] == "too_short" and too_short["features"] is None
 
 

@@ -18,7 +18,7 @@ from jobs.samples import default_dest, fetch_librivox
 from jobs.scoring.pipeline import score_predictions
 from nota_model import load_audio, load_config, load_model, segment
 from nota_model.audio import SAMPLE_RATE, AudioClip, prepare_waveform
-from nota_model.config import AudioConfig, DecodingConfig
+from nota_model.config import AudioConfig, DecodingConfig, SignalsConfig
 from nota_model.decoding import GenerationOutput
 from nota_model.errors import AudioError
 from nota_model.long_form import generate_pieces
@@ -48,7 +48,7 @@ def clip_of(waveform: np.ndarray) -> AudioClip:
 
 
 def test_speech_is_cut_at_pauses_into_pieces_that_fit_the_window_and_cover_all_speech(speech):
-    pieces = plan_pieces(speech, "asr", 30)
+    pieces = plan_pieces(speech, "asr", 30).pieces
     assert len(pieces) == 2 and all(0 < end - start <= WINDOW for start, end in pieces)
     assert all(end <= next_start for (_, end), (next_start, _) in zip(pieces, pieces[1:]))
     spans = speech_spans(speech, 30)
@@ -60,20 +60,28 @@ def test_speech_is_cut_at_pauses_into_pieces_that_fit_the_window_and_cover_all_s
 
 def test_silence_gives_no_piece_and_other_tasks_fixed_windows():
     silence = np.zeros(60 * SAMPLE_RATE, dtype=np.float32)
-    assert plan_pieces(silence, "asr", 30) == []
-    assert plan_pieces(np.zeros(70 * SAMPLE_RATE, dtype=np.float32), "aac", 30) == [(0, WINDOW), (WINDOW, 2 * WINDOW), (2 * WINDOW, 70 * SAMPLE_RATE)]
+    assert plan_pieces(silence, "asr", 30) == segment.PiecePlan([], speech_share=0.0)
+    assert plan_pieces(silence, "asr", 30, skip_silence=False).pieces == []  # a long recording's silence never runs
+    windows = plan_pieces(np.zeros(70 * SAMPLE_RATE, dtype=np.float32), "aac", 30)
+    assert windows == segment.PiecePlan([(0, WINDOW), (WINDOW, 2 * WINDOW), (2 * WINDOW, 70 * SAMPLE_RATE)], speech_share=None)
 
 
-def test_audio_that_fits_the_window_is_one_whole_piece_without_the_vad(speech, monkeypatch):
-    monkeypatch.setattr(segment, "speech_spans", lambda *_: pytest.fail("the VAD ran on a clip that fits the window"))
-    assert plan_pieces(speech[:WINDOW], "asr", 30) == [(0, WINDOW)]
-    assert plan_pieces(np.zeros(SAMPLE_RATE, dtype=np.float32), "asr", 30) == [(0, SAMPLE_RATE)]
+def test_a_clip_that_fits_the_window_is_one_whole_piece_where_the_vad_hears_speech(speech):
+    heard = plan_pieces(speech[:WINDOW], "asr", 30)
+    assert heard.pieces == [(0, WINDOW)] and 0.8 < heard.speech_share <= 1.0
+    assert plan_pieces(np.zeros(SAMPLE_RATE, dtype=np.float32), "asr", 30) == segment.PiecePlan([], speech_share=0.0)
+    assert plan_pieces(np.zeros(SAMPLE_RATE, dtype=np.float32), "asr", 30, skip_silence=False).pieces == [(0, SAMPLE_RATE)]
+
+
+def test_other_tasks_never_see_the_vad(speech, monkeypatch):
+    monkeypatch.setattr(segment, "speech_spans", lambda *_: pytest.fail("the VAD ran for captioning"))
+    assert plan_pieces(speech[:WINDOW], "aac", 30) == segment.PiecePlan([(0, WINDOW)], speech_share=None)
 
 
 class RecordingModel:
     """Answers each piece with its length in samples, and records the batches it was given."""
 
-    config = SimpleNamespace(audio=AudioConfig(min_seconds=1.0))
+    config = SimpleNamespace(audio=AudioConfig(min_seconds=1.0), decoding=DecodingConfig(), signals=SignalsConfig())
 
     def __init__(self):
         self.batches: list[list[int]] = []
@@ -115,7 +123,7 @@ def test_a_batch_of_long_and_short_items_gives_what_each_gives_alone(tiny, speec
     clips = [clip_of(speech), short, clip_of(np.random.default_rng(0).normal(0, 0.1, 40 * SAMPLE_RATE).astype(np.float32))]
     tasks = ["asr", "asr", "aac"]
     prompts = [model.prompt_for(task) for task in tasks]
-    pieces = [plan_pieces(clip.waveform, task, 30) for clip, task in zip(clips, tasks)]
+    pieces = [plan_pieces(clip.waveform, task, 30).pieces for clip, task in zip(clips, tasks)]
     assert [len(p) for p in pieces] == [2, 1, 2]
     together = generate_pieces(model, clips, prompts, pieces, batch_size=4, decoding=TINY_DECODING).answers
     alone = [generate_pieces(model, [c], [p], [ps], batch_size=1, decoding=TINY_DECODING).answers[0]
@@ -153,7 +161,7 @@ def test_whisper_long_form_transcribes_as_well_as_the_clips_one_by_one(speech, l
     clips = [load_audio(item["audio"], model.config.audio) for item in librivox]
     short = corpus_wer(references, model.generate(clips).texts * 2).wer
     prompt = model.prompt_for("asr")
-    long = generate_pieces(model, [clip_of(speech)], [prompt], [plan_pieces(speech, "asr", 30)], batch_size=8).answers[0]
+    long = generate_pieces(model, [clip_of(speech)], [prompt], [plan_pieces(speech, "asr", 30).pieces], batch_size=8).answers[0]
     assert len(long.segments) == 2
     assert corpus_wer([" ".join(references)], [long.text]).wer <= short + 0.02, (long.text, short)
 
@@ -164,7 +172,10 @@ def long_corpus(tmp_path_factory, speech) -> tuple:
     sf.write(root / "speech.wav", speech, SAMPLE_RATE)
     sf.write(root / "silence.wav", np.zeros(45 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
     sf.write(root / "short.wav", speech[: 5 * SAMPLE_RATE], SAMPLE_RATE)
-    items = [("speech", "speech.wav", "asr"), ("silence", "silence.wav", "asr"), ("short", "short.wav", "asr"), ("sounds", "speech.wav", "aac")]
+    sf.write(root / "quiet.wav", np.zeros(3 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    sf.write(root / "noise.wav", np.random.default_rng(0).normal(0, 0.1, 3 * SAMPLE_RATE).astype(np.float32), SAMPLE_RATE)
+    items = [("speech", "speech.wav", "asr"), ("silence", "silence.wav", "asr"), ("short", "short.wav", "asr"), ("sounds", "speech.wav", "aac"),
+             ("quiet", "quiet.wav", "asr"), ("noise", "noise.wav", "asr")]
     (root / "items.jsonl").write_text("".join(json.dumps({"id": i, "audio": str(root / a), "task": t}) + "\n" for i, a, t in items))
     (root / "corpus.yaml").write_text("name: long\ntask: asr\nitems: items.jsonl\n")
     return root / "corpus.yaml", len(speech) / SAMPLE_RATE
@@ -176,19 +187,27 @@ def long_job(manifest, output, *extra: str) -> dict:
     return {row["id"]: row for row in pq.read_table(output / "long").to_pylist()}
 
 
-def test_the_job_segments_long_recordings_into_one_row_each(local_ray, long_corpus, tmp_path):
+def test_the_job_segments_long_recordings_into_one_row_each_and_keeps_audio_without_speech_from_the_model(
+        local_ray, long_corpus, tmp_path):
     manifest, seconds = long_corpus
     rows = long_job(manifest, tmp_path / "out")
-    assert sorted(rows) == ["short", "silence", "sounds", "speech"] and all(row["error"] is None for row in rows.values())
+    assert sorted(rows) == ["noise", "quiet", "short", "silence", "sounds", "speech"] and all(row["error"] is None for row in rows.values())
     speech, silence, short, sounds = (rows[i] for i in ("speech", "silence", "short", "sounds"))
     assert len(speech["segments"]) == 2 and speech["segments"][-1]["end"] <= seconds and not speech["truncated"]
     assert speech["text"] == " ".join(s["text"].strip() for s in speech["segments"] if s["text"].strip())
     assert [(s["start"], s["end"]) for s in sounds["segments"]] == [(0.0, 30.0), (30.0, pytest.approx(seconds))]
     assert (silence["text"], silence["segments"], silence["ttft_s"]) == ("", [], None)
     assert short["segments"] == [{"start": 0.0, "end": 5.0, "text": short["text"]}]
-    assert json.loads((tmp_path / "out/long/_RUN.json").read_text())["long_form"] == "segment"
+    for unheard in (rows["quiet"], rows["noise"], silence):  # no speech: an empty answer, no model call, the flag
+        assert (unheard["text"], unheard["segments"], unheard["ttft_s"], unheard["speech_share"], unheard["flags"]) == (
+            "", [], None, 0.0, ["no_speech"])
+    assert short["speech_share"] > 0.8 and short["mean_logprob"] < 0 and "no_speech" not in short["flags"]
+    assert sounds["speech_share"] is None and "no_speech" not in sounds["flags"]  # captioning: the VAD never listens
+    run = json.loads((tmp_path / "out/long/_RUN.json").read_text())
+    assert run["long_form"] == "segment" and run["signals"]["skip_silence"]
     groups = {group["task"]: group for group in score_predictions(str(tmp_path / "out"), distributed=False).groups}
     assert (groups["asr"]["segmented_items"], groups["aac"]["segmented_items"]) == (2, 1)  # speech and silence; sounds
+    assert groups["asr"]["flags"]["no_speech"] == 3 and groups["asr"]["signalled_items"] == 5
 
 
 @pytest.mark.real_weights
@@ -206,7 +225,7 @@ def test_the_whisper_job_gives_each_row_the_language_and_word_times_the_model_gi
     model = load_model(config, device="cpu").model
     for row in rows.values():
         clip = load_audio(row["audio"], config.audio, whole=True)
-        alone = generate_pieces(model, [clip], [row["prompt"]], [plan_pieces(clip.waveform, "asr", 30)], 1).answers[0]
+        alone = generate_pieces(model, [clip], [row["prompt"]], [plan_pieces(clip.waveform, "asr", 30).pieces], 1).answers[0]
         assert row["words"] == (None if alone.words is None else [asdict(word) for word in alone.words]), row["id"]
         assert (row["language"], row["language_probability"]) == (alone.language, alone.language_probability)
     long = rows["long"]

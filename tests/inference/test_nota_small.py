@@ -34,6 +34,6 @@ def test_the_job_transcribes_librivox_with_the_shipped_weights_as_the_model_does
     model = load_model(config, device="cpu").model
     for row in read_rows(tmp_path / "out"):
         clip = load_audio(row["audio"], config.audio, whole=True)
-        pieces = plan_pieces(clip.waveform, row["task"], config.audio.max_seconds)
+        pieces = plan_pieces(clip.waveform, row["task"], config.audio.max_seconds).pieces
         alone = generate_pieces(model, [clip], [row["prompt"]], [pieces], 1, config.decoding)
         assert row["text"] == alone.answers[0].text, row["id"]

@@ -31,7 +31,7 @@ def rows(model, count: int) -> list[dict]:
         clip = make_clip(1.0 + 0.25 * index, seed=index)
         pieces = [(0, len(clip.waveform))]
         made.append({"id": f"item{index}", "error": None, "error_message": None, "prompt": model.prompt_for("asr"),
-                     "_clip": clip, "_pieces": pieces, "_features": piece_features(clip, pieces, model.config)})
+                     "speech_share": None, "_clip": clip, "_pieces": pieces, "_features": piece_features(clip, pieces, model.config)})
     return made
 
 

@@ -49,7 +49,8 @@ def test_ctrl_c_keeps_the_staged_rows_and_a_rerun_answers_only_the_rest(local_ra
     manifest = write_corpus(tmp_path / "corpus", 12, items_per_shard=100)
     output = tmp_path / "out"
     argv = ["--manifest", str(manifest), "--model", "tiny", "--output", str(output), "--batch-size", "1", "--pool-size", "1",
-            "--no-score", "--set", "decoding.num_beams=1", "--set", "decoding.max_new_tokens=40"]
+            "--no-score", "--set", "decoding.num_beams=1", "--set", "decoding.max_new_tokens=40",
+            "--set", "signals.skip_silence=false"]  # its tones are no speech, which the VAD would keep from the model
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "NOTA_DEBUG")}
     first = subprocess.Popen([sys.executable, "-m", "jobs.infer", *argv], env=env, cwd=ROOT, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

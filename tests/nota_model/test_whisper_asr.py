@@ -87,7 +87,7 @@ def test_the_presets_run_ctranslate2_and_say_so(whisper_base):
     assert whisper_base.identity.endswith("+ctranslate2:int8")  # the compute type auto resolved on the CPU
 
 
-def test_ctranslate2_in_float32_gives_the_transformers_engines_tokens(clips):
+def test_ctranslate2_in_float32_gives_the_transformers_engines_tokens_and_log_probabilities(clips):
     engines = [load_model(load_config("whisper-base", {"engine": engine, "compute_type": "float32"}), device="cpu").model
                for engine in ("transformers", "ctranslate2")]
     reference, ct2 = (model.generate(clips) for model in engines)
@@ -95,6 +95,11 @@ def test_ctranslate2_in_float32_gives_the_transformers_engines_tokens(clips):
     assert ct2.languages == reference.languages and ct2.language_probabilities == pytest.approx(reference.language_probabilities, abs=1e-3)
     assert reference.words == ()  # the transformers engine gives no word times
     assert ct2.output_tokens == reference.output_tokens and ct2.decode_steps == reference.decode_steps
+    assert ct2.logprob_sums == pytest.approx(reference.logprob_sums, abs=0.01) and all(s < 0 for s in ct2.logprob_sums)
+    # at the token limit too: CTranslate2 given half its max_length would stop at 14 of the first clip's 27 tokens
+    limit = DecodingConfig(num_beams=1, max_new_tokens=24)
+    reference, ct2 = (model.generate(clips[:1], decoding=limit) for model in engines)
+    assert ct2.token_ids == reference.token_ids and ct2.output_tokens == [24]
 
 
 def test_ctranslate2_stops_at_max_new_tokens_and_reports_its_steps(whisper_base, clips):

@@ -48,6 +48,13 @@ def speech_rows(hypotheses: list[str], model: str = "m1") -> list[dict]:
                        error_message="not audio", model=model)]
 
 
+def write_without_signals(path: Path, rows: list[dict]) -> None:
+    """A part file as the job wrote it before rows carried their signals."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA).drop_columns(["speech_share", "mean_logprob", "compression_ratio", "flags"])
+    pq.write_table(table, path)
+
+
 def score_rows(rows: list[dict]) -> list[dict]:
     """The groups of OUTPUT_SCHEMA rows, scored in this process."""
     return score_blocks([pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)]).groups

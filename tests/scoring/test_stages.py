@@ -24,7 +24,7 @@ from jobs.scoring.report import latency_box
 from jobs.scoring.scorer import long_rows, score
 from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
 from jobs.scoring.totals import split
-from tests.scoring.test_score import SPEECH, row, score_rows, speech_rows
+from tests.scoring.test_score import SPEECH, row, score_rows, speech_rows, write_without_signals
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
 GTS = {0: ["a dog barks loudly outside", "the dog is barking"], 1: ["rain falls on the roof"],
@@ -100,9 +100,13 @@ def three_shards() -> list[list[dict]]:
 
 def test_distributed_scoring_gives_the_in_process_groups_and_latency_statistics(local_ray, tmp_path):
     shards = three_shards()
+    shards[1:] = [[r if r["error"] else r | {"flags": ["low_confidence"] if r["text"] else [], "mean_logprob": -1.5} for r in shard]
+                  for shard in shards[1:]]
     predictions = write_shards(tmp_path / "predictions", shards)
+    write_without_signals(tmp_path / "predictions/speech/part-00000.parquet", shards[0])  # read with null signals
     (distributed,) = score(predictions, str(tmp_path / "scores"), distributed=True)
     (in_process,) = score_rows([r for shard in shards for r in shard])
+    assert (distributed["signalled_items"], distributed["flags"]["low_confidence"]) == (5, 5)
     assert distributed["quality"] == in_process["quality"]  # WER and CER exactly
     assert (in_process["quality"]["reference_words"], in_process["errors"], in_process["items"]) == (18, 2, 8)
     assert distributed["workers"].keys() == {"w1", "w2", "w3"}
