@@ -98,6 +98,7 @@ def run(options: RunOptions, predictor: type[Predictor] | None = None, predictor
     manifest = load_manifest(options.manifest, storage_options)
     long_form = {"audio": {"long_form": options.long_form}} if options.long_form else {}
     config = load_config(options.model, deep_merge(options.overrides, long_form))
+    options = options.with_model_batch_size(config.batch_size)
     check_task(manifest, config)
     identity = DRY_RUN_IDENTITY if options.dry_run else model_identity(config, options.checkpoint, run_capability(uses_gpus(options.accelerator), options.gpu_wait))
     settings = JobSettings(manifest.name, job_id, identity, config.decoding.model_dump_json(), options.batch_size)

@@ -32,6 +32,7 @@ from nota_model.config import (
 )
 from nota_model.connector import decoder_layer_weights, decoder_queries
 from nota_model.errors import ConfigError
+from nota_model.lightweight import check_quantization, merge_lora, quantize_int8
 from nota_model.model import NotaModel
 from nota_model.precision import (
     Capability, ct2_compute_type, device_capability, float16_overflow_warning, llm_dtype, resolve_dtype,
@@ -81,25 +82,36 @@ def load_model(
 
 def model_identity(config: ModelConfig, checkpoint: str | None = None, capability: Capability = None) -> str:
     """What output rows name as the model: the config's name, the checksum of the trained weights (the NOTA
-    checkpoint; the Whisper reference model's own weights) and the precision it runs in on a device of
-    `capability` (None: the CPU), so that float16 and int8 rows are never taken for one model's."""
+    checkpoint; the Whisper reference model's own weights), the precision it runs in on a device of
+    `capability` (None: the CPU) and the NOTA model's other options that change its arithmetic (`option_tags`),
+    so that float16, int8, merged or pooled rows are never taken for one model's."""
     if isinstance(config, WhisperASRConfig):
         weights = resolve(config.path) / "model.safetensors"
         identity = f"{config.name}+weights:sha256:{sha256_of(weights)[:16]}" if weights.exists() else config.name
         return f"{identity}+{precision_tag(config, capability)}"
     checkpoint = checkpoint_for(config, checkpoint)
-    return _nota_identity(config.name, sha256_of(resolve(checkpoint)) if checkpoint else None, precision_tag(config, capability))
+    return _nota_identity(config, sha256_of(resolve(checkpoint)) if checkpoint else None, capability)
 
 
 def precision_tag(config: ModelConfig, capability: Capability) -> str:
     """The precision a model config runs in on a device: its torch dtype (`llm-float32:encoders-float16` where
-    the LLM's and the encoders' differ), or CTranslate2's compute type."""
+    the LLM's and the encoders' differ; `llm-int8:…` for an int8 LLM), or CTranslate2's compute type."""
     if isinstance(config, WhisperASRConfig):
         if config.engine == "ctranslate2":
             return f"ctranslate2:{ct2_compute_type(config.compute_type, capability)}"
         return _dtype_name(resolve_dtype(config.dtype, capability))
+    check_quantization(config.llm, capability)
     llm, encoders = nota_dtypes(config, capability)
-    return _dtype_name(llm) if llm == encoders else f"llm-{_dtype_name(llm)}:encoders-{_dtype_name(encoders)}"
+    llm_name = "int8" if config.llm.quantization == "int8" else _dtype_name(llm)
+    return llm_name if llm_name == _dtype_name(encoders) else f"llm-{llm_name}:encoders-{_dtype_name(encoders)}"
+
+
+def option_tags(config: NotaConfig) -> list[str]:
+    """The identity's names of the NOTA options, besides precision, that change what the model computes:
+    `lora-merged` (the same outputs up to rounding), `pool-tokens-N` (N audio tokens averaged into one)."""
+    tags = {"lora-merged": config.lora.enabled and config.lora.merge,
+            f"pool-tokens-{config.qformer.pool_tokens}": config.qformer.pool_tokens > 1}
+    return [tag for tag, applies in tags.items() if applies]
 
 
 def nota_dtypes(config: NotaConfig, capability: Capability) -> tuple[torch.dtype, torch.dtype]:
@@ -121,9 +133,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _nota_identity(name: str, checkpoint_sha256: str | None, precision: str) -> str:
+def _nota_identity(config: NotaConfig, checkpoint_sha256: str | None, capability: Capability) -> str:
     weights = f"ckpt:sha256:{checkpoint_sha256[:16]}" if checkpoint_sha256 else "no-checkpoint"
-    return f"{name}+{weights}+{precision}"
+    return "+".join([config.name, weights, precision_tag(config, capability), *option_tags(config)])
 
 
 def _load_whisper(config: WhisperASRConfig, device: torch.device, threads: int | None) -> LoadedModel:
@@ -140,10 +152,13 @@ def _load_whisper(config: WhisperASRConfig, device: torch.device, threads: int |
 
 def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device) -> LoadedModel:
     """Build the model on `device` and load `checkpoint` (a seed `.pth` or our
-    safetensors of the trained parameters) when given. The LLM takes the config's dtype (`precision.llm_dtype`),
-    cast before it moves to the device; the frozen encoders' matrix weights are cast to theirs once here
+    safetensors of the trained parameters) when given. LoRA is merged into the LLM (`lora.merge`) once loaded, in
+    float32. The LLM takes the config's dtype (`precision.llm_dtype`), cast before it moves to the device, or int8
+    linear layers (`llm.quantization`); the frozen encoders' matrix weights are cast to theirs once here
     (`precast_encoders`: the LLM's, but float16 under a float32 LLM kept out of float16); the trained connector
     keeps float32 weights, under autocast."""
+    capability = device_capability(device)
+    check_quantization(config.llm, capability)
     torch.manual_seed(config.seed)
     speech_encoder, connector_weights = build_speech_parts(config)
     ced = build_audio_encoder(config.audio_encoder)
@@ -160,16 +175,19 @@ def _load_nota(config: NotaConfig, checkpoint: str | None, device: torch.device)
         check_trained_with(trained, config, source=checkpoint)
         report = load_into(model, trained.tensors, required=set(model.trained_state_dict()), source=checkpoint)
         log.info("checkpoint_loaded", checkpoint=checkpoint, sha256=sha, loaded=len(report.loaded), ignored=report.ignored)
-    capability = device_capability(device)
+    if config.lora.enabled and config.lora.merge:
+        model.llama_model = merge_lora(model.llama_model)
     dtype, encoder_dtype = nota_dtypes(config, capability)
     model.llama_model.to(dtype)
+    if config.llm.quantization == "int8":
+        quantize_int8(model.llama_model)
     precast_encoders(model, encoder_dtype)
     model.encoder_dtype = encoder_dtype if encoder_dtype != dtype else None
     model.to(device).eval()
     warning = float16_overflow_warning(model.llama_model.config.model_type, dtype)
     if warning:
         log.warning("float16_overflow_risk", model=config.name, message=warning)
-    identity = _nota_identity(config.name, sha, precision_tag(config, capability))
+    identity = _nota_identity(config, sha, capability)
     return LoadedModel(model, identity, sha, report, random_parts=random_parts(config, checkpoint), precision_warning=warning)
 
 

@@ -116,6 +116,10 @@ class QFormerConfig(_Strict):
     window_seconds: float = 0.333333
     stride_seconds: float = 0.333333
     initializer_range: float = 0.02
+    # Consecutive audio tokens averaged into one before the projection (a clip's last run may be shorter): 2 halves
+    # the tokens the LLM reads per second of audio, with the windows the connector was trained on. A longer window
+    # would do the same, but a checkpoint trained with other windows is refused (`checkpoint.check_trained_with`).
+    pool_tokens: int = Field(1, ge=1)
 
     @property
     def window_frames(self) -> int:
@@ -127,7 +131,12 @@ class QFormerConfig(_Strict):
 
 
 class LoRAConfig(_Strict):
+    """LoRA on the LLM. `merge`: fold the adapters into the base weights once the trained parameters are loaded
+    (peft's `merge_and_unload`): the same outputs up to float rounding, without the adapters' matmuls at each
+    step; inference only (a model that trains keeps its adapters apart)."""
+
     enabled: bool = True
+    merge: bool = False
     r: int = 8
     alpha: int = 32
     dropout: float = 0.1
@@ -135,11 +144,14 @@ class LoRAConfig(_Strict):
 
 
 class LLMConfig(_Strict):
-    """A transformers causal LM. `hf_config` (with `model_type`) describes it for random init."""
+    """A transformers causal LM. `hf_config` (with `model_type`) describes it for random init.
+    `quantization`: `int8` runs the LLM's linear layers (LoRA adapters apart) with int8 weights and float32
+    activations, quantised per batch (torch's dynamic quantisation): CPU only, inference only, with `dtype` float32."""
 
     path: str | None = None
     tokenizer: str | None = None
     hf_config: dict[str, Any] = Field(default_factory=dict)
+    quantization: Literal["none", "int8"] = "none"
 
     @property
     def tokenizer_path(self) -> str | None:
@@ -221,13 +233,15 @@ class SignalsConfig(_Strict):
 
 
 class _ModelConfig(_Strict):
-    """What every model kind's config has: a name, decoding, audio preparation, the signals' settings and a dtype."""
+    """What every model kind's config has: a name, decoding, audio preparation, the signals' settings, a dtype and
+    the items per model batch the batch job runs (`batch_size`; the job's `--batch-size` replaces it)."""
 
     name: str = "custom"
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     signals: SignalsConfig = Field(default_factory=SignalsConfig)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batch_size: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _check_audio(self) -> _ModelConfig:
@@ -290,6 +304,9 @@ class NotaConfig(_ModelConfig):
         if self.decoding.word_timestamps:
             raise ValueError("decoding.word_timestamps: the NOTA model gives no word times (its LLM's answer has no "
                              "alignment to the audio); only the Whisper models do")
+        if self.llm.quantization == "int8" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"llm.quantization int8 computes in float32 around its int8 weights: dtype {self.dtype} "
+                             "does not combine with it (use dtype float32 or auto)")
         return self
 
     @property

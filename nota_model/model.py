@@ -25,7 +25,7 @@ from nota_model.connector import build_connector
 from nota_model.decoding import GenerationOutput, generation_config, timed_generate, with_llm_cache
 from nota_model.errors import ConfigError
 from nota_model.features import ModelFeatures, compute_features
-from nota_model.qformer import split_windows
+from nota_model.qformer import pool_tokens, split_windows
 
 
 class NotaModel(nn.Module):
@@ -104,16 +104,18 @@ class NotaModel(nn.Module):
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def _connect(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each clip's encoder states -> windows -> Q-Former (`num_query_tokens` queries per window) -> projection to the LLM.
+        """Each clip's encoder states -> windows -> Q-Former (`num_query_tokens` queries per window) -> runs of
+        `pool_tokens` outputs averaged -> projection to the LLM.
         The states are cast to the model's dtype first: the layer norms return float32 under autocast, and the
         windows (overlapping copies of the states) would be float32 too, though their only readers, the
         Q-Former's key and value projections, cast them to the same dtype anyway."""
-        window, stride = self.config.qformer.window_frames, self.config.qformer.stride_frames
-        windows = [split_windows(item.to(self.dtype).unsqueeze(0), window, stride) for item in states]
-        counts = [len(item) for item in windows]
-        queries = self.speech_query_tokens.expand(sum(counts), -1, -1)
-        tokens = self.speech_llama_proj(self.speech_Qformer(queries, torch.cat(windows)))
-        return [item.flatten(0, 1).to(self.dtype) for item in tokens.split(counts)]
+        qformer = self.config.qformer
+        windows = [split_windows(item.to(self.dtype).unsqueeze(0), qformer.window_frames, qformer.stride_frames) for item in states]
+        queries = self.speech_query_tokens.expand(sum(len(item) for item in windows), -1, -1)
+        outputs = self.speech_Qformer(queries, torch.cat(windows)).split([len(item) for item in windows])
+        pooled = [pool_tokens(item.flatten(0, 1), qformer.pool_tokens) for item in outputs]
+        tokens = self.speech_llama_proj(torch.cat(pooled))
+        return [item.to(self.dtype) for item in tokens.split([len(item) for item in pooled])]
 
     def _encoder_states(self, features: Sequence[ModelFeatures], clips: Sequence[AudioClip]) -> list[torch.Tensor]:
         """Per clip: LayerNormed Whisper states, concatenated on channels with LayerNormed CED tokens.

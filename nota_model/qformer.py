@@ -155,5 +155,17 @@ def split_windows(states: torch.Tensor, window: int, stride: int) -> torch.Tenso
     return windows.reshape(batch * num_windows, window, channels)
 
 
+def pool_tokens(tokens: torch.Tensor, size: int) -> torch.Tensor:
+    """(L, C) -> (ceil(L / size), C): each run of `size` consecutive tokens averaged; the last run may be
+    shorter (no audio is dropped)."""
+    if size == 1:
+        return tokens
+    whole = len(tokens) // size * size
+    pooled = tokens[:whole].unflatten(0, (-1, size)).mean(1)
+    if whole == len(tokens):
+        return pooled
+    return torch.cat([pooled, tokens[whole:].mean(0, keepdim=True)])
+
+
 def num_windows(num_frames: int, window: int, stride: int) -> int:
     return (num_frames - window) // stride + 1

@@ -40,7 +40,9 @@ class RunOptions(BaseModel):
         default_factory=dict,
         description="fsspec options for the manifest, the corpus and the output, e.g. an S3 endpoint; credentials "
         "belong in the standard AWS variables")
-    batch_size: int = Field(8, ge=1, description="items per model batch (pieces of long recordings)")
+    batch_size: int | None = Field(
+        None, ge=1, description="items per model batch (pieces of long recordings) (default: the model config's "
+        "batch_size, 8 unless the preset says)")
     long_form: Literal["segment", "truncate"] | None = Field(
         None,
         description="a recording longer than the model's 30 s window: segment it (speech at pauses found by a VAD, "
@@ -101,6 +103,10 @@ class RunOptions(BaseModel):
             raise ValueError("gpus_per_actor is for GPU runs; with accelerator cpu the model actors take "
                              "--cpus-per-actor CPUs each: drop --gpus-per-actor")
         return self
+
+    def with_model_batch_size(self, model_batch_size: int) -> RunOptions:
+        """These options with the model config's `batch_size` where none was given."""
+        return self if self.batch_size else self.model_copy(update={"batch_size": model_batch_size})
 
     @property
     def actors_per_gpu(self) -> int:

@@ -51,6 +51,9 @@ class ModelSection(_Strict):
         config = load_config(self.config, self.overrides)
         if not isinstance(config, NotaConfig):
             raise ConfigError(f"model.config {self.config!r} is not a NOTA model: only the NOTA model trains")
+        if config.lora.merge or config.llm.quantization != "none":
+            raise ConfigError("lora.merge and llm.quantization are inference options: a model that trains keeps its "
+                              "LoRA adapters apart and its LLM in floating point; drop them from model.overrides")
         return config
 
 

@@ -34,7 +34,14 @@ def test_flags_override_the_file_and_the_mappings_merge_key_by_key(tmp_path):
 def test_flags_alone_give_the_same_options_as_before():
     options = parse_args(["--manifest", "m", "--model", "tiny", "--output", "o", "--set", "llm.path=/w", "--no-score"])
     assert options == RunOptions(manifest="m", model="tiny", output="o", overrides={"llm": {"path": "/w"}}, no_score=True)
-    assert (options.batch_size, options.accelerator, options.storage_options) == (8, "auto", {})
+    assert (options.batch_size, options.accelerator, options.storage_options) == (None, "auto", {})
+
+
+def test_the_batch_size_is_the_model_configs_unless_the_run_gives_one():
+    config = load_config("tiny", {"batch_size": 5})
+    assert parse_args(["--manifest", "m", "--model", "tiny", "--output", "o"]).with_model_batch_size(config.batch_size).batch_size == 5
+    given = parse_args(["--manifest", "m", "--model", "tiny", "--output", "o", "--batch-size", "3"])
+    assert given.with_model_batch_size(config.batch_size).batch_size == 3
 
 
 @pytest.mark.parametrize("text, message", [
@@ -57,7 +64,7 @@ def test_every_option_is_described_and_is_a_flag(capsys):
     flags = ["--set" if name == "overrides" else f"--{name.replace('_', '-')}" for name in RunOptions.model_fields]
     assert [flag for flag in flags if f" {flag} " not in help_text and f"[{flag}" not in help_text] == []
     words = " ".join(help_text.split())  # the defaults are shown, wherever argparse wraps the lines
-    assert "(pieces of long recordings) (default: 8)" in words and "cpu: never (default: auto)" in words
+    assert "(default: the model config's batch_size, 8 unless the preset says)" in words and "cpu: never (default: auto)" in words
 
 
 def test_the_shipped_run_configs_are_valid_and_name_real_config_keys():

@@ -2,7 +2,7 @@ import torch
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from nota_model.config import QFormerConfig
-from nota_model.qformer import QFormer, num_windows, split_windows
+from nota_model.qformer import QFormer, num_windows, pool_tokens, split_windows
 
 SMALL = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
@@ -14,6 +14,13 @@ def test_windows_of_30_seconds_are_88_and_drop_the_last_frames():
     assert torch.equal(windows[0], states[0, :17])
     assert torch.equal(windows[87], states[0, 87 * 17 : 88 * 17])
     assert torch.equal(windows[88 + 5], states[1, 5 * 17 : 6 * 17])
+
+
+def test_pooling_averages_runs_of_tokens_and_keeps_a_shorter_last_run():
+    tokens = torch.arange(14.0).view(7, 2)
+    assert torch.equal(pool_tokens(tokens, 1), tokens)
+    assert pool_tokens(tokens, 2).tolist() == [[1.0, 2.0], [5.0, 6.0], [9.0, 10.0], [12.0, 13.0]]
+    assert pool_tokens(tokens, 3).tolist() == [[2.0, 3.0], [8.0, 9.0], [12.0, 13.0]]
 
 
 def test_parameter_names_are_the_lavis_ones():

@@ -170,6 +170,10 @@ def test_config_errors_name_the_problem(tmp_path):
     path.write_text("model: {config: tiny}\ndatasets: {train: [m.yaml]}\nrun: {name: x, storage_path: /tmp/x, max_steps: 3}\n")
     config = load_train_config(str(path), {"run": {"max_steps": 7}})
     assert config.run.max_steps == 7 and config.model.config == "tiny" and config.run.optimizer.lr == 1e-4
+    for option in ({"lora": {"merge": True}}, {"llm": {"quantization": "int8"}}):  # inference recipes do not train
+        with pytest.raises(ConfigError, match="inference options"):
+            load_train_config(str(path), {"model": {"overrides": option}}).model.load()
+    assert load_train_config(str(path), {"model": {"overrides": {"qformer": {"pool_tokens": 2}}}}).model.load().qformer.pool_tokens == 2
 
 
 def test_shipped_training_configs_are_valid():
