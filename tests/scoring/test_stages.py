@@ -14,8 +14,9 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from jobs.scoring import coco_tools
-from jobs.metrics.captions import bleu_from_statistics, bleu_statistics, cider_d_items, document_frequency, rouge_l_items
-from jobs.scoring.coco_tools import meteor_from_statistics, meteor_scores, meteor_statistics
+from jobs.metrics.captions import (bleu_from_statistics, bleu_statistics, cider_d_items, document_frequency, meteor_sums,
+                                   rouge_l_items)
+from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics
 from jobs.predictions import OutputStore, prediction_files
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_table import GROUP_KEYS
@@ -68,17 +69,24 @@ def test_rouge_l_mean_over_blocks_is_pycocoevalcaps_whole_set_score():
     assert scores == pytest.approx(list(per_item), abs=1e-12) and np.mean(scores) == pytest.approx(expected, abs=1e-12)
 
 
+# items matched whole: in one chunk (whose chunk the jar's corpus sum leaves out) and in several
+WHOLE_GTS = GTS | {4: ["the dog is barking"], 5: ["the dog is barking", "a dog barks"]}
+WHOLE_RES = RES | {4: ["the dog is barking"], 5: ["barking is the dog"]}
+
+
 @java
 @pytest.mark.parametrize("lines_at_once", [1, 3, 64])
-def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeypatch, lines_at_once):
+def test_meteor_from_summed_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeypatch, lines_at_once):
     monkeypatch.setattr(coco_tools, "METEOR_LINES_AT_ONCE", lines_at_once)
-    assert meteor_statistics(GTS, RES)[0] == [coco_tools._meteor_scorer()._stat(RES[i][0], GTS[i]) for i in RES]
-    expected, _ = coco_tools._meteor_scorer().compute_score(GTS, RES)  # pycocoevalcap's own, on the same JVM
-    statistics = [line for gts, res in zip(blocks(GTS, range(1), range(1, 4)), blocks(RES, range(1), range(1, 4)))
-                  for line in meteor_statistics(gts, res)[0]]
-    assert meteor_from_statistics(statistics) == (expected, None)
-    _, per_item = coco_tools._meteor_scorer().compute_score(GTS, RES)
-    assert meteor_scores(statistics)[0][0] == per_item
+    meteor = coco_tools._meteor_scorer()
+    assert meteor_statistics(WHOLE_GTS, WHOLE_RES)[0] == [meteor._stat(WHOLE_RES[i][0], WHOLE_GTS[i]) for i in WHOLE_RES]
+    expected, per_item = meteor.compute_score(WHOLE_GTS, WHOLE_RES)  # pycocoevalcap's own, on the same JVM
+    parts = (range(1), range(1, 5), range(5, 6))
+    statistics = [meteor_statistics(gts, res)[0] for gts, res in zip(blocks(WHOLE_GTS, *parts), blocks(WHOLE_RES, *parts))]
+    assert meteor_from_statistics(sum(meteor_sums(lines) for lines in statistics)) == (expected, None)
+    assert [score for lines in statistics for score in meteor_item_scores(lines)[0]] == per_item
+    plain_sums = np.array([line.split() for lines in statistics for line in lines], dtype=float).sum(axis=0)
+    assert meteor_from_statistics(plain_sums)[0] != expected  # the whole match's chunk counts
 
 
 def write_shards(root, rows_by_shard: list[list[dict]]) -> str:
