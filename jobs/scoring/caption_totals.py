@@ -17,7 +17,7 @@ import ray
 
 from jobs.metrics.captions import (BLEU_STATISTICS, METEOR_FIELDS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics,
                                    cider_d_items, combine, meteor_sums, rouge_l_items)
-from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics, spice_f_scores
+from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics, spice_f_scores, start_meteor
 from jobs.metrics.registry import Metric
 from jobs.scoring.analysis import WORST_ITEMS
 from jobs.scoring.frequencies import DocumentFrequencies
@@ -117,6 +117,7 @@ class CaptionScorer:
 
     def __init__(self, frequencies: list[ray.ObjectRef], corpus_items: dict[tuple[str, ...], int], spice_lib: str | None,
                  metrics: Sequence[Metric], items_out: ItemsOut | None):
+        start_meteor()  # its JVM loads while the frequencies are mapped
         self.frequencies = DocumentFrequencies(ray.get(frequencies))
         self.corpus_items, self.spice_lib, self.metrics, self.items_out = corpus_items, spice_lib, metrics, items_out
 

@@ -20,7 +20,8 @@ from jobs.ray_session import join_ray
 from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
 from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_scores import ItemsOut, asr_item_scores
-from jobs.scoring.item_table import READ_COLUMNS, captioned, item_table
+from jobs.scoring.coco_tools import start_meteor
+from jobs.scoring.item_table import READ_COLUMNS, captioned, has_captions, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.references import read_references
 from jobs.scoring.sizing import IN_PROCESS_S, single_process_seconds
@@ -88,6 +89,8 @@ def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None,
     metrics = registered() if metrics is None else metrics
     totals, parts, captioned_blocks = Totals(), [], []
     for block in blocks:
+        if has_captions(block):
+            start_meteor()  # its JVM loads its paraphrase table (seconds) while the blocks are scored
         items = _written_item_table(block, references, items_out, metrics)
         totals = totals.merge(Totals.of(items, metrics))
         parts.append(frequency_parts(items))
