@@ -9,7 +9,7 @@ Rows are written as the job writes them (OUTPUT_SCHEMA, 10 000 rows a part file,
 share their timing, two workers, 12-word transcripts or five captions an item). Each measurement runs
 in a fresh Python process that scores one prediction set and reports its wall time and its own peak
 RSS: the driver's, since the scorer's Ray workers are other processes. "new" is jobs.score as it runs
-by default (Ray Data where one core would take longer than jobs.scoring.sizing.IN_PROCESS_S; `ray_data`
+by default (Ray Data where jobs.scoring.sizing.on_ray_data says it would finish first or the in-process path would not fit; `ray_data`
 in the results says which it chose); "in-process" and "ray-data" force the same code into one process
 or onto Ray Data. It starts its own
 local Ray (RAY_ADDRESS=local) unless RAY_ADDRESS names one. Today's scorer is

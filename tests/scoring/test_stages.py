@@ -23,7 +23,7 @@ from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.pipeline import score_blocks
 from jobs.scoring.report import latency_box
 from jobs.scoring.scorer import long_rows, score
-from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
+from jobs.scoring.sizing import Work, estimated_work, on_ray_data
 from jobs.scoring.totals import split
 from tests.scoring.test_score import SPEECH, row, score_rows, speech_rows
 
@@ -183,9 +183,18 @@ def test_the_work_estimate_reads_rows_and_tasks_from_sampled_footers(tmp_path):
     for shard in range(40):
         store.write_shard(shard, [r | {"id": f"{shard}-{r['id']}", "shard": shard} for r in speech])
     fs, root = fsspec.core.url_to_fs(str(tmp_path))
-    files = prediction_files(fs, root)
-    assert single_process_seconds(fs, files) == pytest.approx(40 * len(speech) * ASR_ROW_S, rel=0.05)
-    captions = [r | {"task": "aac"} for r in speech]
-    store.write_shard(0, [r | {"shard": 0} for r in captions])  # a file of captions costs a captioning row's time a row
-    with_captions = single_process_seconds(fs, prediction_files(fs, root))
-    assert with_captions > 40 * len(speech) * ASR_ROW_S + len(speech) * (CAPTION_ROW_S - ASR_ROW_S) * 0.9
+    work = estimated_work(fs, prediction_files(fs, root))
+    assert work.asr_rows == pytest.approx(40 * len(speech), rel=0.05) and work.caption_rows == 0
+    store.write_shard(0, [r | {"shard": 0, "task": "aac"} for r in speech])  # a file of captions, sampled, scaled by the bytes
+    work = estimated_work(fs, prediction_files(fs, root))
+    assert work.caption_rows >= len(speech) and work.asr_rows + work.caption_rows == pytest.approx(40 * len(speech), rel=0.05)
+
+
+def test_ray_data_takes_what_it_would_score_sooner_on_the_clusters_cpus_or_what_would_not_fit_in_memory():
+    plenty = 1e15
+    assert not any(on_ray_data(Work(asr_rows=rows), cpus=2, memory_bytes=plenty) for rows in (1e3, 1e6, 1e9))
+    assert not on_ray_data(Work(asr_rows=1e5), cpus=64, memory_bytes=plenty)  # Ray's start-up is most of it
+    assert on_ray_data(Work(asr_rows=1e7), cpus=64, memory_bytes=plenty)
+    assert not on_ray_data(Work(caption_rows=2e4), cpus=2, memory_bytes=plenty)
+    assert on_ray_data(Work(caption_rows=2e4), cpus=1, memory_bytes=Work(caption_rows=1e4).in_process_bytes())
+    assert not on_ray_data(Work(asr_rows=1e9), cpus=1, memory_bytes=0)  # ASR rows are not kept
