@@ -20,7 +20,7 @@ from jobs.metrics.captions import (BLEU_STATISTICS, METEOR_FIELDS, CaptionScores
 from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics, spice_f_scores, start_meteor
 from jobs.metrics.registry import Metric
 from jobs.scoring.analysis import WORST_ITEMS
-from jobs.scoring.frequencies import DocumentFrequencies
+from jobs.scoring.frequencies import CountedFrequencies, DocumentFrequencies
 from jobs.scoring.item_scores import ItemsOut, caption_item_scores
 from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
@@ -78,7 +78,7 @@ class CaptionsByGroup(dict):
     """CaptionTotals by (corpus, task, model)."""
 
     @classmethod
-    def of(cls, items: pa.Table, frequencies: DocumentFrequencies, corpus_items: dict[tuple[str, ...], int],
+    def of(cls, items: pa.Table, frequencies: DocumentFrequencies | CountedFrequencies, corpus_items: dict[tuple[str, ...], int],
            spice_lib: str | None, metrics: Sequence[Metric], items_out: ItemsOut | None = None) -> CaptionsByGroup:
         """The totals of the groups in `corpus_items` (group -> its scored items); every item, with its
         scores where its group is scored, to `items_out` (items_schema of `metrics`)."""

@@ -19,14 +19,14 @@ from jobs.metrics.registry import Metric, registered
 from jobs.predictions import OUTPUT_SCHEMA, prediction_files, require_one_run_per_group
 from jobs.ray_session import join_ray
 from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
-from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
+from jobs.scoring.frequencies import RANGE_KEYS, CountedFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_scores import ItemsOut, asr_item_scores
 from jobs.scoring.coco_tools import start_meteor
 from jobs.scoring.item_table import READ_COLUMNS, captioned, has_captions, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.references import read_references
 from jobs.scoring.sizing import estimated_work, on_ray_data
-from jobs.scoring.totals import Summary, Totals, split
+from jobs.scoring.totals import Summary, Totals
 from nota_model.errors import NotaError
 
 ITEMS_PER_BATCH = 10_000  # a block: under a second of ASR work on one core, a single PTB tokenizer run for its captions
@@ -89,21 +89,19 @@ def score_predictions(
 def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None, spice_lib: str | None = None,
                  items_out: ItemsOut | None = None, metrics: Sequence[Metric] | None = None) -> Summary:
     """The stages in this process, a block at a time, as on the cluster: only the totals, the document
-    frequencies and the captioned items are kept between blocks. `metrics`: those registered, unless given."""
+    frequencies (frequencies.CountedFrequencies) and the captioned items are kept between blocks. `metrics`: those registered, unless given."""
     metrics = registered() if metrics is None else metrics
-    totals, parts, captioned_blocks = Totals(), [], []
+    totals, frequencies, captioned_blocks = Totals(), CountedFrequencies(), []
     for block in blocks:
         if has_captions(block):
             start_meteor()  # its JVM loads its paraphrase table (seconds) while the blocks are scored
         items = _written_item_table(block, references, items_out, metrics)
         totals = totals.merge(Totals.of(items, metrics))
-        parts.append(frequency_parts(items))
+        frequencies.add(items)
         captioned_blocks.append(captioned(items))
     summary = totals.summary()
     if not summary.captioned_items:
         return summary
-    parts = pa.concat_tables(parts)
-    frequencies = DocumentFrequencies([merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()])
     captions = (CaptionsByGroup.of(items, frequencies, summary.captions, spice_lib, metrics, items_out)
                 for items in captioned_blocks)
     return _with_captions(summary, reduce(CaptionsByGroup.merge, captions, CaptionsByGroup()).quality())

@@ -18,7 +18,7 @@ from jobs.metrics.captions import (bleu_from_statistics, bleu_statistics, cider_
                                    rouge_l_items)
 from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics
 from jobs.predictions import OutputStore, prediction_files
-from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
+from jobs.scoring.frequencies import RANGE_KEYS, CountedFrequencies, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.pipeline import score_blocks
 from jobs.scoring.report import latency_box
@@ -175,6 +175,21 @@ def test_document_frequencies_merged_by_hash_range_are_the_frequency_dicts_added
     key, number = tuple(merged[0][name][0].as_py() for name in GROUP_KEYS), merged[0]["range"][0].as_py()
     data = merged[0]["hashes"].chunk(0).buffers()[2]
     assert data.address <= DocumentFrequencies(merged).ranges[key][number].hashes.ctypes.data < data.address + data.size  # in place
+
+
+def test_counted_frequencies_of_blocks_are_the_merged_parts():
+    first, second = blocks(GTS, range(2), range(2, 4))
+    items = [caption_items("a", first, blocks(RES, range(2))[0]), caption_items("a", second, blocks(RES, range(2, 4))[0]),
+             caption_items("b", second, blocks(RES, range(2, 4))[0])]
+    counted = CountedFrequencies()
+    for block in items:
+        counted.add(block)
+    parts = pa.concat_tables([frequency_parts(block) for block in items])
+    merged = DocumentFrequencies([merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()])
+    ngrams = [*document_frequency(GTS), ("no", "such", "ngram")]
+    for key in (("a", "aac", "m"), ("b", "aac", "m")):
+        assert counted.lookup(key, ngrams) == merged.lookup(key, ngrams)
+    assert counted.lookup(("a", "aac", "m"), ngrams) == document_frequency(GTS)
 
 
 def test_the_work_estimate_reads_rows_and_tasks_from_sampled_footers(tmp_path):
