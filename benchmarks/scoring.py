@@ -3,18 +3,21 @@ scorer and by the new one, in one run on the same machine.
 
     python -m benchmarks.scoring [--sizes 200000,2000000] [--tasks asr,aac] [--baseline-sizes 200000]
                                  [--in-process-sizes 200000] [--ray-data-sizes 200000] [--baseline-ref 3185eef]
-                                 [--references] [--data DIR] [--output bench.json]
+                                 [--pycocoevalcap-sizes 20000] [--references] [--data DIR] [--output bench.json]
 
 Rows are written as the job writes them (OUTPUT_SCHEMA, 10 000 rows a part file, batches of 8 that
 share their timing, two workers, 12-word transcripts or five captions an item). Each measurement runs
 in a fresh Python process that scores one prediction set and reports its wall time and its own peak
 RSS: the driver's, since the scorer's Ray workers are other processes. "new" is jobs.score as it runs
-by default (Ray Data where one core would take longer than jobs.scoring.sizing.IN_PROCESS_S; `ray_data`
+by default (Ray Data where jobs.scoring.sizing.on_ray_data says it would finish first or the in-process path would not fit; `ray_data`
 in the results says which it chose); "in-process" and "ray-data" force the same code into one process
 or onto Ray Data. It starts its own
 local Ray (RAY_ADDRESS=local) unless RAY_ADDRESS names one. Today's scorer is
 the in-process one of `--baseline-ref` (the last commit before the distributed scorer), exported with
-`git archive` and run from there. `--references` also writes each set's references as a JSONL of `id`,
+`git archive` and run from there. "pycocoevalcap" (captioning only) is what a user would write by hand:
+pycocoevalcap's own scorers in one process on the same captioned rows (its PTB tokenizer, BLEU-1..4,
+METEOR, ROUGE-L and CIDEr-D, as its COCO evaluation calls them), with no Parquet output, report or
+per-item file. `--references` also writes each set's references as a JSONL of `id`,
 `corpus`, `reference` (one line a row) and scores with `--references` pointing at it.
 """
 
@@ -143,6 +146,33 @@ def measure(predictions: str, output: str, distributed: bool | None = None, refe
     }))
 
 
+def measure_pycocoevalcap(predictions: str) -> None:
+    """pycocoevalcap's scorers in this process over the rows jobs.score scores as captions (answered,
+    with references), as its COCO evaluation runs them; print wall time (reading the rows included),
+    peak RSS and the corpus scores (JSON)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    started = time.perf_counter()
+    rows = ds.dataset(predictions, format="parquet").to_table(columns=["reference", "text", "error"])
+    rows = rows.filter(pc.and_(pc.is_null(rows["error"]), pc.greater(pc.list_value_length(rows["reference"]), 0)))
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in enumerate(rows["reference"].to_pylist())})
+    res = tokenizer.tokenize({i: [{"caption": text}] for i, text in enumerate(rows["text"].to_pylist())})
+    quality = {"items": len(res)}
+    for name, scorer in [("bleu", Bleu(4)), ("meteor", Meteor()), ("rouge_l", Rouge()), ("cider_d", Cider())]:
+        score, _ = scorer.compute_score(gts, res, verbose=0) if name == "bleu" else scorer.compute_score(gts, res)
+        quality |= {f"bleu_{n}": value for n, value in enumerate(score, 1)} if name == "bleu" else {name: score}
+    print(json.dumps({"wall_s": time.perf_counter() - started,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "quality": quality, "ray_data": False}))
+
+
 def export_baseline(ref: str, into: Path) -> Path:
     """Today's scorer: `jobs` and `nota_model` at `ref`, exported from this repository's git."""
     archive = subprocess.run(["git", "archive", ref, "jobs", "nota_model"], check=True, capture_output=True).stdout
@@ -155,14 +185,29 @@ def run_measure(predictions: Path, output: Path, code: Path | None, distributed:
                 references: Path | None = None) -> dict:
     """One measurement in a fresh process, run from `code` (another tree's `jobs` first on the path)
     or from here."""
+    arguments = [str(predictions), str(output), distributed, references and str(references)]
+    return run_in_fresh_process("measure", arguments, code)
+
+
+def run_in_fresh_process(function: str, arguments: list, code: Path | None = None) -> dict:
+    """The JSON line that this file's `function` prints, called with `arguments` in a fresh Python process
+    run from `code` (another tree's `jobs` first on the path) or from here."""
     here = Path(__file__).resolve().parents[1]
-    arguments = ", ".join(map(repr, [str(predictions), str(output), distributed, references and str(references)]))
-    call = f"import runpy; runpy.run_path({__file__!r})['measure']({arguments})"
+    call = f"import runpy; runpy.run_path({__file__!r})[{function!r}]({', '.join(map(repr, arguments))})"
+    before = _children_cpu_s()
     done = subprocess.run([sys.executable, "-c", call], cwd=code or here, capture_output=True, text=True,
                           env={"RAY_ADDRESS": "local", **os.environ, "PYTHONPATH": str(code or here)})
     if done.returncode != 0:
-        raise RuntimeError(f"scoring {predictions} failed:\n{done.stderr[-3000:]}")
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith('{"wall_s"')][-1])  # Ray may print after it
+        raise RuntimeError(f"{function}{tuple(arguments)} failed:\n{done.stderr[-3000:]}")
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"wall_s"')][-1])  # Ray may print after it
+    return result | {"cpu_s": _children_cpu_s() - before}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user and system) of this process's ended children and the descendants they waited for:
+    a one-process measurement's Python and its JVMs; not all of a local Ray's workers."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-sizes", default="200000", help="sizes today's scorer also runs (empty: none)")
     parser.add_argument("--in-process-sizes", default="", help="sizes the new scorer also runs in one process (forced)")
     parser.add_argument("--ray-data-sizes", default="", help="sizes the new scorer also runs on Ray Data (forced)")
+    parser.add_argument("--pycocoevalcap-sizes", default="", help="captioning sizes pycocoevalcap's scorers also run, by hand in one process")
     parser.add_argument("--tasks", default="asr,aac")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument("--references", action="store_true", help="score with --references: a JSONL of the rows' references")
@@ -179,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes, baseline_sizes = _sizes(args.sizes), set(_sizes(args.baseline_sizes))
     forced = {"in-process": set(_sizes(args.in_process_sizes)), "ray-data": set(_sizes(args.ray_data_sizes))}
+    by_hand = set(_sizes(args.pycocoevalcap_sizes))
     with tempfile.TemporaryDirectory(prefix="nota-bench-scoring-") as tmp:
         data = Path(args.data or tmp).resolve()
         baseline = export_baseline(args.baseline_ref, Path(tmp, "baseline").resolve()) if baseline_sizes else None
@@ -196,6 +243,13 @@ def main(argv: list[str] | None = None) -> None:
                     if name == "today":
                         result["same_as_new"] = same_outputs(Path(tmp, f"scores-{task}-{rows}-new"),
                                                                      Path(tmp, f"scores-{task}-{rows}-today"))
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
+                if task == "aac" and rows in by_hand:
+                    result = run_in_fresh_process("measure_pycocoevalcap", [str(predictions)])
+                    result |= {"task": task, "rows": rows, "scorer": "pycocoevalcap", "rows_per_s": rows / result["wall_s"],
+                               "load_avg_1m": os.getloadavg()[0], "largest_difference_from_new": _largest_difference(
+                                   result["quality"], next(r["quality"] for r in results if r["rows"] == rows and r["scorer"] == "new"))}
                     print(json.dumps(result), flush=True)
                     results.append(result)
     print(table(results))
@@ -222,17 +276,23 @@ def same_outputs(new: Path, old: Path) -> dict:
     }
 
 
+def _largest_difference(mine: dict[str, float], theirs: dict[str, float]) -> float:
+    """The largest absolute difference between the figures both hold."""
+    return max(abs(mine[name] - theirs[name]) for name in mine.keys() & theirs.keys())
+
+
 def _report_figures(scores: Path) -> str:
     """The report without its closing definitions (worded since today's scorer)."""
     return (scores / "report.md").read_text().split("## How these are computed")[0]
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | rows | scorer | ran | wall s | rows/s | driver peak RSS MB | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | rows | scorer | ran | wall s | rows/s | CPU s | driver peak RSS MB | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ran = "Ray Data" if r.get("ray_data") else "one process"
         lines.append(f"| {r['task']} | {r['rows']:,} | {r['scorer']} | {ran} | {r['wall_s']:.1f} | {r['rows_per_s']:,.0f} "
-                     f"| {r['peak_rss_mb']:,.0f} | {r['load_avg_1m']:.1f} |")
+                     f"| {r['cpu_s']:.1f} | {r['peak_rss_mb']:,.0f} | {r['load_avg_1m']:.1f} |")
     return "\n".join(lines)
 
 

@@ -1,12 +1,13 @@
 """Audio-captioning metrics as maths over PTB-tokenized captions: CIDEr-D, BLEU-1..4 and ROUGE-L by
 pycocoevalcap 1.2's own Python scorers, in parts that add up across blocks of items (document
-frequencies, BLEU's n-gram statistics, per-item scores), and `CaptionScores`, a corpus's figures with
-METEOR and SPICE beside them. Tokenizing, METEOR and SPICE run Java: jobs.scoring.coco_tools."""
+frequencies, BLEU's n-gram statistics, per-item scores), METEOR 1.5's statistics added up as its jar adds
+them, and `CaptionScores`, a corpus's figures with METEOR and SPICE beside them. Tokenizing, METEOR's
+alignments and scores and SPICE run Java: jobs.scoring.coco_tools."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,15 @@ BLEU_N = 4
 # and per n the hypothesis n-grams and those matched (clipped by the references' counts)
 BLEU_STATISTICS = ("testlen", "reflen", *(f"guess_{n}" for n in range(1, BLEU_N + 1)),
                    *(f"correct_{n}" for n in range(1, BLEU_N + 1)))
+
+# METEOR 1.5's statistics line (MeteorStats): hypothesis and reference lengths and function words, per
+# matcher stage (exact, stem, synonym, paraphrase) the hypothesis's and the reference's content and function
+# words matched, then chunks and the words matched on each side
+METEOR_STAGES = 4
+METEOR_FIELDS = 4 + 4 * METEOR_STAGES + 3
+METEOR_CHUNKS = 4 + 4 * METEOR_STAGES
+METEOR_HYPOTHESIS_MATCHES = [4 + 4 * stage + side for stage in range(METEOR_STAGES) for side in (0, 2)]
+METEOR_REFERENCE_MATCHES = [4 + 4 * stage + side for stage in range(METEOR_STAGES) for side in (1, 3)]
 
 Captions = dict[int, list[str]]  # item index -> its captions
 Ngram = tuple[str, ...]
@@ -104,6 +114,23 @@ def bleu_from_statistics(statistics: np.ndarray) -> list[float]:
     scorer.ctest = [{"testlen": testlen, "reflen": [reflen], "guess": rest[:BLEU_N], "correct": rest[BLEU_N:]}]
     score, _ = scorer.compute_score(option="closest")
     return [float(value) for value in score]
+
+
+def meteor_sums(statistics: Sequence[str]) -> np.ndarray:
+    """The items' METEOR statistics lines added up as the jar's EVAL adds them before it scores the corpus
+    (MeteorStats.addStats): field by field, except an item matched whole in one chunk, whose chunk is not
+    counted. Those of disjoint sets of items add up; the jar scores the sums as one line (meteor_line). The
+    fields are counts, so the sums are exact in any order."""
+    fields = np.array([line.split() for line in statistics], dtype=np.float64).reshape(-1, METEOR_FIELDS)
+    whole = ((fields[:, METEOR_HYPOTHESIS_MATCHES].sum(axis=1) == fields[:, 0])
+             & (fields[:, METEOR_REFERENCE_MATCHES].sum(axis=1) == fields[:, 1]) & (fields[:, METEOR_CHUNKS] == 1))
+    fields[whole, METEOR_CHUNKS] = 0
+    return fields.sum(axis=0)
+
+
+def meteor_line(sums: np.ndarray) -> str:
+    """Summed METEOR statistics as a statistics line the jar reads."""
+    return " ".join(repr(float(value)) for value in sums)
 
 
 def rouge_l_items(gts: Captions, res: Captions) -> list[float]:

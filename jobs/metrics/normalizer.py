@@ -9,7 +9,9 @@ and skips only what cannot change the text:
 - on ASCII text, symbol removal is one `str.translate` through a table the library's own function
   filled, character by character (NFKD leaves ASCII as it is);
 - the number normalizer, on a text with no digit, no "half" and no number word, where it only
-  re-joins the words with single spaces.
+  re-joins the words with single spaces;
+- the last whitespace clean-up where the spelling step, which joins the words with single spaces,
+  was followed by no symbol removal.
 
 tests/metrics/test_wer.py compares it with the library's normalizer on thousands of varied texts.
 """
@@ -35,7 +37,9 @@ class EnglishNormalizer:
     def __init__(self):
         library = EnglishTextNormalizer()
         self.numbers = library.standardize_numbers
-        self.spellings = library.standardize_spellings
+        self.spellings = library.standardize_spellings.mapping
+        if any(spelling.split() != [spelling] for word, spelling in self.spellings.items() if word.split() == [word]):
+            raise ValueError("whisper_normalizer's spelling of a word is no longer one word")
         # (literals one of which a match must hold, pattern, replacement), in the library's order
         self.replacements = [
             (("<", "["), re.compile(r"[<\[][^>\]]*[>\]]"), ""),  # words between brackets
@@ -56,16 +60,20 @@ class EnglishNormalizer:
                     s = pattern.sub(replacement, s)
                     break
         s = s.translate(self.ascii_symbols) if s.isascii() else remove_symbols_and_diacritics(s, keep=KEPT_SYMBOLS)
-        s = self.numbers(s) if self._may_hold_numbers(s) else " ".join(s.split())
-        s = self.spellings(s)
+        words = s.split()
+        if self._may_hold_numbers(s, words):
+            words = self.numbers(s).split()
+        s = " ".join(map(self.spellings.get, words, words))  # single spaces from here on
+        if not any(symbol in s for symbol in KEPT_SYMBOLS):
+            return s
         if any(symbol in s for symbol in CURRENCY_SYMBOLS):
             s = LEFT_SYMBOL.sub(r" \1", s)
         if "%" in s:
             s = RIGHT_PERCENT.sub(r"\1 ", s)
         return WHITESPACE.sub(" ", s)
 
-    def _may_hold_numbers(self, s: str) -> bool:
-        return "half" in s or DIGIT.search(s) is not None or not self.numbers.words.isdisjoint(s.split())
+    def _may_hold_numbers(self, s: str, words: list[str]) -> bool:
+        return "half" in s or DIGIT.search(s) is not None or not self.numbers.words.isdisjoint(words)
 
 
 def literal_of(pattern: str) -> str:

@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from jobs.metrics.captions import (BLEU_STATISTICS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics, cider_d_items,
-                                   combine, rouge_l_items)
-from jobs.scoring.coco_tools import meteor_from_statistics, meteor_scores, meteor_statistics, spice_f_scores
+from jobs.metrics.captions import (BLEU_STATISTICS, METEOR_FIELDS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics,
+                                   cider_d_items, combine, meteor_sums, rouge_l_items)
+from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics, spice_f_scores, start_meteor
 from jobs.metrics.registry import Metric
 from jobs.scoring.analysis import WORST_ITEMS
-from jobs.scoring.frequencies import DocumentFrequencies
+from jobs.scoring.frequencies import CountedFrequencies, DocumentFrequencies
 from jobs.scoring.item_scores import ItemsOut, caption_item_scores
 from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.merged import merge_by_key
@@ -35,7 +35,7 @@ WORST_CAPTIONS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("cider_
 class CaptionTotals:
     items: int = 0
     cider_d: float = 0.0  # sum over the items
-    meteor_statistics: list[str] = field(default_factory=list)
+    meteor_sums: np.ndarray = field(default_factory=lambda: np.zeros(METEOR_FIELDS))  # the items' statistics, summed
     meteor_failure: str | None = None
     spice: float = 0.0  # sum of F-scores (NaN where one has none, as the mean would be)
     spice_failure: str | None = None
@@ -51,24 +51,24 @@ class CaptionTotals:
         gts = dict(enumerate(items["caption_refs"].to_pylist()))
         res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
         statistics, meteor_failure = meteor_statistics(gts, res)
-        meteor, meteor_failure = meteor_scores(statistics) if statistics is not None else (None, meteor_failure)
+        meteor_items, meteor_failure = meteor_item_scores(statistics) if statistics is not None else (None, meteor_failure)
         f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
         cider_d, rouge_l = cider_d_items(gts, res, frequencies, corpus_items), rouge_l_items(gts, res)
         worst = pa.table({"id": items["id"], "cider_d": cider_d, "references": items["caption_refs"],
                           "hypothesis": items["caption_hyp"]}, schema=WORST_CAPTIONS_SCHEMA)
-        totals = cls(len(res), sum(cider_d), statistics or [], meteor_failure, sum(f_scores or []), spice_failure,
+        totals = cls(len(res), sum(cider_d), meteor_sums(statistics or []), meteor_failure, sum(f_scores or []), spice_failure,
                      bleu_statistics(gts, res), sum(rouge_l), _lowest(worst))
-        return totals, {"cider_d": cider_d, "rouge_l": rouge_l, **({"meteor": meteor[0]} if meteor else {})}
+        return totals, {"cider_d": cider_d, "rouge_l": rouge_l, **({"meteor": meteor_items} if meteor_items else {})}
 
     def merge(self, other: CaptionTotals) -> CaptionTotals:
         return CaptionTotals(self.items + other.items, self.cider_d + other.cider_d,
-                             self.meteor_statistics + other.meteor_statistics, self.meteor_failure or other.meteor_failure,
+                             self.meteor_sums + other.meteor_sums, self.meteor_failure or other.meteor_failure,
                              self.spice + other.spice, self.spice_failure or other.spice_failure,
                              self.bleu + other.bleu, self.rouge_l + other.rouge_l,
                              _lowest(pa.concat_tables([self.worst, other.worst])))
 
     def scores(self) -> CaptionScores:
-        meteor = (None, self.meteor_failure) if self.meteor_failure else meteor_from_statistics(self.meteor_statistics)
+        meteor = (None, self.meteor_failure) if self.meteor_failure else meteor_from_statistics(self.meteor_sums)
         spice = (None, self.spice_failure) if self.spice_failure else (self.spice / self.items, None)
         return combine(self.items, self.cider_d / self.items, meteor, spice, bleu_from_statistics(self.bleu),
                        self.rouge_l / self.items)
@@ -78,7 +78,7 @@ class CaptionsByGroup(dict):
     """CaptionTotals by (corpus, task, model)."""
 
     @classmethod
-    def of(cls, items: pa.Table, frequencies: DocumentFrequencies, corpus_items: dict[tuple[str, ...], int],
+    def of(cls, items: pa.Table, frequencies: DocumentFrequencies | CountedFrequencies, corpus_items: dict[tuple[str, ...], int],
            spice_lib: str | None, metrics: Sequence[Metric], items_out: ItemsOut | None = None) -> CaptionsByGroup:
         """The totals of the groups in `corpus_items` (group -> its scored items); every item, with its
         scores where its group is scored, to `items_out` (items_schema of `metrics`)."""
@@ -117,6 +117,7 @@ class CaptionScorer:
 
     def __init__(self, frequencies: list[ray.ObjectRef], corpus_items: dict[tuple[str, ...], int], spice_lib: str | None,
                  metrics: Sequence[Metric], items_out: ItemsOut | None):
+        start_meteor()  # its JVM loads while the frequencies are mapped
         self.frequencies = DocumentFrequencies(ray.get(frequencies))
         self.corpus_items, self.spice_lib, self.metrics, self.items_out = corpus_items, spice_lib, metrics, items_out
 

@@ -33,7 +33,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from jobs.metrics.captions import (CaptionScores, Captions, bleu_from_statistics, bleu_statistics, cider_d_items, combine,
-                                   document_frequency, rouge_l_items)
+                                   document_frequency, meteor_line, meteor_sums, rouge_l_items)
 
 SPICE_JAR = Path(pycocoevalcap.spice.__file__).parent / "spice-1.0.jar"
 PACKAGE_SPICE_LIB = SPICE_JAR.parent / "lib"
@@ -57,7 +57,7 @@ def caption_scores(
     frequencies = document_frequency(gts)
     cider_d = float(np.mean(cider_d_items(gts, res, lambda _: frequencies, len(gts))))
     statistics, meteor_reason = meteor_statistics(gts, res)
-    meteor, meteor_reason = meteor_from_statistics(statistics) if statistics is not None else (None, meteor_reason)
+    meteor, meteor_reason = meteor_from_statistics(meteor_sums(statistics)) if statistics is not None else (None, meteor_reason)
     f_scores, spice_reason = spice_f_scores(gts, res, spice_lib)
     return combine(len(hypotheses), cider_d, (meteor, meteor_reason),
                    (None if f_scores is None else float(np.mean(f_scores)), spice_reason),
@@ -114,24 +114,29 @@ def _score_line(hypothesis: str, references: list[str]) -> str:
     return " ||| ".join(("SCORE", " ||| ".join(references), hypothesis.replace("|||", "").replace("  ", " "))) + "\n"
 
 
-def meteor_scores(statistics: Sequence[str]) -> tuple[tuple[list[float], float] | None, str | None]:
-    """Each item's METEOR and the corpus METEOR from the items' statistics, as pycocoevalcap's
-    compute_score asks the jar for them (the jar's aggregate is not a function of summed statistics; an
-    item's score is a function of its own), or None and why its JVM failed."""
-
-    def evaluate(meteor: Meteor) -> tuple[list[float], float]:
-        meteor.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(statistics) + "\n").encode())
-        meteor.meteor_p.stdin.flush()
-        items = [float(meteor.meteor_p.stdout.readline().strip()) for _ in statistics]
-        return items, float(meteor.meteor_p.stdout.readline().strip())
-
-    return _with_meteor(evaluate)
+def meteor_item_scores(statistics: Sequence[str]) -> tuple[list[float] | None, str | None]:
+    """Each item's METEOR from its statistics, as pycocoevalcap's compute_score asks the jar for them (one
+    EVAL line), or None and why its JVM failed."""
+    return _with_meteor(lambda meteor: _evaluate(meteor, statistics)[:-1])
 
 
-def meteor_from_statistics(statistics: Sequence[str]) -> tuple[float | None, str | None]:
-    """Corpus METEOR from every item's statistics, or None and why its JVM failed."""
-    scores, reason = meteor_scores(statistics)
-    return (None, reason) if scores is None else (scores[1], None)
+def meteor_from_statistics(sums: np.ndarray) -> tuple[float | None, str | None]:
+    """Corpus METEOR from the items' summed statistics (jobs.metrics.captions.meteor_sums): the jar's
+    score of the sums, which is its EVAL's corpus score of the items' own lines; or None and why its JVM
+    failed."""
+    return _with_meteor(lambda meteor: _evaluate(meteor, [meteor_line(sums)])[-1])
+
+
+def _evaluate(meteor: Meteor, statistics: Sequence[str]) -> list[float]:
+    """The jar's EVAL of statistics lines: each line's score, then their corpus score."""
+    meteor.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(statistics) + "\n").encode())
+    meteor.meteor_p.stdin.flush()
+    return [float(meteor.meteor_p.stdout.readline().strip()) for _ in range(len(statistics) + 1)]
+
+
+def start_meteor() -> None:
+    """Start this process's METEOR JVM now, so that it loads its paraphrase table while other work runs."""
+    _meteor_scorer()
 
 
 def _with_meteor(ask: Callable[[Meteor], T]) -> tuple[T | None, str | None]:

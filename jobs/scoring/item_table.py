@@ -14,6 +14,7 @@ from jobs.scoring.coco_tools import tokenize
 from jobs.scoring.references import referenced
 
 GROUP_KEYS = ("corpus", "task", "model")
+CAPTIONING = "aac"  # the task the caption metrics score
 READ_COLUMNS = ["id", *GROUP_KEYS, "error", "error_message", "reference", "text", "audio_seconds", "output_tokens", "ttft_s", "tpot_s",
                 "model_s", "created_at", "worker", "job_id", "segments", "mean_logprob", "flags"]
 # A piece shorter than the item's audio by more than this was cut from a long recording.
@@ -59,7 +60,7 @@ def item_table(block: pa.Table, references: pa.Table | None, metrics: Sequence[M
         "end_s": end_s,
         "start_s": pc.subtract(end_s, block["model_s"]),
         **_asr_edits(block, pc.and_(scored, pc.equal(keys["task"], "asr"))),
-        **_captions(block, pc.and_(scored, pc.equal(keys["task"], "aac"))),
+        **_captions(block, pc.and_(scored, pc.equal(keys["task"], CAPTIONING))),
         **{metric.name: _item_values(block, _of_task(scored, keys["task"], metric.task), metric)
            for metric in metrics if metric.source is Source.ITEM_MEAN},
     }
@@ -77,6 +78,11 @@ def _item_values(block: pa.Table, chosen: pa.Array, metric: Metric) -> pa.Array:
     rows = block.take(where)
     values = metric.item_values(rows["reference"].to_pylist(), rows["text"].to_pylist())
     return _scattered_array(len(block), where, pa.array(values, pa.float64()))
+
+
+def has_captions(block: pa.Table) -> bool:
+    """Whether a block of prediction rows holds captioning items."""
+    return pc.any(pc.equal(block["task"], CAPTIONING)).as_py() is True
 
 
 def captioned(items: pa.Table) -> pa.Table:

@@ -3,6 +3,7 @@ where the data is, only accumulators merged), or in this process for a small inp
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial, reduce
@@ -18,16 +19,19 @@ from jobs.metrics.registry import Metric, registered
 from jobs.predictions import OUTPUT_SCHEMA, prediction_files, require_one_run_per_group
 from jobs.ray_session import join_ray
 from jobs.scoring.caption_totals import CaptionScorer, CaptionsByGroup, merged_captions
-from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
+from jobs.scoring.frequencies import RANGE_KEYS, CountedFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_scores import ItemsOut, asr_item_scores
-from jobs.scoring.item_table import READ_COLUMNS, captioned, item_table
+from jobs.scoring.coco_tools import start_meteor
+from jobs.scoring.item_table import READ_COLUMNS, captioned, has_captions, item_table
 from jobs.scoring.merged import Merged
 from jobs.scoring.references import read_references
-from jobs.scoring.sizing import IN_PROCESS_S, single_process_seconds
-from jobs.scoring.totals import Summary, Totals, split
+from jobs.scoring.sizing import estimated_work, on_ray_data
+from jobs.scoring.totals import Summary, Totals
 from nota_model.errors import NotaError
 
 ITEMS_PER_BATCH = 10_000  # a block: under a second of ASR work on one core, a single PTB tokenizer run for its captions
+IN_PROCESS_MEMORY_SHARE = 0.25  # of this machine's memory, the most the in-process path may hold (a METEOR JVM and others share it)
+READ_AHEAD_BLOCKS = 2  # in-process, blocks read ahead of the one scored: the reading overlaps the scoring, in bounded memory
 
 
 def score_predictions(
@@ -39,7 +43,8 @@ def score_predictions(
     items_out: ItemsOut | None = None,
 ) -> Summary:
     """The groups and latency statistics of every prediction under `url`; `distributed` None decides
-    by the input's work (sizing.single_process_seconds). `references`: a URL whose references replace the rows' (references.read_references),
+    by the input's work (sizing.on_ray_data: Ray Data where it would finish first on the cluster's CPUs, or
+    where the in-process path would hold more than IN_PROCESS_MEMORY_SHARE of this machine's memory). `references`: a URL whose references replace the rows' (references.read_references),
     read in this process, or on the cluster by a Ray task whose table the map tasks share. `items_out`:
     where each item's scores go (item_scores.py), written where the items are scored. The metrics are
     those registered when it starts (jobs.metrics.registry), handed to every stage, on the cluster too."""
@@ -51,7 +56,7 @@ def score_predictions(
         raise NotaError(f"{url} holds no prediction files (part-NNNNN.parquet): check the --predictions URL")
     require_one_run_per_group(fs, files)
     if distributed is None:
-        distributed = single_process_seconds(fs, files) > IN_PROCESS_S
+        distributed = on_ray_data(estimated_work(fs, files), _ray_data_cpus(), IN_PROCESS_MEMORY_SHARE * _memory_bytes())
     if not distributed:
         found = read_references(references, options) if references else None
         return score_blocks(_blocks(fs, sorted(files)), found, spice_lib, items_out, metrics)
@@ -84,19 +89,19 @@ def score_predictions(
 def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None, spice_lib: str | None = None,
                  items_out: ItemsOut | None = None, metrics: Sequence[Metric] | None = None) -> Summary:
     """The stages in this process, a block at a time, as on the cluster: only the totals, the document
-    frequencies and the captioned items are kept between blocks. `metrics`: those registered, unless given."""
+    frequencies (frequencies.CountedFrequencies) and the captioned items are kept between blocks. `metrics`: those registered, unless given."""
     metrics = registered() if metrics is None else metrics
-    totals, parts, captioned_blocks = Totals(), [], []
+    totals, frequencies, captioned_blocks = Totals(), CountedFrequencies(), []
     for block in blocks:
+        if has_captions(block):
+            start_meteor()  # its JVM loads its paraphrase table (seconds) while the blocks are scored
         items = _written_item_table(block, references, items_out, metrics)
         totals = totals.merge(Totals.of(items, metrics))
-        parts.append(frequency_parts(items))
+        frequencies.add(items)
         captioned_blocks.append(captioned(items))
     summary = totals.summary()
     if not summary.captioned_items:
         return summary
-    parts = pa.concat_tables(parts)
-    frequencies = DocumentFrequencies([merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()])
     captions = (CaptionsByGroup.of(items, frequencies, summary.captions, spice_lib, metrics, items_out)
                 for items in captioned_blocks)
     return _with_captions(summary, reduce(CaptionsByGroup.merge, captions, CaptionsByGroup()).quality())
@@ -105,7 +110,7 @@ def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None,
 def _blocks(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[pa.Table]:
     """The part files' rows in blocks of about ITEMS_PER_BATCH, read as they are needed."""
     batches = ds.dataset(paths, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs).to_batches(
-        columns=READ_COLUMNS, batch_size=ITEMS_PER_BATCH)
+        columns=READ_COLUMNS, batch_size=ITEMS_PER_BATCH, batch_readahead=READ_AHEAD_BLOCKS, fragment_readahead=1)
     pending: list[pa.RecordBatch] = []
     for batch in batches:
         pending.append(batch)
@@ -149,6 +154,19 @@ def _written_item_table(block: pa.Table, references: pa.Table | None, items_out:
 
 def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _ray_data_cpus() -> int:
+    """The CPUs Ray Data would score on: the cluster's where this process has joined one or RAY_ADDRESS
+    names one, else this machine's (a local Ray takes them all)."""
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") not in (None, "", "local"):
+        join_ray()
+        return _cluster_cpus()
+    return os.cpu_count() or 1
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _with_captions(summary: Summary, qualities: dict[tuple[str, ...], tuple[dict, dict, list]]) -> Summary:

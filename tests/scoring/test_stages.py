@@ -14,15 +14,16 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from jobs.scoring import coco_tools
-from jobs.metrics.captions import bleu_from_statistics, bleu_statistics, cider_d_items, document_frequency, rouge_l_items
-from jobs.scoring.coco_tools import meteor_from_statistics, meteor_scores, meteor_statistics
+from jobs.metrics.captions import (bleu_from_statistics, bleu_statistics, cider_d_items, document_frequency, meteor_sums,
+                                   rouge_l_items)
+from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics
 from jobs.predictions import OutputStore, prediction_files
-from jobs.scoring.frequencies import RANGE_KEYS, DocumentFrequencies, frequency_parts, merge_parts
+from jobs.scoring.frequencies import RANGE_KEYS, CountedFrequencies, DocumentFrequencies, frequency_parts, merge_parts
 from jobs.scoring.item_table import GROUP_KEYS
 from jobs.scoring.pipeline import score_blocks
 from jobs.scoring.report import latency_box
 from jobs.scoring.scorer import long_rows, score
-from jobs.scoring.sizing import ASR_ROW_S, CAPTION_ROW_S, single_process_seconds
+from jobs.scoring.sizing import Work, estimated_work, on_ray_data
 from jobs.scoring.totals import split
 from tests.scoring.test_score import SPEECH, row, score_rows, speech_rows, write_without_signals
 
@@ -68,17 +69,24 @@ def test_rouge_l_mean_over_blocks_is_pycocoevalcaps_whole_set_score():
     assert scores == pytest.approx(list(per_item), abs=1e-12) and np.mean(scores) == pytest.approx(expected, abs=1e-12)
 
 
+# items matched whole: in one chunk (whose chunk the jar's corpus sum leaves out) and in several
+WHOLE_GTS = GTS | {4: ["the dog is barking"], 5: ["the dog is barking", "a dog barks"]}
+WHOLE_RES = RES | {4: ["the dog is barking"], 5: ["barking is the dog"]}
+
+
 @java
 @pytest.mark.parametrize("lines_at_once", [1, 3, 64])
-def test_meteor_from_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeypatch, lines_at_once):
+def test_meteor_from_summed_statistics_of_blocks_is_pycocoevalcaps_corpus_score(monkeypatch, lines_at_once):
     monkeypatch.setattr(coco_tools, "METEOR_LINES_AT_ONCE", lines_at_once)
-    assert meteor_statistics(GTS, RES)[0] == [coco_tools._meteor_scorer()._stat(RES[i][0], GTS[i]) for i in RES]
-    expected, _ = coco_tools._meteor_scorer().compute_score(GTS, RES)  # pycocoevalcap's own, on the same JVM
-    statistics = [line for gts, res in zip(blocks(GTS, range(1), range(1, 4)), blocks(RES, range(1), range(1, 4)))
-                  for line in meteor_statistics(gts, res)[0]]
-    assert meteor_from_statistics(statistics) == (expected, None)
-    _, per_item = coco_tools._meteor_scorer().compute_score(GTS, RES)
-    assert meteor_scores(statistics)[0][0] == per_item
+    meteor = coco_tools._meteor_scorer()
+    assert meteor_statistics(WHOLE_GTS, WHOLE_RES)[0] == [meteor._stat(WHOLE_RES[i][0], WHOLE_GTS[i]) for i in WHOLE_RES]
+    expected, per_item = meteor.compute_score(WHOLE_GTS, WHOLE_RES)  # pycocoevalcap's own, on the same JVM
+    parts = (range(1), range(1, 5), range(5, 6))
+    statistics = [meteor_statistics(gts, res)[0] for gts, res in zip(blocks(WHOLE_GTS, *parts), blocks(WHOLE_RES, *parts))]
+    assert meteor_from_statistics(sum(meteor_sums(lines) for lines in statistics)) == (expected, None)
+    assert [score for lines in statistics for score in meteor_item_scores(lines)[0]] == per_item
+    plain_sums = np.array([line.split() for lines in statistics for line in lines], dtype=float).sum(axis=0)
+    assert meteor_from_statistics(plain_sums)[0] != expected  # the whole match's chunk counts
 
 
 def write_shards(root, rows_by_shard: list[list[dict]]) -> str:
@@ -173,15 +181,39 @@ def test_document_frequencies_merged_by_hash_range_are_the_frequency_dicts_added
     assert data.address <= DocumentFrequencies(merged).ranges[key][number].hashes.ctypes.data < data.address + data.size  # in place
 
 
+def test_counted_frequencies_of_blocks_are_the_merged_parts():
+    first, second = blocks(GTS, range(2), range(2, 4))
+    items = [caption_items("a", first, blocks(RES, range(2))[0]), caption_items("a", second, blocks(RES, range(2, 4))[0]),
+             caption_items("b", second, blocks(RES, range(2, 4))[0])]
+    counted = CountedFrequencies()
+    for block in items:
+        counted.add(block)
+    parts = pa.concat_tables([frequency_parts(block) for block in items])
+    merged = DocumentFrequencies([merge_parts(rows) for rows in split(parts, RANGE_KEYS).values()])
+    ngrams = [*document_frequency(GTS), ("no", "such", "ngram")]
+    for key in (("a", "aac", "m"), ("b", "aac", "m")):
+        assert counted.lookup(key, ngrams) == merged.lookup(key, ngrams)
+    assert counted.lookup(("a", "aac", "m"), ngrams) == document_frequency(GTS)
+
+
 def test_the_work_estimate_reads_rows_and_tasks_from_sampled_footers(tmp_path):
     store = OutputStore(str(tmp_path), "speech")
     speech = speech_rows([hyp for _, hyp in SPEECH])
     for shard in range(40):
         store.write_shard(shard, [r | {"id": f"{shard}-{r['id']}", "shard": shard} for r in speech])
     fs, root = fsspec.core.url_to_fs(str(tmp_path))
-    files = prediction_files(fs, root)
-    assert single_process_seconds(fs, files) == pytest.approx(40 * len(speech) * ASR_ROW_S, rel=0.05)
-    captions = [r | {"task": "aac"} for r in speech]
-    store.write_shard(0, [r | {"shard": 0} for r in captions])  # a file of captions costs a captioning row's time a row
-    with_captions = single_process_seconds(fs, prediction_files(fs, root))
-    assert with_captions > 40 * len(speech) * ASR_ROW_S + len(speech) * (CAPTION_ROW_S - ASR_ROW_S) * 0.9
+    work = estimated_work(fs, prediction_files(fs, root))
+    assert work.asr_rows == pytest.approx(40 * len(speech), rel=0.05) and work.caption_rows == 0
+    store.write_shard(0, [r | {"shard": 0, "task": "aac"} for r in speech])  # a file of captions, sampled, scaled by the bytes
+    work = estimated_work(fs, prediction_files(fs, root))
+    assert work.caption_rows >= len(speech) and work.asr_rows + work.caption_rows == pytest.approx(40 * len(speech), rel=0.05)
+
+
+def test_ray_data_takes_what_it_would_score_sooner_on_the_clusters_cpus_or_what_would_not_fit_in_memory():
+    plenty = 1e15
+    assert not any(on_ray_data(Work(asr_rows=rows), cpus=2, memory_bytes=plenty) for rows in (1e3, 1e6, 1e9))
+    assert not on_ray_data(Work(asr_rows=1e5), cpus=64, memory_bytes=plenty)  # Ray's start-up is most of it
+    assert on_ray_data(Work(asr_rows=1e7), cpus=64, memory_bytes=plenty)
+    assert not on_ray_data(Work(caption_rows=2e4), cpus=2, memory_bytes=plenty)
+    assert on_ray_data(Work(caption_rows=2e4), cpus=1, memory_bytes=Work(caption_rows=1e4).in_process_bytes())
+    assert not on_ray_data(Work(asr_rows=1e9), cpus=1, memory_bytes=0)  # ASR rows are not kept
