@@ -9,7 +9,7 @@ range, looked up per block.
    merged rows stay in the object store, where the scorers of a node share them without a copy.
 
 In one process, `CountedFrequencies` adds up each block's pycocoevalcap dicts instead: no hashing, which is
-most of the parts' cost, for some ten times their memory (the in-process path takes inputs whose
+most of the parts' cost, for several times their memory (the in-process path takes inputs whose
 frequencies fit: sizing.py).
 """
 
