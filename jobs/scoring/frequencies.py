@@ -8,7 +8,7 @@ range, looked up per block.
 3. `DocumentFrequencies`: the merged rows read in place, looked up range by range. On the cluster the
    merged rows stay in the object store, where the scorers of a node share them without a copy.
 
-In one process, `CountedFrequencies` adds up each block's pycocoevalcap dicts instead: no hashing, which is
+In one process, `CountedFrequencies` counts each block's n-grams into one Counter a group instead: no hashing, which is
 most of the parts' cost, for several times their memory (the in-process path takes inputs whose
 frequencies fit: sizing.py).
 """
