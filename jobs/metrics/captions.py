@@ -6,16 +6,18 @@ alignments and scores and SPICE run Java: jobs.scoring.coco_tools."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
+from pycocoevalcap.cider.cider_scorer import CiderScorer
 from pycocoevalcap.rouge.rouge import Rouge
 
 BLEU_N = 4
+CIDER_N = 4  # pycocoevalcap's CiderScorer's n
 # BLEU's statistics of a set of items, summed over them: hypothesis words, the closest reference's words,
 # and per n the hypothesis n-grams and those matched (clipped by the references' counts)
 BLEU_STATISTICS = ("testlen", "reflen", *(f"guess_{n}" for n in range(1, BLEU_N + 1)),
@@ -70,26 +72,32 @@ def combine(items: int, cider_d: float, meteor: tuple[float | None, str | None],
     )
 
 
-def document_frequency(gts: Captions) -> dict[tuple[str, ...], float]:
-    """CIDEr-D's document frequencies: in how many items' references each n-gram occurs (pycocoevalcap).
-    Those of disjoint sets of items add up."""
-    scorer = CiderScorer()
-    scorer.crefs = [cook_refs(refs) for refs in gts.values()]
-    scorer.compute_doc_freq()
-    return scorer.document_frequency
+def document_frequency(gts: Captions, counts: Counter | None = None) -> Counter:
+    """CIDEr-D's document frequencies: in how many items' references each n-gram occurs, the n-grams
+    pycocoevalcap's scorer cooks (its whitespace-split words, 1 to CIDER_N at a time), added to `counts`
+    when given. Those of disjoint sets of items add up. A Counter reads 0 for an n-gram it lacks, as
+    pycocoevalcap's defaultdict does, without adding it."""
+    counts = Counter() if counts is None else counts
+    counts.update(chain.from_iterable({ngram for ref in refs for ngram in _ngrams(ref.split())} for refs in gts.values()))
+    return counts
 
 
-def cider_d_items(gts: Captions, res: Captions, frequencies: Callable[[set[Ngram]], Mapping[Ngram, float]],
+def _ngrams(words: list[str]) -> Iterator[Ngram]:
+    """The 1- to CIDER_N-grams of `words`, as pycocoevalcap's precook makes them."""
+    return chain.from_iterable(zip(*(words[start:] for start in range(n))) for n in range(1, CIDER_N + 1))
+
+
+def cider_d_items(gts: Captions, res: Captions, frequencies: Callable[[Iterator[Ngram]], Counter],
                   corpus_items: int) -> list[float]:
     """Each item's CIDEr-D, by pycocoevalcap's scorer, for items of a corpus of `corpus_items` items;
-    `frequencies` gives the corpus's document frequencies of the n-grams the items hold (those it leaves
-    out count 0). The corpus CIDEr-D is the items' mean."""
+    `frequencies` gives the corpus's document frequencies of at least the n-grams it is given, those the
+    items' captions hold (one n-gram may come more than once). The corpus CIDEr-D is the items' mean."""
     scorer = CiderScorer()
     scorer.crefs = _CorpusSized(corpus_items)  # compute_cider takes log(len(crefs)) as the IDF's numerator
     for i in res:
         scorer += (res[i][0], gts[i])
     cooked = [*scorer.ctest, *(ref for refs in scorer.crefs for ref in refs)]
-    scorer.document_frequency = defaultdict(float, frequencies({ngram for counts in cooked for ngram in counts}))
+    scorer.document_frequency = frequencies(ngram for counts in cooked for ngram in counts)
     return [float(score) for score in scorer.compute_cider()]
 
 

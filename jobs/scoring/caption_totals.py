@@ -6,7 +6,9 @@ their scores go to items.parquet (item_scores.py)."""
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Sequence
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial, reduce
 from typing import Any
@@ -15,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from jobs.metrics.captions import (BLEU_STATISTICS, METEOR_FIELDS, CaptionScores, Ngram, bleu_from_statistics, bleu_statistics,
-                                   cider_d_items, combine, meteor_sums, rouge_l_items)
+from jobs.metrics.captions import (BLEU_STATISTICS, METEOR_FIELDS, CaptionScores, Captions, Ngram, bleu_from_statistics,
+                                   bleu_statistics, cider_d_items, combine, meteor_sums, rouge_l_items)
 from jobs.scoring.coco_tools import meteor_from_statistics, meteor_item_scores, meteor_statistics, spice_f_scores, start_meteor
 from jobs.metrics.registry import Metric
 from jobs.scoring.analysis import WORST_ITEMS
@@ -44,20 +46,22 @@ class CaptionTotals:
     worst: pa.Table = field(default_factory=WORST_CAPTIONS_SCHEMA.empty_table)  # the WORST_ITEMS lowest CIDEr-D
 
     @classmethod
-    def of(cls, items: pa.Table, frequencies: Callable[[set[Ngram]], dict[Ngram, float]], corpus_items: int,
+    def of(cls, items: pa.Table, frequencies: Callable[[Iterator[Ngram]], Counter], corpus_items: int,
            spice_lib: str | None) -> tuple[CaptionTotals, dict[str, list[float]]]:
         """The totals of a block of one group's items, and each item's scores (metric name -> values);
-        `frequencies` looks up the group's document frequencies of n-grams; `corpus_items`: the group's size."""
+        `frequencies` looks up the group's document frequencies of n-grams; `corpus_items`: the group's size.
+        METEOR's alignments run in its JVM while this thread scores the other metrics."""
         gts = dict(enumerate(items["caption_refs"].to_pylist()))
         res = {i: [hypothesis] for i, hypothesis in enumerate(items["caption_hyp"].to_pylist())}
-        statistics, meteor_failure = meteor_statistics(gts, res)
-        meteor_items, meteor_failure = meteor_item_scores(statistics) if statistics is not None else (None, meteor_failure)
-        f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
-        cider_d, rouge_l = cider_d_items(gts, res, frequencies, corpus_items), rouge_l_items(gts, res)
+        with ThreadPoolExecutor(max_workers=1) as meteor_thread:
+            meteor = meteor_thread.submit(_meteor, gts, res)
+            f_scores, spice_failure = spice_f_scores(gts, res, spice_lib)
+            cider_d, rouge_l, bleu = cider_d_items(gts, res, frequencies, corpus_items), rouge_l_items(gts, res), bleu_statistics(gts, res)
+            statistics, meteor_items, meteor_failure = meteor.result()
         worst = pa.table({"id": items["id"], "cider_d": cider_d, "references": items["caption_refs"],
                           "hypothesis": items["caption_hyp"]}, schema=WORST_CAPTIONS_SCHEMA)
-        totals = cls(len(res), sum(cider_d), meteor_sums(statistics or []), meteor_failure, sum(f_scores or []), spice_failure,
-                     bleu_statistics(gts, res), sum(rouge_l), _lowest(worst))
+        totals = cls(len(res), sum(cider_d), meteor_sums(statistics), meteor_failure, sum(f_scores or []), spice_failure,
+                     bleu, sum(rouge_l), _lowest(worst))
         return totals, {"cider_d": cider_d, "rouge_l": rouge_l, **({"meteor": meteor_items} if meteor_items else {})}
 
     def merge(self, other: CaptionTotals) -> CaptionTotals:
@@ -103,6 +107,15 @@ class CaptionsByGroup(dict):
             unavailable = scores.pop("unavailable")
             qualities[key] = {k: v for k, v in scores.items() if v is not None}, unavailable, totals.worst.to_pylist()
         return qualities
+
+
+def _meteor(gts: Captions, res: Captions) -> tuple[list[str], list[float] | None, str | None]:
+    """METEOR's statistics and score of each item, or no scores and why its JVM failed."""
+    statistics, failure = meteor_statistics(gts, res)
+    if statistics is None:
+        return [], None, failure
+    scores, failure = meteor_item_scores(statistics)
+    return statistics, scores, failure
 
 
 def _lowest(items: pa.Table) -> pa.Table:

@@ -8,14 +8,14 @@ range, looked up per block.
 3. `DocumentFrequencies`: the merged rows read in place, looked up range by range. On the cluster the
    merged rows stay in the object store, where the scorers of a node share them without a copy.
 
-In one process, `CountedFrequencies` adds up each block's pycocoevalcap dicts instead: no hashing, which is
-most of the parts' cost, for some ten times their memory (the in-process path takes inputs whose
+In one process, `CountedFrequencies` counts each block's n-grams into one Counter a group instead: no hashing, which is
+most of the parts' cost, for several times their memory (the in-process path takes inputs whose
 frequencies fit: sizing.py).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -62,10 +62,10 @@ class DocumentFrequencies:
             for key, number, counts in zip(_group_keys(table), table["range"].to_pylist(), _tables(table)):
                 self.ranges[key][number] = counts
 
-    def lookup(self, key: tuple[str, ...], ngrams: Iterable[Ngram]) -> dict[Ngram, float]:
+    def lookup(self, key: tuple[str, ...], ngrams: Iterable[Ngram]) -> Counter:
         """The counts of those of `ngrams` that occur in the group's references (the others count 0, as in
         pycocoevalcap)."""
-        ngrams = list(ngrams)
+        ngrams = list(set(ngrams))
         keys = hashes(ngrams)
         numbers = range_of(keys)
         found = {}
@@ -73,7 +73,7 @@ class DocumentFrequencies:
             chosen = np.flatnonzero(numbers == number)
             hit, counts = self.ranges[key].get(int(number), NgramCounts()).counts_of(keys[chosen])
             found.update(zip((ngrams[i] for i in chosen[hit]), counts.tolist()))
-        return found
+        return Counter(found)
 
     def __len__(self) -> int:
         return sum(len(part) for parts in self.ranges.values() for part in parts.values())
@@ -84,20 +84,16 @@ class CountedFrequencies:
     block by block in this process; looked up as DocumentFrequencies."""
 
     def __init__(self):
-        self.groups: dict[tuple[str, ...], dict[Ngram, float]] = {}
+        self.groups: dict[tuple[str, ...], Counter] = defaultdict(Counter)
 
     def add(self, items: pa.Table) -> None:
         """Count the references of a block's captioned items."""
         for key, group in split(captioned(items), list(GROUP_KEYS)).items():
-            counts = document_frequency(dict(enumerate(group["caption_refs"].to_pylist())))
-            total = self.groups.setdefault(key, counts)
-            if total is not counts:
-                for ngram, count in counts.items():
-                    total[ngram] = total.get(ngram, 0.0) + count
+            document_frequency(dict(enumerate(group["caption_refs"].to_pylist())), self.groups[key])
 
-    def lookup(self, key: tuple[str, ...], ngrams: Iterable[Ngram]) -> dict[Ngram, float]:
-        counts = self.groups[key]
-        return {ngram: counts[ngram] for ngram in ngrams if ngram in counts}
+    def lookup(self, key: tuple[str, ...], ngrams: Iterable[Ngram]) -> Counter:
+        """All the group's counts, whichever `ngrams` are asked for: no copy a block."""
+        return self.groups[key]
 
 
 def _row(key: tuple[str, ...], number: int, counts: NgramCounts) -> dict:

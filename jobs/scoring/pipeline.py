@@ -7,6 +7,7 @@ import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial, reduce
+from itertools import chain
 from typing import Any
 
 import fsspec
@@ -31,7 +32,6 @@ from nota_model.errors import NotaError
 
 ITEMS_PER_BATCH = 10_000  # a block: under a second of ASR work on one core, a single PTB tokenizer run for its captions
 IN_PROCESS_MEMORY_SHARE = 0.25  # of this machine's memory, the most the in-process path may hold (a METEOR JVM and others share it)
-READ_AHEAD_BLOCKS = 2  # in-process, blocks read ahead of the one scored: the reading overlaps the scoring, in bounded memory
 
 
 def score_predictions(
@@ -108,17 +108,21 @@ def score_blocks(blocks: Iterable[pa.Table], references: pa.Table | None = None,
 
 
 def _blocks(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[pa.Table]:
-    """The part files' rows in blocks of about ITEMS_PER_BATCH, read as they are needed."""
-    batches = ds.dataset(paths, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs).to_batches(
-        columns=READ_COLUMNS, batch_size=ITEMS_PER_BATCH, batch_readahead=READ_AHEAD_BLOCKS, fragment_readahead=1)
+    """The part files' rows in blocks of about ITEMS_PER_BATCH, read as they are needed: a file at a time
+    (a dataset of all of them reads ahead through every file, the more the larger the input)."""
     pending: list[pa.RecordBatch] = []
-    for batch in batches:
+    for batch in chain.from_iterable(map(partial(_batches, fs), paths)):
         pending.append(batch)
         if sum(len(b) for b in pending) >= ITEMS_PER_BATCH:
             yield pa.Table.from_batches(pending)
             pending = []
     if pending:
         yield pa.Table.from_batches(pending)
+
+
+def _batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.RecordBatch]:
+    return ds.dataset(path, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs).to_batches(
+        columns=READ_COLUMNS, batch_size=ITEMS_PER_BATCH)
 
 
 def _read_references_on_cluster(url: str, options: dict[str, Any]) -> ray.ObjectRef:

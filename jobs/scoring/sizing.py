@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 ASR_ROW_S = 60e-6  # the normalizer and the alignment
 CAPTION_ROW_S = 2.5e-3  # PTB tokenizer, CIDEr-D, METEOR; also the cost of a row whose task the footer does not tell
 ASR_RAY_DATA_ROW_S = 150e-6
-CAPTION_RAY_DATA_ROW_S = 4e-3
+CAPTION_RAY_DATA_ROW_S = 5e-3
 RAY_DATA_START_S = 30.0  # Ray's start-up and the stages every input runs
 CAPTION_STAGES_START_S = 45.0  # the document frequencies' shuffle, the caption actors and their METEOR JVMs
-CAPTION_ROW_BYTES = 20_000  # what the in-process path holds a captioning row until the end
+CAPTION_ROW_BYTES = 12_000  # what the in-process path holds a captioning row until the end
 SAMPLED_FILES = 16
 
 

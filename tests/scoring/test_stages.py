@@ -11,6 +11,7 @@ import pytest
 from matplotlib import cbook
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
 from pycocoevalcap.rouge.rouge import Rouge
 
 from jobs.scoring import coco_tools
@@ -46,6 +47,16 @@ def test_cider_d_in_blocks_with_corpus_frequencies_is_pycocoevalcaps_per_item():
     scores = [s for gts, res in zip(blocks(GTS, range(2), range(2, 4)), blocks(RES, range(2), range(2, 4)))
               for s in cider_d_items(gts, res, lambda _: frequencies, corpus_items=4)]
     assert scores == pytest.approx(list(expected), abs=1e-12) and np.mean(scores) == pytest.approx(expected_mean, abs=1e-12)
+
+
+def test_document_frequencies_are_pycocoevalcaps():
+    rng = np.random.default_rng(37)
+    words = ["a", "dog", "barks", "the", "dog barks", "", "  "]  # n-grams repeated in a caption and across references
+    gts = {i: [" ".join(rng.choice(words, rng.integers(0, 9))) for _ in range(rng.integers(1, 5))] for i in range(300)}
+    scorer = CiderScorer()
+    scorer.crefs = [cook_refs(refs) for refs in gts.values()]
+    scorer.compute_doc_freq()
+    assert document_frequency(gts) == scorer.document_frequency and max(scorer.document_frequency.values()) > 1
 
 
 # hypotheses shorter and longer than their closest reference (BLEU's brevity penalty, its closest length)
