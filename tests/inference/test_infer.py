@@ -86,6 +86,7 @@ def finished(local_ray, corpus, tmp_path_factory) -> tuple[dict, Path]:
 
 
 def copy_of(output: Path, tmp_path: Path) -> Path:
+    """A copy of the shared run's output in the test's own folder, for a test that runs the job on it again."""
     return Path(shutil.copytree(output, tmp_path / "out"))
 
 
