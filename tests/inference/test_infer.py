@@ -112,6 +112,23 @@ def test_every_item_gets_exactly_one_row_with_the_right_error(corpus, finished):
     assert all(row["actor_cpu_s"] >= 0 for row in good.values())  # the model actor's CPU outside generate, per item
 
 
+def test_duckdb_reads_the_outputs_signals_language_and_words(finished, tmp_path):
+    """The README's DuckDB queries over the trust columns: the job's own files, and a row that carries words."""
+    import duckdb
+    _, output = finished
+    files = str(output / "*" / "part-*.parquet")
+    counted = duckdb.sql(f"""SELECT count(*), count(mean_logprob), count(language), count(words), sum(len(flags))
+                             FROM read_parquet('{files}')""").fetchall()[0]
+    # 5 answered rows, one of them (45 s of a tone) never reached the model; tiny (a NOTA model) has no language, no words
+    assert counted[:4] == (9, 4, 0, 0) and counted[4] >= 0
+    row = {**read_rows(output)[0], "words": [{"word": " Hello", "start": 0.1, "end": 0.4, "probability": 0.3},
+                                             {"word": " there.", "start": 0.5, "end": 0.9, "probability": 0.8}]}
+    pq.write_table(pa.Table.from_pylist([row], schema=OUTPUT_SCHEMA), tmp_path / "part-00000.parquet")
+    unsure = duckdb.sql(f"""SELECT id, w.word, w.start, w."end" FROM (SELECT id, unnest(words) AS w
+                            FROM read_parquet('{tmp_path}/part-*.parquet')) WHERE w.probability < 0.5""").fetchall()
+    assert unsure == [(row["id"], " Hello", 0.1, 0.4)]
+
+
 def test_the_job_scores_its_corpus_at_the_end(local_ray, corpus, finished, tmp_path):
     summary, output = finished
     scores = json.loads((output / "mixed/_scores/metrics.json").read_text())
