@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial, reduce
 from typing import Any
