@@ -15,7 +15,7 @@ from jobs.predictions import OutputStore
 from jobs.scoring.scorer import score
 from jobs.metrics.registry import registered
 from jobs.scoring.item_scores import items_schema
-from tests.scoring.test_score import SPEECH, row, speech_rows
+from tests.scoring.test_score import SPEECH, speech_rows
 from tests.scoring.test_stages import GTS, RES, three_shards, write_shards
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
@@ -72,15 +72,8 @@ def test_a_second_score_replaces_the_items_of_the_first(tmp_path):
 
 
 @java
-def test_captioned_items_carry_pycocoevalcaps_per_item_scores(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setattr(coco_tools, "_download_corenlp", lambda: "no network in tests")
-    monkeypatch.setenv("NOTA_SPICE_LIB", str(tmp_path))
-    monkeypatch.setattr(coco_tools, "PACKAGE_SPICE_LIB", tmp_path / "none")
-    rows = [row(f"c{i}", i, corpus="sounds", task="aac", reference=GTS[i], text=RES[i][0]) for i in GTS]
-    OutputStore(str(tmp_path / "predictions"), "sounds").write_shard(0, rows)
-    score(str(tmp_path / "predictions"), str(tmp_path / "in-process"), distributed=False)
-    score(str(tmp_path / "predictions"), str(tmp_path / "ray-data"), distributed=True)
-    written, on_ray = items(tmp_path / "in-process"), items(tmp_path / "ray-data")
+def test_captioned_items_carry_pycocoevalcaps_per_item_scores(scored_captions):
+    written, on_ray = items(scored_captions.in_process), items(scored_captions.on_ray)
     scores = ("cider_d", "meteor", "rouge_l")
     assert [{k: v for k, v in r.items() if k not in scores} for r in on_ray] == [
         {k: v for k, v in r.items() if k not in scores} for r in written]
@@ -94,7 +87,8 @@ def test_captioned_items_carry_pycocoevalcaps_per_item_scores(local_ray, tmp_pat
     assert [r["meteor"] for r in written] == pytest.approx(meteor, abs=1e-9)
     assert written[0]["reference"] == GTS[0] and written[0]["hypothesis"] == RES[0][0] and written[0]["wer"] is None
     # the analysis's worst captioned items: the lowest CIDEr-D first, the same from both scorers
-    worst = [json.loads((tmp_path / run / "metrics.json").read_text())["analysis"][0]["worst_items"] for run in ("in-process", "ray-data")]
+    worst = [json.loads((scores / "metrics.json").read_text())["analysis"][0]["worst_items"]
+             for scores in (scored_captions.in_process, scored_captions.on_ray)]
     assert [item["id"] for item in worst[0]] == [f"c{i}" for i in sorted(range(4), key=lambda i: cider[i])]
     assert [item["id"] for item in worst[1]] == [item["id"] for item in worst[0]]
-    assert "| `c3` | " in (tmp_path / "in-process/report.md").read_text()
+    assert "| `c3` | " in (scored_captions.in_process / "report.md").read_text()

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.scoring import coco_tools
 from jobs.predictions import OUTPUT_SCHEMA, OutputStore, RepeatedRunsError
 from jobs.rescore import COMPARISON_SCHEMA, rescore
 from jobs.score import main
@@ -255,10 +254,7 @@ def test_score_reads_and_writes_object_storage():
         assert fs.exists("score-bucket/scores/metrics.parquet") and fs.exists("score-bucket/scores/report.md")
 
 
-def test_captioning_groups_get_cider_d_and_say_why_spice_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setenv("NOTA_SPICE_LIB", str(tmp_path))
-    monkeypatch.setattr(coco_tools, "PACKAGE_SPICE_LIB", tmp_path / "none")
-    monkeypatch.setattr(coco_tools, "_download_corenlp", lambda: "no network in tests")
+def test_captioning_groups_get_cider_d_and_say_why_spice_is_missing(tmp_path, no_spice):
     rows = [  # each hypothesis is its reference, no shared word, 4+ words: CIDEr-D 10 (see test_captions)
         row("dog", 0, corpus="sounds", task="aac", reference=["a small dog barks loudly"], text="A small dog barks loudly"),
         row("rain", 1, corpus="sounds", task="aac", reference=["rain falls on the roof"], text="Rain falls on the roof."),

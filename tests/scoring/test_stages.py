@@ -26,7 +26,7 @@ from jobs.scoring.report import latency_box
 from jobs.scoring.scorer import long_rows, score
 from jobs.scoring.sizing import Work, estimated_work, on_ray_data
 from jobs.scoring.totals import split
-from tests.scoring.test_score import SPEECH, row, score_rows, speech_rows, write_without_signals
+from tests.scoring.test_score import SPEECH, score_rows, speech_rows, write_without_signals
 
 java = pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics run on Java")
 GTS = {0: ["a dog barks loudly outside", "the dog is barking"], 1: ["rain falls on the roof"],
@@ -150,14 +150,9 @@ def pa_table(shards):
 
 
 @java
-def test_distributed_captioning_gives_the_in_process_cider_d_and_meteor(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setattr(coco_tools, "_download_corenlp", lambda: "no network in tests")
-    monkeypatch.setenv("NOTA_SPICE_LIB", str(tmp_path))
-    monkeypatch.setattr(coco_tools, "PACKAGE_SPICE_LIB", tmp_path / "none")
-    rows = [row(f"c{i}", i, corpus="sounds", task="aac", reference=GTS[i], text=RES[i][0], created_at=None) for i in GTS]
-    OutputStore(str(tmp_path / "predictions"), "sounds").write_shard(0, rows)  # blocks are split in the tests above
-    (distributed,) = score(str(tmp_path / "predictions"), str(tmp_path / "scores"), distributed=True)
-    (in_process,) = score_rows(rows)
+def test_distributed_captioning_gives_the_in_process_cider_d_and_meteor(scored_captions, no_spice):
+    (distributed,) = scored_captions.on_ray_groups
+    (in_process,) = score_rows(scored_captions.rows)
     assert in_process["quality"]["cider_d"] == pytest.approx(Cider().compute_score(GTS, RES)[0], abs=1e-9)
     assert in_process["quality"]["meteor"] == pytest.approx(coco_tools._meteor_scorer().compute_score(GTS, RES)[0], abs=1e-9)
     assert distributed["quality"] == pytest.approx(in_process["quality"], abs=1e-9)
