@@ -145,8 +145,9 @@ class LoRAConfig(_Strict):
 
 class LLMConfig(_Strict):
     """A transformers causal LM. `hf_config` (with `model_type`) describes it for random init.
-    `quantization`: `int8` runs the LLM's linear layers (LoRA adapters apart) with int8 weights and float32
-    activations, quantised per batch (torch's dynamic quantisation): CPU only, inference only, with `dtype` float32."""
+    `quantization`: `int8` runs the LLM's linear layers (LoRA adapters apart) with int8 weights (a scale per output
+    channel) and activations quantised at each call with the whole batch's scale (torch's dynamic quantisation), so
+    an item's scores move slightly with its batch-mates: CPU only, inference only, with `dtype` float32."""
 
     path: str | None = None
     tokenizer: str | None = None
