@@ -10,9 +10,11 @@ and a list of recipes (sets of model options), each recipe
     python -m benchmarks.recipes --model nota-small --recipes baseline,merged-lora,int8,half-tokens,merged-lora+int8
         [--seconds 5] [--new-tokens 24] [--repeats 3] [--set K=V] [--work DIR] [--output FILE.json]
 
-A recipe is a name of `RECIPES` or names joined by `+` (their options together). Prints a Markdown table in the
-seed's layout (its published figures and hardware first), each row's items/s and WER against the first recipe's,
-and the machine with its load average at each row's end.
+A recipe is a name of `RECIPES` or names joined by `+` (their options together); a recipe named twice is measured
+twice (the first recipe again at the end shows how far the machine's load moved the figures). Prints a Markdown
+table in the seed's layout (its published figures and hardware first), each row's job items/s over the first
+row's, and the load average at each row's end. With `--work`, each measured row is kept there and a rerun
+measures only the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -82,10 +85,22 @@ def run_bench(model: str, options: list[str], settings: BenchSettings, output: P
 
 
 def measure(model: str, recipe: str, extra: list[str], settings: BenchSettings, folder: Path) -> dict[str, Any]:
-    """One recipe's row: the job on both corpora, then the bench at batch 1 and at the job's batch size."""
+    """One recipe's row, kept in `folder`: a rerun of the same command with the same --work takes it from there (on a
+    shared machine a Ray start can time out hours into a run)."""
+    done = folder / "row.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # what an interrupted measurement left
+    folder.mkdir(parents=True)
+    row = measure_afresh(model, recipe, extra, settings, folder)
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def measure_afresh(model: str, recipe: str, extra: list[str], settings: BenchSettings, folder: Path) -> dict[str, Any]:
+    """The job on both corpora, then the bench at batch 1 and at the job's batch size."""
     options = [*extra, *recipe_options(recipe)]
     config = load_config(model, parse_overrides(options))
-    folder.mkdir(parents=True)
     groups = {name: run_job(corpus, model, options, folder / "predictions") for name, corpus in CORPORA.items()}
     bench_settings = dataclasses.replace(settings, batch_sizes=(1, config.batch_size))
     single, batched = run_bench(model, options, bench_settings, folder / "bench.json")

@@ -145,8 +145,9 @@ class LoRAConfig(_Strict):
 
 class LLMConfig(_Strict):
     """A transformers causal LM. `hf_config` (with `model_type`) describes it for random init.
-    `quantization`: `int8` runs the LLM's linear layers (LoRA adapters apart) with int8 weights and float32
-    activations, quantised per batch (torch's dynamic quantisation): CPU only, inference only, with `dtype` float32."""
+    `quantization`: `int8` runs the LLM's linear layers (LoRA adapters apart) with int8 weights (a scale per output
+    channel) and activations quantised at each call with the whole batch's scale (torch's dynamic quantisation), so
+    an item's scores move slightly with its batch-mates: CPU only, inference only, with `dtype` float32."""
 
     path: str | None = None
     tokenizer: str | None = None
@@ -334,11 +335,22 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> M
         path, source = Path(name_or_path), name_or_path
     if not path.is_file():
         raise ConfigError(f"no preset or config file {name_or_path!r}; presets: {', '.join(preset_names())}")
+    return _validate(deep_merge(_read(path), overrides or {}), source, overrides or {})
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A config file's keys, over those of the preset it names as `extends` (a recipe of a preset is its few
+    options, not a copy of the preset)."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    return _validate(deep_merge(data, overrides or {}), source, overrides or {})
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if base not in preset_names():
+        raise ConfigError(f"{path} extends {base!r}, which is no preset; presets: {', '.join(preset_names())}")
+    return deep_merge(_read(PRESETS_DIR / f"{base}.yaml"), data)
 
 
 def _validate(data: dict[str, Any], source: str, overrides: dict[str, Any]) -> ModelConfig:

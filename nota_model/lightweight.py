@@ -2,8 +2,9 @@
 
 - LoRA merged into the base weights (peft's `merge_and_unload`): each adapted layer is one matmul again instead of
   three (base, `lora_A`, `lora_B`) and an add, at every decode step; the outputs differ by float rounding only;
-- the LLM's linear layers in int8 (torch's dynamic quantisation: int8 weights, each batch's activations quantised
-  as it comes, float32 out), on the CPU. torch marks `torch.ao.quantization` deprecated in favour of torchao, which
+- the LLM's linear layers in int8 (torch's dynamic quantisation: int8 weights, a scale per output channel; the
+  activations quantised at each call with one scale for the whole batch, so that an item's scores move slightly
+  with its batch-mates; float32 out), on the CPU. torch marks `torch.ao.quantization` deprecated in favour of torchao, which
   the pinned stack does not hold; it still runs in the pinned torch, and on a GPU the pinned stack offers no int8
   kernels (no torchao, no bitsandbytes), so a GPU run with int8 is refused (`check_quantization`).
 """
@@ -27,15 +28,16 @@ def merge_lora(llm: nn.Module) -> nn.Module:
 
 
 def quantize_int8(llm: nn.Module) -> nn.Module:
-    """`llm` with every plain linear layer outside the LoRA adapters quantised to int8 weights (in place). The
-    adapters stay float: peft reads their weights' dtype at each call, and they are a sliver of the compute."""
+    """`llm` with every plain linear layer outside the LoRA adapters quantised to int8 weights, a scale per output
+    channel (in place). The adapters stay float: peft reads their weights' dtype at each call, and they are a
+    sliver of the compute."""
     targets = {name for name, module in llm.named_modules() if type(module) is nn.Linear and LORA_MARKER not in name}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
         import torch.ao.quantization as quantization  # warns on import: imported only when int8 is asked for
 
-        return quantization.quantize_dynamic(llm, dict.fromkeys(targets, quantization.default_dynamic_qconfig),
+        return quantization.quantize_dynamic(llm, dict.fromkeys(targets, quantization.per_channel_dynamic_qconfig),
                                              dtype=torch.qint8, inplace=True)
 
 

@@ -25,6 +25,16 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     assert load_config(str(path)) == config
 
 
+def test_a_config_that_extends_a_preset_is_the_preset_with_its_own_keys_over_it(tmp_path):
+    path = tmp_path / "tiny-merged.yaml"
+    path.write_text("extends: tiny\nname: tiny-merged\nlora: {merge: true}\n")
+    expected = load_config("tiny", {"name": "tiny-merged", "lora": {"merge": True}})
+    assert load_config(str(path)) == expected and expected.lora.r == load_config("tiny").lora.r
+    path.write_text("extends: tinny\n")
+    with pytest.raises(ConfigError, match="extends 'tinny', which is no preset"):
+        load_config(str(path))
+
+
 def test_unknown_keys_and_bad_values_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="qformr"):
         load_config("tiny", {"qformr": {}})
