@@ -28,7 +28,8 @@ check holds):
   `startup_s`: job start to its first model batch;
 - `model_phase_s`: first model batch start to last model batch end over all actors, and
   `model_items_per_s`, `model_speedup`, `model_efficiency` from it (the steady state, without
-  start-up); `ideal_model_s` = items x cost_s / gpus.
+  start-up); `ideal_model_s` = items x cost_s / gpus, and `model_ideal_ratio` = ideal_model_s / model_phase_s
+  (1.0: every GPU busy from the first batch to the last; it needs no 1-node run, see `--no-baseline`).
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         **measure(rows, args.items, job_started),
     }
     result["ideal_model_s"] = round(args.items * args.cost_s / max(result["gpus"], 1), 3)
+    if result["model_phase_s"]:
+        result["model_ideal_ratio"] = round(result["ideal_model_s"] / result["model_phase_s"], 3)
     result["one_actor_per_gpu"] = result["actors"] == result["gpus"] == result["actor_nodes"]
     result["all_items_once"] = (result["items_done"] == result["rows"] == args.items and result["expected_ids"]
                                 and result["errors"] == 0 and result["not_simulated"] == 0)
@@ -202,7 +205,7 @@ def simulate(argv: list[str]) -> dict[str, Any]:
     """Run the simulation for each node count (command-line arguments as for `main`); the report."""
     args = parser().parse_args(argv)
     node_counts = [int(n) for n in args.nodes.split(",")]
-    if 1 not in node_counts:
+    if 1 not in node_counts and not args.no_baseline:
         node_counts.insert(0, 1)  # the baseline
     results = []
     with tempfile.TemporaryDirectory(prefix="nota-scaling-") as work:
@@ -239,7 +242,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
 def table(summary: dict[str, Any]) -> str:
     columns = ["nodes", "gpus", "actors", "actor_nodes", "items_done", "items_per_actor", "startup_s", "job_wall_s", "items_per_s", "speedup", "efficiency",
-               "model_phase_s", "ideal_model_s", "model_speedup", "model_efficiency", "one_actor_per_gpu", "all_items_once"]
+               "model_phase_s", "ideal_model_s", "model_ideal_ratio", "model_speedup", "model_efficiency", "one_actor_per_gpu", "all_items_once"]
     lines = ["SIMULATION (stub model, fake GPUs on one machine)", " | ".join(columns)]
     for run_ in summary["runs"]:
         if "failed" in run_:
@@ -252,6 +255,8 @@ def table(summary: dict[str, Any]) -> str:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default="1,2,4", help="node counts to run, comma-separated (1, the baseline, is added)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="no 1-node run: only the model phase against its ideal (`model_ideal_ratio`) measures scaling")
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--cost-s", type=float, default=0.1, help="simulated model seconds per item")
     parser.add_argument("--batch-size", type=int, default=4)
