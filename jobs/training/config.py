@@ -3,7 +3,8 @@
 `model` (a preset or YAML, overrides, an optional init checkpoint: stage 2 starts from stage 1's), `datasets`
 (training manifests, per-task mixing weights and training prompts, a held-out validation manifest), `run` (steps
 or epochs, batch per worker, accumulation, AMP, AdamW and its schedule, workers, GPU or CPU, seed, where
-checkpoints go) and `logging` (TensorBoard by default, wandb when asked, offline mode supported).
+checkpoints go), `augment` (masking of the cached encoder states, off by default) and `logging` (TensorBoard by
+default, wandb when asked, offline mode supported).
 """
 
 from __future__ import annotations
@@ -120,6 +121,28 @@ class ObjectiveSection(_Strict):
         return self
 
 
+class AugmentSection(_Strict):
+    """SpecAugment-style masks over the training examples' cached encoder states (jobs.training.augment): masked
+    values take the item's mean. Off by default; needs datasets.feature_cache; validation is never masked."""
+
+    time_masks: int = Field(0, ge=0)  # time masks per example; 0: none
+    time_mask_frames: int = Field(0, ge=0)  # each time mask's largest width, in encoder frames (drawn from 0 to it)
+    channel_masks: int = Field(0, ge=0)  # channel masks per example; 0: none
+    channel_mask_width: int = Field(0, ge=0)  # each channel mask's largest width, in state channels (drawn from 0 to it)
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentSection:
+        if self.time_masks and not self.time_mask_frames:
+            raise ValueError("augment: time_masks above 0 need time_mask_frames above 0")
+        if self.channel_masks and not self.channel_mask_width:
+            raise ValueError("augment: channel_masks above 0 need channel_mask_width above 0")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.time_masks or self.channel_masks)
+
+
 class RunSection(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     storage_path: Location  # local path or fsspec URL; checkpoints go to STORAGE/NAME/checkpoint_*
@@ -168,7 +191,15 @@ class TrainConfig(_Strict):
     datasets: DatasetsSection
     run: RunSection
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.augment.active and not self.datasets.feature_cache:
+            raise ValueError("augment masks the cached encoder states: it needs datasets.feature_cache "
+                             "(training from audio computes the states inside the model, past the point of masking)")
+        return self
 
     def log_dir(self) -> Path:
         """Where rank 0 writes TensorBoard events and metrics.jsonl: `logging.dir`, else STORAGE/NAME/logs for

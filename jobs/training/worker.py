@@ -11,7 +11,7 @@ the loss is on the answer tokens and the end symbol alone. A checkpoint director
     validation.json     the validation metrics and predictions at that step, when validated there
 
 A resumed run takes the same step, the same data order (a pure function of the seed and the epoch), the same
-prompts and dropout masks.
+prompts, cached-state masks (`augment`) and dropout masks.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.metrics.memory import gpu_memory
+from jobs.training.augment import mask_generator, mask_states
 from jobs.training.config import TrainConfig, ValidationSection
 from jobs.training.data import decode_row
 from jobs.training.state_cache import CachedStates
@@ -160,7 +161,10 @@ class WorkerTrainer:
             row = self.train_rows[int(index)]
             prompt = row["prompt"] or choose_prompt(self.prompts[row["task"]], self.run.seed, epoch, position)
             if "cache" in row:
-                examples.append(Example(None, prompt, row["answer"], self.caches[row["cache"]].states(row)))
+                states = self.caches[row["cache"]].states(row)
+                if self.config.augment.active:
+                    states = mask_states(states, self.config.augment, mask_generator(self.run.seed, epoch, position))
+                examples.append(Example(None, prompt, row["answer"], states))
                 continue
             try:
                 clip = decode_row(row, self.storage_options, self.model)
