@@ -7,8 +7,15 @@ Two splits, disjoint in voices and in sentences:
   shards and manifest, so a corpus grows without changing the parts already built or cached);
 - `held-out`: WordNet sentences of the held-out share (1 in 50, by a hash of the text) spoken by held-out voices.
 
-Every item is a pure function of (seed, split, number): a killed build resumes where it stopped and a rebuild
-gives the same corpus. Nothing of the evaluation corpora (the LibriVox and spoken-card transcripts) enters.
+A training part may also be built perturbed (`build(..., perturb=("speed", "vtlp"))`, `python -m jobs.synthesize
+--perturb speed,vtlp`): its last part K then comes as `train-K-speed-vtlp` (or `-speed`, `-vtlp`) in place of
+`train-K`, the same texts, voices, synthesis and augmentation draws as `train-K`, other ids, each item's speech
+speed-perturbed and/or vocal-tract-length warped (`jobs.corpus.voices.perturb`) before its augmentation, with
+factors drawn per item (`speed`, `alpha` in `<split>-items.jsonl`). A plain part is never perturbed, nor held-out.
+
+Every item is a pure function of (seed, split, number), a perturbed part's perturbation named by its split: a
+killed build resumes where it stopped and a rebuild gives the same corpus. Nothing of the evaluation corpora (the
+LibriVox and spoken-card transcripts) enters.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from pathlib import Path
 
 import soundfile as sf
 
-from jobs.corpus.voices import SAMPLE_RATE, Voice, augment, check_synthesisers, pick_voice, synthesise, voices
+from jobs.corpus.voices import (PERTURBATIONS, SAMPLE_RATE, Voice, augment, check_synthesisers, draw_perturbation,
+                                perturb, pick_voice, synthesise, voices)
 from jobs.corpus.texts import Exclusions, common_words, transcript, wordnet_texts, word_sequence
 from jobs.corpus.make import build_shards
+from nota_model.errors import ConfigError
 
 HELD_OUT_SHARE = 50  # one sentence in this many is held out
 ITEMS_PER_SHARD = 500
@@ -49,21 +58,51 @@ class PlannedItem:
     kind: str  # example, examples, gloss, words
     voice: Voice
     seed: int
+    speed: float | None = None  # a perturbed part's speed factor (None: not speed-perturbed)
+    alpha: float | None = None  # a perturbed part's VTLP warp factor (None: not warped)
 
 
 def plan(split: str, count: int, seed: int, exclusions: Exclusions) -> list[PlannedItem]:
-    """The split's items: texts and voices drawn from a generator seeded by (seed, split)."""
-    held_out = split == "held-out"
+    """The split's items: texts and voices drawn from a generator seeded by (seed, split), a perturbed part's by
+    its plain part's name (the same draws, its own ids), with its items' perturbation factors."""
+    base, kinds = perturbation_of(split)
+    held_out = base == "held-out"
     examples, glosses = split_texts(held_out, exclusions)
     words = common_words()
     pool = voices(held_out)
-    rng = random.Random(f"{seed}:{split}")
+    rng = random.Random(f"{seed}:{base}")
     items = []
     for number in range(count):
         kind = rng.choices(("example", "examples", "gloss", "words"), weights=(1, 0, 1, 0) if held_out else (3, 2, 3, 2))[0]
         text = _text(kind, examples, glosses, words, rng)
-        items.append(PlannedItem(f"{split}-{number:06d}", text, transcript(text), kind, pick_voice(pool, rng), rng.getrandbits(62)))
+        voice, item_seed = pick_voice(pool, rng), rng.getrandbits(62)
+        speed, alpha = draw_perturbation(kinds, item_seed) if kinds else (None, None)
+        items.append(PlannedItem(f"{split}-{number:06d}", text, transcript(text), kind, voice, item_seed, speed, alpha))
     return items
+
+
+def perturbed_split(split: str, kinds: Iterable[str]) -> str:
+    """The name of `split` perturbed by `kinds`, in PERTURBATIONS' order: (`train-3`, (vtlp, speed)) ->
+    `train-3-speed-vtlp`."""
+    chosen = set(kinds)
+    unknown = chosen - set(PERTURBATIONS)
+    if unknown:
+        raise ConfigError(f"unknown perturbation {', '.join(sorted(unknown))}: give some of {', '.join(PERTURBATIONS)}")
+    if chosen and split == "held-out":
+        raise ConfigError("the held-out split is never perturbed")
+    return "-".join([split, *(kind for kind in PERTURBATIONS if kind in chosen)])
+
+
+def perturbation_of(split: str) -> tuple[str, tuple[str, ...]]:
+    """(the plain split, the perturbations) a split's name says: `train-3-speed-vtlp` -> (`train-3`, (speed, vtlp))."""
+    parts = split.split("-")
+    kinds: list[str] = []
+    while len(parts) > 1 and parts[-1] in PERTURBATIONS and parts[-1] not in kinds:
+        kinds.insert(0, parts.pop())
+    base = "-".join(parts)
+    if kinds and perturbed_split(base, kinds) != split:
+        raise ConfigError(f"{split}: name the perturbations once each, in the order {'-'.join(PERTURBATIONS)}")
+    return base, tuple(kinds)
 
 
 @lru_cache(maxsize=2)
@@ -94,7 +133,7 @@ def render(item: PlannedItem, audio_dir: Path) -> Path:
     path = audio_dir / f"{item.id}.flac"
     if not path.exists():
         rng = random.Random(item.seed)
-        audio = augment(synthesise(item.text, item.voice, rng), rng)
+        audio = augment(perturb(synthesise(item.text, item.voice, rng), item.speed, item.alpha), rng)
         partial = path.with_name(f"{path.name}.part")  # not *.flac: a killed render leaves no audio file behind
         sf.write(partial, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         partial.rename(path)
@@ -121,19 +160,23 @@ def build_split(split: str, count: int, dest: Path, seed: int, exclusions: Exclu
 def _write_sources(path: Path, items: Iterable[PlannedItem]) -> None:
     with path.open("w") as file:
         for item in items:
-            row = {**asdict(item), "voice": item.voice.label}
+            row = {key: value for key, value in asdict(item).items() if value is not None}  # factors of a perturbed part
+            row["voice"] = item.voice.label
             file.write(json.dumps(row) + "\n")
 
 
 def build(dest: Path, train_items: int, held_out_items: int, seed: int, evaluation_transcripts: Iterable[str],
-          workers: int = 2, train_parts: int = 1) -> dict[str, Path]:
+          workers: int = 2, train_parts: int = 1, perturb: Iterable[str] = ()) -> dict[str, Path]:
     """Both splits under `dest` (`held-out.yaml`, `train.yaml` and `train-N.yaml` for the further parts of
-    `train_items` each, shards, per-item sources, SOURCES.md)."""
+    `train_items` each, shards, per-item sources, SOURCES.md). With `perturb` (some of PERTURBATIONS), the last
+    part comes perturbed: `train-K-speed-vtlp.yaml` in place of `train-K.yaml`."""
+    last = perturbed_split(train_split(train_parts), perturb)
     check_synthesisers()
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "SOURCES.md").write_text(SOURCES)
     exclusions = Exclusions.of(evaluation_transcripts)
-    splits = [("held-out", held_out_items)] + [(train_split(part), train_items) for part in range(1, train_parts + 1)]
+    parts = [train_split(part) for part in range(1, train_parts)] + [last]
+    splits = [("held-out", held_out_items)] + [(split, train_items) for split in parts]
     return {split: build_split(split, count, dest, seed, exclusions, workers) for split, count in splits}
 
 

@@ -7,6 +7,13 @@ training item uses, so that a held-out set measures voices the model never heard
 
 Augmentation (numpy, seeded per item): silence before and after, a synthetic room (exponentially decaying noise
 as impulse response), a telephone band, additive white, pink or brown noise at a random SNR, and a random level.
+
+Perturbations (for a perturbed training part only, `jobs.corpus.synthetic_speech`; applied to the synthesised speech
+before `augment`, with factors drawn per item by `draw_perturbation`): `speed`, Kaldi/ESPnet speed perturbation
+(the speech resampled by soxr by a factor of 0.9, 1.0 or 1.1: tempo and pitch together, length / factor), and
+`vtlp`, a vocal-tract-length warp (Jaitly & Hinton 2013: the STFT's frequency axis warped piecewise-linearly, by
+alpha in [0.9, 1.1] below a boundary of 4800 Hz, by a phase-locked phase vocoder, back to a waveform of the same
+length: formants, and the harmonics with them, move by alpha; the duration does not).
 """
 
 from __future__ import annotations
@@ -43,6 +50,12 @@ FLITE_TRAIN = ("kal16", "awb", "slt")
 FLITE_HELD_OUT = ("rms",)
 FESTIVAL_TRAIN = ("cmu_us_slt_arctic_hts", "ked_diphone")
 FESTIVAL_HELD_OUT = ("kal_diphone",)
+
+PERTURBATIONS = ("speed", "vtlp")  # in the order they apply and a perturbed part's name lists them
+SPEED_FACTORS = (0.9, 1.0, 1.1)
+VTLP_ALPHAS = (0.9, 1.1)  # alpha's range
+VTLP_BOUNDARY = 4800.0  # Hz: below it (less for alpha > 1) frequencies scale by alpha; above, a line to Nyquist
+STFT_SIZE, STFT_HOP = 512, 128  # 32 ms Hann frames, 75 % overlap
 
 
 @dataclass(frozen=True)
@@ -147,3 +160,91 @@ def _noise(length: int, colour: str, generator: np.random.Generator) -> np.ndarr
 def _noise_scale(audio: np.ndarray, snr_db: float) -> float:
     power = float(np.mean(audio**2))
     return float(np.sqrt(power / 10 ** (snr_db / 10)))
+
+
+def draw_perturbation(kinds: tuple[str, ...], seed: int) -> tuple[float | None, float | None]:
+    """The item's (speed factor, VTLP alpha), None where `kinds` leaves one out: drawn from a stream of the item's
+    own seed (not its synthesis rng), both always drawn, so that an item's factors are the same in every
+    perturbed part of its plan (`speed`, `vtlp`, `speed-vtlp`) and its voice and augmentation those of the plain part."""
+    rng = random.Random(f"{seed}:perturb")
+    speed, alpha = rng.choice(SPEED_FACTORS), round(rng.uniform(*VTLP_ALPHAS), 3)
+    return (speed if "speed" in kinds else None), (alpha if "vtlp" in kinds else None)
+
+
+def perturb(speech: np.ndarray, speed: float | None = None, alpha: float | None = None) -> np.ndarray:
+    """`speech` speed-perturbed by `speed` and then vocal-tract-length warped by `alpha` (None or 1.0: left out)."""
+    if speed is not None and speed != 1.0:
+        speech = speed_perturb(speech, speed)
+    if alpha is not None and alpha != 1.0:
+        speech = vtlp(speech, alpha)
+    return speech
+
+
+def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:
+    """Played `factor` times as fast (sox's `speed`): read as sampled at SAMPLE_RATE x factor and resampled to
+    SAMPLE_RATE, so the length divides by `factor` and every frequency multiplies by it."""
+    return soxr.resample(audio.astype(np.float32), SAMPLE_RATE * factor, SAMPLE_RATE).astype(np.float32)
+
+
+def vtlp_warp(frequencies: np.ndarray, alpha: float, rate: int = SAMPLE_RATE,
+              boundary: float = VTLP_BOUNDARY) -> np.ndarray:
+    """Jaitly & Hinton's piecewise-linear warp: f -> alpha f up to boundary x min(alpha, 1) / alpha, then the line
+    to (Nyquist, Nyquist), so the warp is continuous and maps [0, Nyquist] onto itself."""
+    nyquist = rate / 2
+    knee = boundary * min(alpha, 1.0) / alpha
+    upper = nyquist - (nyquist - boundary * min(alpha, 1.0)) / (nyquist - knee) * (nyquist - frequencies)
+    return np.where(frequencies <= knee, frequencies * alpha, upper)
+
+
+def vtlp(audio: np.ndarray, alpha: float) -> np.ndarray:
+    """`audio` with its spectrum warped by `vtlp_warp`, of the same length: a phase vocoder with identity phase
+    locking (Laroche & Dolson 1999). Each output bin takes the magnitude at its source frequency (the inverse
+    warp, interpolated); each spectral peak's phase advances at the warped instantaneous frequency of its source,
+    and the bins around a peak keep their source phases relative to it, so that a harmonic's bins stay coherent.
+    A tone at f comes out a tone at warp(f); alpha 1.0 gives back the input (to rounding)."""
+    size, hop = STFT_SIZE, STFT_HOP
+    window = np.hanning(size + 1)[:-1]
+    padded = np.concatenate([np.zeros(size), audio.astype(np.float64), np.zeros(size + hop)])
+    starts = hop * np.arange((len(padded) - size) // hop + 1)
+    spectra = np.fft.rfft(padded[starts[:, None] + np.arange(size)] * window, axis=1)
+    magnitude, phase = np.abs(spectra), np.angle(spectra)
+    bins = np.fft.rfftfreq(size, 1 / SAMPLE_RATE)
+    index = np.arange(len(bins))
+    bin_omega = 2 * np.pi * index / size  # radians per sample
+    # each source bin's instantaneous frequency, from its phase advance over a hop
+    advance = np.diff(phase, axis=0, prepend=phase[:1]) - bin_omega * hop
+    instantaneous = bin_omega + (advance - 2 * np.pi * np.round(advance / (2 * np.pi))) / hop
+    # each output bin's source frequency: the inverse of the (increasing, piecewise-linear) warp, in bins
+    position = np.interp(bins, vtlp_warp(bins, alpha), bins) / bins[1]
+    low = np.clip(np.floor(position).astype(int), 0, len(bins) - 1)
+    high = np.clip(low + 1, 0, len(bins) - 1)
+    warped_magnitude = magnitude[:, low] * (1 - (position - low)) + magnitude[:, high] * (position - low)
+    nearest = np.clip(np.round(position).astype(int), 0, len(bins) - 1)
+    source_phase = phase[:, nearest]
+    # the warped instantaneous frequency (a little outside [0, Nyquist] near the ends, where the warp's two lines
+    # extend, so that alpha 1.0 keeps every bin's phase)
+    omega = vtlp_warp(instantaneous[:, nearest] * SAMPLE_RATE / (2 * np.pi), alpha) * 2 * np.pi / SAMPLE_RATE
+    warped_phase = np.empty_like(warped_magnitude)
+    warped_phase[0] = source_phase[0]
+    for frame in range(1, len(starts)):
+        peaks = _peaks(warped_magnitude[frame])
+        owner = np.searchsorted((peaks[1:] + peaks[:-1]) / 2, index)  # each bin's nearest peak
+        peak_phase = warped_phase[frame - 1, peaks] + omega[frame, peaks] * hop
+        warped_phase[frame] = peak_phase[owner] + source_phase[frame] - source_phase[frame, peaks[owner]]
+    frames = np.fft.irfft(warped_magnitude * np.exp(1j * warped_phase), size, axis=1) * window
+    out, norm = np.zeros(len(padded)), np.zeros(len(padded))
+    for start, samples in zip(starts, frames):
+        out[start : start + size] += samples
+        norm[start : start + size] += window**2
+    return (out / np.maximum(norm, 1e-8))[size : size + len(audio)].astype(np.float32)
+
+
+def _peaks(magnitude: np.ndarray, reach: int = 2) -> np.ndarray:
+    """The bins at least as high as the `reach` bins below and higher than those above (bin 0 if none)."""
+    edged = np.concatenate([np.full(reach, -1.0), magnitude, np.full(reach, -1.0)])
+    count = len(magnitude)
+    peak = np.ones(count, bool)
+    for step in range(1, reach + 1):
+        below, above = edged[reach - step : reach - step + count], edged[reach + step : reach + step + count]
+        peak &= (magnitude >= below) & (magnitude > above)
+    return np.flatnonzero(peak) if peak.any() else np.zeros(1, int)
