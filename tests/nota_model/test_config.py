@@ -35,6 +35,11 @@ def test_a_config_that_extends_a_preset_is_the_preset_with_its_own_keys_over_it(
         load_config(str(path))
 
 
+def test_the_fast_nota_small_preset_is_nota_small_with_its_recipe():
+    recipe = {"name": "nota-small-fast", "dtype": "bfloat16", "lora": {"merge": True}}
+    assert load_config("nota-small-fast") == load_config("nota-small", recipe)
+
+
 def test_unknown_keys_and_bad_values_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="qformr"):
         load_config("tiny", {"qformr": {}})
