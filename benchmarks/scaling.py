@@ -29,7 +29,9 @@ check holds):
 - `model_phase_s`: first model batch start to last model batch end over all actors, and
   `model_items_per_s`, `model_speedup`, `model_efficiency` from it (the steady state, without
   start-up); `ideal_model_s` = items x cost_s / gpus, and `model_ideal_ratio` = ideal_model_s / model_phase_s
-  (1.0: every GPU busy from the first batch to the last; it needs no 1-node run, see `--no-baseline`).
+  (1.0: every GPU busy from the first batch to the last; it needs no 1-node run, see `--no-baseline`);
+  where it falls short, `first_batch_spread_s` (the first actor's first batch to the last actor's) and
+  `actor_busy_share` (the actors' model seconds over actors x model phase).
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ def measure(rows: list[dict[str, Any]], items: int, job_started: float) -> dict[
     starts = [created.timestamp() - model_s for (_, created), model_s in batches.items()]
     ends = [created.timestamp() for (_, created) in batches]
     per_actor = {worker: sum(1 for row in rows if row["worker"] == worker) for worker in workers}
+    first_batch = {}
+    for (worker, created), model_s in batches.items():
+        first_batch[worker] = min(first_batch.get(worker, float("inf")), created.timestamp() - model_s)
+    phase = max(ends) - min(starts) if batches else 0.0
     return {
         "actors": len(workers),
         "actor_nodes": len(nodes),
@@ -133,7 +139,10 @@ def measure(rows: list[dict[str, Any]], items: int, job_started: float) -> dict[
         "not_simulated": sum(1 for row in rows if row["text"] != SIMULATED_TEXT),
         "expected_ids": sorted(ids) == sorted(f"clip{index}" for index in range(items)),
         "items_per_actor": sorted(per_actor.values(), reverse=True),
-        "model_phase_s": round(max(ends) - min(starts), 3) if batches else None,
+        "model_phase_s": round(phase, 3) if batches else None,
+        # what keeps the model phase from its ideal: actors starting their first batch late, or idle between batches
+        "first_batch_spread_s": round(max(first_batch.values()) - min(first_batch.values()), 3) if batches else None,
+        "actor_busy_share": round(sum(batches.values()) / (len(workers) * phase), 3) if phase else None,
         "startup_s": round(min(starts) - job_started, 3) if batches else None,
     }
 
@@ -242,7 +251,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
 def table(summary: dict[str, Any]) -> str:
     columns = ["nodes", "gpus", "actors", "actor_nodes", "items_done", "items_per_actor", "startup_s", "job_wall_s", "items_per_s", "speedup", "efficiency",
-               "model_phase_s", "ideal_model_s", "model_ideal_ratio", "model_speedup", "model_efficiency", "one_actor_per_gpu", "all_items_once"]
+               "model_phase_s", "ideal_model_s", "model_ideal_ratio", "first_batch_spread_s", "actor_busy_share", "model_speedup", "model_efficiency", "one_actor_per_gpu", "all_items_once"]
     lines = ["SIMULATION (stub model, fake GPUs on one machine)", " | ".join(columns)]
     for run_ in summary["runs"]:
         if "failed" in run_:
