@@ -77,11 +77,9 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
     # The write stage stages each block of rows as the model returns it (a decode block's, or a few small ones'
     # the pool took together to fill a batch): never held back to gather more, so that progress moves and an
     # interruption loses only the blocks in flight; the blocks' growth (read.block_sizes) keeps the files of a
-    # big shard few. Shards are committed as the stream goes. Writing a block is light I/O and takes no CPU slot:
-    # on a CPU node the actors and a read task fill the node's CPUs, and a write that waited for a slot would wait
-    # for the read to end, holding every answered row unstaged (and the progress still) until then.
+    # big shard few. Shards are committed as the stream goes.
     return rows.map_batches(write_rows, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"staging": staging}, num_cpus=0)
+                            fn_kwargs={"staging": staging}, num_cpus=sizing.decode_cpus)
 
 
 @contextmanager
