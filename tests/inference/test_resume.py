@@ -54,16 +54,19 @@ def test_ctrl_c_keeps_the_staged_rows_and_a_rerun_answers_only_the_rest(local_ra
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "NOTA_DEBUG")}
     first = subprocess.Popen([sys.executable, "-m", "jobs.infer", *argv], env=env, cwd=ROOT, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not list(output.glob("resume/_staging/*/rows-*.parquet")) and first.poll() is None and time.monotonic() < deadline:
+    began = time.monotonic()
+    while not list(output.glob("resume/_staging/*/rows-*.parquet")) and first.poll() is None and time.monotonic() < began + 240:
         time.sleep(0.02)
+    # What the test saw before its Ctrl-C, for the message of a failure: a staged file, or the job already ended.
+    seen = {"seconds": round(time.monotonic() - began, 2), "ended_first": first.poll() is not None,
+            "staged_files": [path.name for path in output.glob("resume/_staging/*/rows-*.parquet")]}
     started = descendants(first.pid)  # the local Ray it started (its workers belong to its raylet)
     raylets = [pid for pid in started if process_name(pid) == "raylet"]
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=120)
 
     staged = {row["id"]: row for row in output_rows(output, "resume/_staging/*/rows-*.parquet")}
-    assert first.returncode == 130, stderr[-3000:]
+    assert first.returncode == 130, f"{seen}\n{stderr[-3000:]}"
     assert stderr.rstrip().splitlines()[-1] == (
         f"infer.py: interrupted: {len(staged)} items kept; run the same command again to resume")
     assert "Traceback" not in stderr and 0 < len(staged) < 12 and not list(output.glob("resume/part-*"))
