@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,8 +54,9 @@ def test_ctrl_c_keeps_the_staged_rows_and_a_rerun_answers_only_the_rest(local_ra
             "--no-score", "--set", "decoding.num_beams=1", "--set", "decoding.max_new_tokens=40",
             "--set", "signals.skip_silence=false"]  # its tones are no speech, which the VAD would keep from the model
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "NOTA_DEBUG")}
-    first = subprocess.Popen([sys.executable, "-m", "jobs.infer", *argv], env=env, cwd=ROOT, start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with sigint_handled():
+        first = subprocess.Popen([sys.executable, "-m", "jobs.infer", *argv], env=env, cwd=ROOT, start_new_session=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     began = time.monotonic()
     while not list(output.glob("resume/_staging/*/rows-*.parquet")) and first.poll() is None and time.monotonic() < began + 240:
         time.sleep(0.02)
@@ -80,6 +83,18 @@ def test_ctrl_c_keeps_the_staged_rows_and_a_rerun_answers_only_the_rest(local_ra
     assert kept == {item: (row["job_id"], row["created_at"]) for item, row in staged.items()}  # the first run's answers
     assert all(row["job_id"] == summary["job_id"] for row in rows if row["id"] not in staged)
     assert not (output / "resume" / "_staging").exists()
+
+
+@contextmanager
+def sigint_handled() -> Iterator[None]:
+    """SIGINT handled while a child starts, so that it gets Ctrl-C as a terminal's foreground command does: a
+    suite started in the background (`nohup make test &`) ignores SIGINT, and a child inherits an ignored signal
+    (Python then installs no KeyboardInterrupt for it), while a handled one is reset to the default at exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def process_state(pid: int) -> tuple[str, int] | None:
