@@ -182,17 +182,20 @@ def test_shipped_training_configs_are_valid():
         assert config.model.load().model_kind == "nota", path
 
 
-def test_nota_small_stages_start_from_earlier_stages_and_not_from_the_weights_they_ship():
-    # A stage that started from the shipped file would train on from its own output when run again.
-    runs = []
-    for path in sorted(Path(__file__).parents[2].glob("configs/nota-small-[0-9]-*.yaml")):  # v1's stages
+@pytest.mark.parametrize("stages, count", [("nota-small-[0-9]-*.yaml", 6), ("nota-small-v2-*.yaml", 2)])  # v1's, v2's
+def test_nota_small_stages_start_from_earlier_stages_and_not_from_the_weights_they_ship(stages, count):
+    # A stage that started from the shipped file would train on from its own output when run again; and each
+    # starts from a checkpoint an earlier stage writes (out/train/RUN/checkpoint_STEP/...).
+    runs = {}
+    for path in sorted(Path(__file__).parents[2].glob(f"configs/{stages}")):
         config = load_train_config(str(path))
         model = config.model.load()
         assert model.name == "nota-small" and model.trained_weights is None, path
         if runs:
-            assert any(f"/{run}/checkpoint_" in config.model.checkpoint for run in runs), path
-        runs.append(config.run.name)
-    assert len(runs) >= 3
+            run, step = Path(config.model.checkpoint).parts[-3:-1]
+            assert step.startswith("checkpoint_") and int(step.removeprefix("checkpoint_")) <= runs.get(run, -1), path
+        runs[config.run.name] = config.run.max_steps
+    assert len(runs) == count
 
 
 def test_metrics_go_to_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
