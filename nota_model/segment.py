@@ -102,10 +102,11 @@ def merge_spans(spans: list[Piece], window: int) -> list[Piece]:
 
 
 @lru_cache(maxsize=1)
-def _silero() -> tuple[torch.jit.ScriptModule, Callable[..., list[dict[str, int]]]]:
-    """Silero's model (TorchScript, from the package) and its span finder."""
+def _silero() -> tuple[Callable[..., torch.Tensor], Callable[..., list[dict[str, int]]]]:
+    """Silero's model (its ONNX file from the package, on onnxruntime: 2 to 2.6 times less CPU a window than its
+    TorchScript twin, one thread) and its span finder."""
     threads = torch.get_num_threads()
     import silero_vad  # importing it sets torch to one thread: the caller keeps its own
 
     torch.set_num_threads(threads)
-    return silero_vad.load_silero_vad(), silero_vad.get_speech_timestamps
+    return silero_vad.load_silero_vad(onnx=True), silero_vad.get_speech_timestamps
