@@ -139,4 +139,5 @@ def train_rank(rank: int, port: int, device: str, steps: int, out: str) -> None:
               "grad_scaler": scaler.is_enabled(), "losses": losses, "losses_finite": all(map(math.isfinite, losses)),
               "in_sync": bool(torch.equal(gathered[0], gathered[1])), "steps_per_s": steps / elapsed, "gpu_memory": memory}
     Path(out, "steps", f"two_workers-rank{rank}.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()  # both ranks reach the end before either tears down: a rank left alone in gloo's teardown hung once
     dist.destroy_process_group()

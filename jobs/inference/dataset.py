@@ -11,7 +11,6 @@ from typing import Any
 
 import ray
 from ray.util.annotations import RayDeprecationWarning
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.corpus.items import WorkItemChecks
 from jobs.corpus.manifest_schema import Manifest
@@ -51,8 +50,6 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
     context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
-    if not options.dry_run:
-        warm_decode_workers(sizing, pool)
     source = CorpusDatasource(plan, ReadContext(manifest, config, options.batch_size, block_rows, staging.expect,
                                                 dry_run=options.dry_run))
     # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
@@ -109,38 +106,6 @@ def finish_shards(plan: ReadPlan, manifest: Manifest, staging: ShardStaging, set
 def _finish_shard(shard: InputShard, manifest: Manifest, staging: ShardStaging, settings: JobSettings) -> Commit | None:
     items = (item for item, _ in walk(whole(shard), manifest, WorkItemChecks(manifest), with_audio=False))
     return finish_shard(staging, shard.number, items, settings)
-
-
-def warm_decode_workers(sizing: ResourceSizing, pool: int) -> list[ray.ObjectRef]:
-    """Start the decode tasks' Ray workers on every node, each importing what a decode task imports (torch and
-    transformers among them: seconds of CPU), while the model actors load. Without it the read stage, held back
-    until the actors are up, starts its workers then, and the first blocks of every actor wait for their imports.
-    Each task takes a decode slot, so the read tasks that follow find the slot's worker idle and warm: as many
-    tasks on a node as decode tasks fit beside its share of the model actors, up to the CPUs left (Ray keeps about
-    a CPU's count of idle workers). Not waited for: a model actor's loading is the longer wait."""
-    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
-    cpu_nodes = max(1, len(nodes))
-    refs = []
-    for node in nodes:
-        resources = node["Resources"]
-        if sizing.actor_gpus:
-            actors = int(resources.get("GPU", 0) / sizing.actor_gpus + 1e-9)
-        else:
-            actors = -(-pool // cpu_nodes)
-        free = resources["CPU"] - actors * sizing.actor_cpus
-        slots = min(int(free / sizing.decode_cpus + 1e-9), max(1, int(free + 1e-9)))
-        place = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        refs += [_import_decoding.options(num_cpus=sizing.decode_cpus, scheduling_strategy=place).remote()
-                 for _ in range(max(0, slots))]
-    return refs
-
-
-@ray.remote
-def _import_decoding() -> str:
-    """A decode task's imports, done: the worker's node."""
-    import jobs.inference.read  # noqa: F401
-
-    return ray.get_runtime_context().get_node_id()
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,7 @@ from jobs.corpus.items import ItemListShard
 from jobs.corpus.manifest_schema import load_manifest
 from jobs.corpus.walk import TarShard
 from jobs.infer import parse_args, run
-from jobs.inference.dataset import (ResourceSizing, build_dataset, decode_block_rows, default_pool_size, resource_sizing,
-                                    warm_decode_workers)
+from jobs.inference.dataset import ResourceSizing, build_dataset, decode_block_rows, default_pool_size, resource_sizing
 from jobs.inference.plan import ReadPlan
 from jobs.inference.predict import Predictor, actor_threads
 from jobs.inference.settings import JobSettings
@@ -189,19 +188,6 @@ def test_cpu_actors_take_the_node_but_a_decode_share_and_run_that_many_threads(l
     assert resource_sizing(on_gpu=False, pool=1, actor_cpus=2.0, decode_cpus=1.0) == ResourceSizing(2.0, 1.0)
     threads = ray.remote(num_cpus=1.75)(actor_threads)
     assert ray.get(threads.remote()) == 2
-
-
-def test_decode_workers_start_warm_in_the_slots_the_model_actors_leave(local_ray):
-    # local_ray: one node of 4 CPUs and 2 fake GPUs
-    def warmed(sizing: ResourceSizing, pool: int) -> int:
-        nodes = ray.get(warm_decode_workers(sizing, pool))
-        assert set(nodes) <= {ray.get_runtime_context().get_node_id()}
-        return len(nodes)
-
-    assert warmed(ResourceSizing(1.0, 1.0, 1.0), pool=2) == 2  # 2 GPU actors of a CPU each: 2 CPUs left
-    assert warmed(ResourceSizing(1.0, 0.5, 1.0), pool=2) == 2  # 4 half-CPU slots, but idle workers up to 2
-    assert warmed(ResourceSizing(3.75, 0.25), pool=1) == 1  # a CPU actor takes all but a decode share
-    assert warmed(ResourceSizing(1.0, 1.0, 0.5), pool=4) == 0  # 4 actors of half a GPU and a CPU: no CPU left
 
 
 def test_actors_sharing_a_gpu_each_get_their_share_and_the_pool_counts_them():
