@@ -103,8 +103,8 @@ def merge_spans(spans: list[Piece], window: int) -> list[Piece]:
 
 @lru_cache(maxsize=1)
 def _silero() -> tuple[Callable[..., torch.Tensor], Callable[..., list[dict[str, int]]]]:
-    """Silero's model (its ONNX file from the package, on onnxruntime: 2 to 2.6 times less CPU a window than its
-    TorchScript twin, one thread) and its span finder."""
+    """Silero's model (the package's ONNX file on onnxruntime, one thread: it takes less CPU a window than its
+    TorchScript twin, measured in benchmarks/README.md) and its span finder."""
     threads = torch.get_num_threads()
     import silero_vad  # importing it sets torch to one thread: the caller keeps its own
 
