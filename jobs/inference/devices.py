@@ -183,8 +183,8 @@ def run_capability(on_gpu: bool, gpu_wait_s: float) -> Capability:
     actors or fake GPUs. The task runs `actor_device`'s checks, so a torch without the GPU's kernels fails the
     job here, before any model loads. Each actor checks that it runs in this precision (`Predictor`), so that
     no output mixes float16 and bfloat16 rows."""
-    if not on_gpu:
-        return None
+    if not on_gpu or job_has_fake_gpus():
+        return None  # a fake GPU's actor runs on the CPU: no task need start (a new process, for seconds) to say so
     asked = _gpu_capability.remote()
     try:
         return ray.get(asked, timeout=gpu_wait_s)
@@ -195,6 +195,16 @@ def run_capability(on_gpu: bool, gpu_wait_s: float) -> Capability:
             f"{ray.cluster_resources().get('GPU', 0):g} GPUs): start GPU nodes or check the autoscaler's log "
             "(`ray status`), wait longer (--gpu-wait), or run on CPUs (--accelerator cpu)"
         ) from None
+
+
+def job_has_fake_gpus() -> bool:
+    """Whether this job's actors see FAKE_GPUS_ENV: set in the driver's environment, or in the job's runtime
+    environment (`ray.init(runtime_env=...)`), which the actors get and the driver does not."""
+    if os.environ.get(FAKE_GPUS_ENV) == "1":
+        return True
+    if not ray.is_initialized():
+        return False
+    return (ray.get_runtime_context().runtime_env.get("env_vars") or {}).get(FAKE_GPUS_ENV) == "1"
 
 
 @ray.remote(num_gpus=1, num_cpus=0)  # Ray ends a GPU task's worker after it (max_calls=1): no CUDA context stays

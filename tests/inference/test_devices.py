@@ -132,7 +132,20 @@ def test_waiting_for_a_gpu_ends_after_gpu_wait_saying_what_to_do(monkeypatch):
     monkeypatch.setattr(ray, "get", get)
     monkeypatch.setattr(ray, "cancel", lambda ref, force=False: cancelled.append(ref))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(devices, "job_has_fake_gpus", lambda: False)  # the session's Ray may have fake ones
     with pytest.raises(GPUWaitError, match=r"within --gpu-wait 2.5 s .*0 GPUs.*--accelerator cpu"):
         run_capability(True, gpu_wait_s=2.5)
     assert cancelled == [asked]
     assert run_capability(False, gpu_wait_s=2.5) is None
+
+
+def test_a_job_on_fake_gpus_starts_no_task_to_ask_their_capability(local_ray, monkeypatch):
+    # local_ray: fake GPUs in the job's runtime environment, not in this (the driver's) process environment
+    monkeypatch.delenv(FAKE_GPUS_ENV, raising=False)
+    monkeypatch.setattr(devices._gpu_capability, "remote", lambda: pytest.fail("a GPU task was started"))
+    assert devices.job_has_fake_gpus() and run_capability(True, gpu_wait_s=2.5) is None
+    real = type("Context", (), {"runtime_env": {"env_vars": {"OTHER": "1"}}})()
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: real)
+    assert not devices.job_has_fake_gpus()
+    monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # as benchmarks.scaling's driver has it
+    assert devices.job_has_fake_gpus()
