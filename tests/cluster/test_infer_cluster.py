@@ -115,7 +115,8 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(local_ray, und
     # session's Ray as a driver joins a cluster (RAY_ADDRESS), which outlives the killed one and starts no Ray for
     # either; their jobs do not have the session's fake GPUs in their environment, so their actors run on the CPU.
     (tmp_path / "corpus").mkdir()
-    corpus = write_corpus(tmp_path / "corpus", 64)
+    items = 40  # 10 shards of 4
+    corpus = write_corpus(tmp_path / "corpus", items)
     output = tmp_path / "out"
     command = [sys.executable, "-m", "jobs.infer", *job_argv(corpus, output, "--pool-size", "1", "--accelerator", "cpu")]
     env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -126,16 +127,16 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_command(local_ray, und
     os.killpg(first.pid, signal.SIGKILL)  # the driver; Ray ends its job's actors and tasks
     first.wait()
     written_before = settled_part_count(output)
-    assert 1 <= written_before < 16
+    assert 1 <= written_before < items // 4
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = next(json.loads(line) for line in rerun.stdout.splitlines() if line.startswith('{"corpus"'))  # then the metrics table
-    pending = 64 - 4 * written_before - summary["items_kept"]  # 4 items a shard; the rows the killed run staged are kept
-    assert f"==== nota-batch job {summary['job_id']}: faults, {pending} of 64 items to run" in rerun.stderr
+    pending = items - 4 * written_before - summary["items_kept"]  # 4 items a shard; the rows the killed run staged are kept
+    assert f"==== nota-batch job {summary['job_id']}: faults, {pending} of {items} items to run" in rerun.stderr
     assert rerun.stdout.startswith(f"\n==== nota-batch job {summary['job_id']} done: {pending} items in ")
-    assert summary["shards_skipped"] == written_before and summary["items"] == 64 and summary["errors"] == 0
+    assert summary["shards_skipped"] == written_before and summary["items"] == items and summary["errors"] == 0
     rows = rows_by_id(output)
-    assert sorted(rows) == sorted(f"clip{index}" for index in range(64))
+    assert sorted(rows) == sorted(f"clip{index}" for index in range(items))
     assert {i: rows[i]["text"] for i in undisturbed} == {i: r["text"] for i, r in undisturbed.items()}
 
 
