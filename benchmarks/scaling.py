@@ -30,8 +30,10 @@ check holds):
   `model_items_per_s`, `model_speedup`, `model_efficiency` from it (the steady state, without
   start-up); `ideal_model_s` = items x cost_s / gpus, and `model_ideal_ratio` = ideal_model_s / model_phase_s
   (1.0: every GPU busy from the first batch to the last; it needs no 1-node run, see `--no-baseline`);
-  where it falls short, `first_batch_spread_s` (the first actor's first batch to the last actor's) and
-  `actor_busy_share` (the actors' model seconds over actors x model phase).
+  where it falls short, `first_batch_spread_s` (the first actor's first batch to the last actor's),
+  `last_batch_spread_s` (the first actor to end its last batch to the last one), `longest_idle_between_batches_s`
+  (the longest wait of any actor between two of its batches) and `actor_busy_share` (the actors' model seconds
+  over actors x model phase).
 """
 
 from __future__ import annotations
@@ -124,9 +126,13 @@ def measure(rows: list[dict[str, Any]], items: int, job_started: float) -> dict[
     starts = [created.timestamp() - model_s for (_, created), model_s in batches.items()]
     ends = [created.timestamp() for (_, created) in batches]
     per_actor = {worker: sum(1 for row in rows if row["worker"] == worker) for worker in workers}
-    first_batch = {}
-    for (worker, created), model_s in batches.items():
-        first_batch[worker] = min(first_batch.get(worker, float("inf")), created.timestamp() - model_s)
+    spans: dict[str, list[tuple[float, float]]] = {}  # each actor's batches, (start, end), in time order
+    for (worker, created), model_s in sorted(batches.items(), key=lambda batch: batch[0][1]):
+        spans.setdefault(worker, []).append((created.timestamp() - model_s, created.timestamp()))
+    first_batch = {worker: batches_of[0][0] for worker, batches_of in spans.items()}
+    last_batch = {worker: batches_of[-1][1] for worker, batches_of in spans.items()}
+    longest_gap = max((later[0] - earlier[1] for batches_of in spans.values()
+                       for earlier, later in zip(batches_of, batches_of[1:])), default=0.0)
     phase = max(ends) - min(starts) if batches else 0.0
     return {
         "actors": len(workers),
@@ -142,6 +148,8 @@ def measure(rows: list[dict[str, Any]], items: int, job_started: float) -> dict[
         "model_phase_s": round(phase, 3) if batches else None,
         # what keeps the model phase from its ideal: actors starting their first batch late, or idle between batches
         "first_batch_spread_s": round(max(first_batch.values()) - min(first_batch.values()), 3) if batches else None,
+        "last_batch_spread_s": round(max(last_batch.values()) - min(last_batch.values()), 3) if batches else None,
+        "longest_idle_between_batches_s": round(longest_gap, 3) if batches else None,
         "actor_busy_share": round(sum(batches.values()) / (len(workers) * phase), 3) if phase else None,
         "startup_s": round(min(starts) - job_started, 3) if batches else None,
     }
@@ -251,7 +259,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
 def table(summary: dict[str, Any]) -> str:
     columns = ["nodes", "gpus", "actors", "actor_nodes", "items_done", "items_per_actor", "startup_s", "job_wall_s", "items_per_s", "speedup", "efficiency",
-               "model_phase_s", "ideal_model_s", "model_ideal_ratio", "first_batch_spread_s", "actor_busy_share", "model_speedup", "model_efficiency", "one_actor_per_gpu", "all_items_once"]
+               "model_phase_s", "ideal_model_s", "model_ideal_ratio", "first_batch_spread_s", "last_batch_spread_s",
+               "longest_idle_between_batches_s", "actor_busy_share", "model_speedup", "model_efficiency", "one_actor_per_gpu", "all_items_once"]
     lines = ["SIMULATION (stub model, fake GPUs on one machine)", " | ".join(columns)]
     for run_ in summary["runs"]:
         if "failed" in run_:
