@@ -37,7 +37,7 @@ class GPUWaitError(NotaError):
 def actor_device() -> torch.device:
     """The calling Ray actor's device, from the GPUs Ray assigned it: checked to have this torch's kernels,
     and capped to the actor's share of the GPU's memory."""
-    device = assigned_device(ray.get_gpu_ids(), fake_gpus=os.environ.get(FAKE_GPUS_ENV) == "1")
+    device = assigned_device(ray.get_gpu_ids(), fake_gpus=job_has_fake_gpus())
     if device.type == "cuda":
         check_kernels(device)
         cap_memory_share(device, ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
