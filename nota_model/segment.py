@@ -10,16 +10,18 @@ gives its speech share (a signal of the row) and keeps audio without speech from
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from nota_model.audio import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 SPEECH_TASK = "asr"
 
@@ -31,7 +33,10 @@ Piece = tuple[int, int]
 SPEECH_PAD_MS = 200
 MIN_SILENCE_MS = 100
 
-_vad_lock = threading.Lock()
+# Silero's model hears 32 ms windows at 16 kHz, each with the 64 samples before it, and carries a state between them.
+VAD_WINDOW = 512
+VAD_CONTEXT = 64
+VAD_STATE_SHAPE = (2, 1, 128)
 
 
 @dataclass(frozen=True)
@@ -64,29 +69,34 @@ def fixed_windows(length: int, window: int) -> list[Piece]:
 def speech_spans(waveform: np.ndarray, max_seconds: float, pad_ms: int = SPEECH_PAD_MS) -> list[Piece]:
     """Where Silero VAD hears speech in a 16 kHz waveform, each span at most `max_seconds` long and widened
     by `pad_ms` on each side."""
-    model, get_speech_timestamps = _silero()
-    with _vad_lock, _one_torch_thread(), torch.inference_mode():
-        timestamps = get_speech_timestamps(
-            torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)),
-            model,
-            sampling_rate=SAMPLE_RATE,
-            max_speech_duration_s=max_seconds,
-            min_silence_duration_ms=MIN_SILENCE_MS,
-            speech_pad_ms=pad_ms,
-        )
+    session, spans_from_probabilities = _silero()
+    timestamps = spans_from_probabilities(
+        speech_probabilities(session, waveform),
+        sampling_rate=SAMPLE_RATE,
+        max_speech_duration_s=max_seconds,
+        min_silence_duration_ms=MIN_SILENCE_MS,
+        speech_pad_ms=pad_ms,
+        audio_length_samples=len(waveform),
+    )
     return [(span["start"], span["end"]) for span in timestamps]
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """The VAD runs one small step per 32 ms of audio: more threads only wait on each other, and on a busy
-    machine they make it many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def speech_probabilities(session: onnxruntime.InferenceSession, waveform: np.ndarray) -> list[float]:
+    """Silero's speech probability for each window of a 16 kHz waveform (the last one zero-padded), as its
+    `get_speech_timestamps` computes them, but asked of its ONNX session directly: the package's wrapper turns
+    every 32 ms window into torch tensors and back, a third of the VAD's time (benchmarks/README.md). The
+    model's state and each window's context are this call's own, so threads may share the session."""
+    windows = -(-len(waveform) // VAD_WINDOW)
+    padded = np.zeros(VAD_CONTEXT + windows * VAD_WINDOW, dtype=np.float32)
+    padded[VAD_CONTEXT : VAD_CONTEXT + len(waveform)] = waveform
+    state = np.zeros(VAD_STATE_SHAPE, dtype=np.float32)
+    rate = np.array(SAMPLE_RATE, dtype=np.int64)
+    probabilities = []
+    for start in range(0, windows * VAD_WINDOW, VAD_WINDOW):
+        window = padded[None, start : start + VAD_CONTEXT + VAD_WINDOW]
+        probability, state = session.run(None, {"input": window, "state": state, "sr": rate})
+        probabilities.append(float(probability[0, 0]))
+    return probabilities
 
 
 def merge_spans(spans: list[Piece], window: int) -> list[Piece]:
@@ -102,11 +112,12 @@ def merge_spans(spans: list[Piece], window: int) -> list[Piece]:
 
 
 @lru_cache(maxsize=1)
-def _silero() -> tuple[Callable[..., torch.Tensor], Callable[..., list[dict[str, int]]]]:
+def _silero() -> tuple[onnxruntime.InferenceSession, Callable[..., list[dict[str, int]]]]:
     """Silero's model (the package's ONNX file on onnxruntime, one thread: it takes less CPU a window than its
-    TorchScript twin, measured in benchmarks/README.md) and its span finder."""
+    TorchScript twin, measured in benchmarks/README.md) and its span finder over the windows' probabilities."""
     threads = torch.get_num_threads()
-    import silero_vad  # importing it sets torch to one thread: the caller keeps its own
+    from silero_vad import load_silero_vad  # importing it sets torch to one thread: the caller keeps its own
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
     torch.set_num_threads(threads)
-    return silero_vad.load_silero_vad(onnx=True), silero_vad.get_speech_timestamps
+    return load_silero_vad(onnx=True).session, get_speech_timestamps_from_probs

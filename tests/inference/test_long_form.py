@@ -58,6 +58,22 @@ def test_speech_is_cut_at_pauses_into_pieces_that_fit_the_window_and_cover_all_s
     assert np.abs(speech[round(cut) - 800 : round(cut) + 800]).max() == 0  # the cut falls in an inserted pause
 
 
+def test_the_vad_hears_the_spans_that_silero_s_own_loop_hears(speech):
+    """`speech_spans` asks Silero's ONNX session directly; the package's own `get_speech_timestamps` (its wrapper,
+    window by window) is the reference: the same spans on real speech, noise, a short clip and an empty one."""
+    import silero_vad
+    import torch
+
+    noise = np.random.default_rng(0).normal(0, 0.1, 3 * SAMPLE_RATE).astype(np.float32)
+    for waveform in (speech, noise, speech[: SAMPLE_RATE // 10], speech[:0]):
+        for max_seconds, pad_ms in ((30, segment.SPEECH_PAD_MS), (5, 30)):
+            reference = silero_vad.get_speech_timestamps(
+                torch.from_numpy(waveform), silero_vad.load_silero_vad(onnx=True), sampling_rate=SAMPLE_RATE,
+                max_speech_duration_s=max_seconds, min_silence_duration_ms=segment.MIN_SILENCE_MS, speech_pad_ms=pad_ms)
+            assert speech_spans(waveform, max_seconds, pad_ms) == [(span["start"], span["end"]) for span in reference]
+    assert len(speech_spans(speech, 5)) > len(speech_spans(speech, 30))  # the case above that splits long speech
+
+
 def test_silence_gives_no_piece_and_other_tasks_fixed_windows():
     silence = np.zeros(60 * SAMPLE_RATE, dtype=np.float32)
     assert plan_pieces(silence, "asr", 30) == segment.PiecePlan([], speech_share=0.0)
