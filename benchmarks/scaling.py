@@ -1,6 +1,6 @@
 """SIMULATED scale test of the batch job: does it use every GPU node it is given?
 
-    python -m benchmarks.scaling --nodes 1,2,4 --items 64 --cost-s 0.1 --batch-size 4
+    python -m benchmarks.scaling --nodes 1,2,4 --items 64 --cost-s 0.1 --batch-size 4 [--warm-up]
 
 THIS IS A SIMULATION. No model runs and no GPU is used: for each node count N it starts, on this one
 machine, a local multi-node Ray (`ray.cluster_utils.Cluster`: a head node with no GPU and
@@ -12,7 +12,9 @@ sleeps `cost_s` per item of each batch. What it measures is the job's orchestrat
 node, every item exactly once, how the work spreads over the actors), not model speed. All nodes share
 this machine's CPUs, so per-node start-up (each actor and decode worker imports torch) does not run in
 parallel as it would on a real cluster: `job_wall_s` grows with N here, `model_phase_s` is the fair
-measure of scaling.
+measure of scaling. `--warm-up` takes that start-up out of the measured run too: the job runs once over a small
+corpus on the same cluster first, so that every node's decode workers are up and have imported what they need
+(the actors are still new), as on a cluster whose nodes start on their own CPUs.
 
 Each node count runs in its own subprocess with a fresh Ray, shut down afterwards (Ray Data keeps
 per-process state). Prints a table on stderr and the report as JSON on stdout (exit 1 unless every
@@ -170,12 +172,11 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         cluster_start_s = time.perf_counter() - started
         resources = ray.cluster_resources()
         ray_nodes = sum(1 for node in ray.nodes() if node["Alive"])
+        if args.warm_up:
+            simulated_job(args.warm_up_corpus, Path(args.work) / f"warm-up-{nodes}", args)
         output = Path(args.work) / f"out-{nodes}"
         job_started = time.time()
-        job = run(parse_args(["--manifest", args.corpus, "--model", "tiny", "--output", str(output),
-                              "--batch-size", str(args.batch_size), "--no-score",
-                              "--set", "signals.skip_silence=false"]),  # its tones are no speech: they must reach the model
-                  predictor=SimulatedPredictor, predictor_kwargs={"cost_s": args.cost_s})
+        job = simulated_job(args.corpus, output, args)
         rows = [row for part in sorted((output / CORPUS).glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
     finally:
         ray.shutdown()
@@ -197,11 +198,21 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def simulated_job(corpus: str, output: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The real job over `corpus` with the stub model; its summary."""
+    return run(parse_args(["--manifest", str(corpus), "--model", "tiny", "--output", str(output),
+                           "--batch-size", str(args.batch_size), "--no-score",
+                           "--set", "signals.skip_silence=false"]),  # its tones are no speech: they must reach the model
+               predictor=SimulatedPredictor, predictor_kwargs={"cost_s": args.cost_s})
+
+
 def spawn(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     """One node count in its own process (its own Ray, its own Ray Data state)."""
     command = [sys.executable, "-m", "benchmarks.scaling", "--one", str(nodes), "--corpus", str(args.corpus), "--work", str(args.work),
                "--items", str(args.items), "--cost-s", str(args.cost_s), "--batch-size", str(args.batch_size),
                "--cpus-per-node", str(args.cpus_per_node), "--head-cpus", str(args.head_cpus)]
+    if args.warm_up:
+        command += ["--warm-up", "--warm-up-corpus", str(args.warm_up_corpus)]
     # Its GPUs are Ray's fake ones: the actors run the stub on the CPU (jobs.inference.devices).
     env = {**{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}, FAKE_GPUS_ENV: "1"}
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -228,6 +239,9 @@ def simulate(argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nota-scaling-") as work:
         args.work = work
         args.corpus = write_corpus(Path(work) / "corpus", args.items, args.items_per_shard)
+        if args.warm_up:  # a batch for each node's actor, twice over, in shards as small as the measured corpus's
+            args.warm_up_corpus = write_corpus(Path(work) / "warm-up", 2 * max(node_counts) * args.batch_size,
+                                               args.items_per_shard)
         for nodes in node_counts:
             results.append(spawn(nodes, args))
             print(f"[simulation] nodes={nodes}: {json.dumps(results[-1])[:600]}", file=sys.stderr, flush=True)
@@ -282,8 +296,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs of each fake-GPU node (its actor takes 1)")
     parser.add_argument("--head-cpus", type=int, default=1, help="logical CPUs of the head node (it runs the decode tasks)")
     parser.add_argument("--timeout-s", type=float, default=600, help="per node count")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="run the job once over a small corpus on the same cluster before the measured run, so that "
+                             "every node's decode workers have started and imported what they need: on a real cluster each "
+                             "node does that on its own CPUs, here all share this machine's (the first batches' spread)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: run one node count
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-up-corpus", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     return parser
 
