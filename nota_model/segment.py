@@ -84,7 +84,7 @@ def speech_spans(waveform: np.ndarray, max_seconds: float, pad_ms: int = SPEECH_
 def speech_probabilities(session: onnxruntime.InferenceSession, waveform: np.ndarray) -> list[float]:
     """Silero's speech probability for each window of a 16 kHz waveform (the last one zero-padded), as its
     `get_speech_timestamps` computes them, but asked of its ONNX session directly: the package's wrapper turns
-    every 32 ms window into torch tensors and back, a third of the VAD's time (benchmarks/README.md). The
+    every 32 ms window into torch tensors and back, about a quarter of the VAD's time (benchmarks/README.md). The
     model's state and each window's context are this call's own, so threads may share the session."""
     windows = -(-len(waveform) // VAD_WINDOW)
     padded = np.zeros(VAD_CONTEXT + windows * VAD_WINDOW, dtype=np.float32)
