@@ -51,7 +51,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
     source = CorpusDatasource(plan, ReadContext(manifest, config, options.batch_size, block_rows, staging.expect,
-                                                dry_run=options.dry_run))
+                                                dry_run=options.dry_run), pool)
     # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
     # minimum parallelism (200), and the model's batches cut from the pieces would not be full.
     decoded = ray.data.read_datasource(source, num_cpus=sizing.decode_cpus, override_num_blocks=len(source.tasks))

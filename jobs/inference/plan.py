@@ -16,9 +16,13 @@ from jobs.inference.write import KeptRows
 from nota_model.config import ModelConfig, WhisperASRConfig
 from nota_model.whisper_asr import ASR_TASK
 
-# An item-list read task holds up to about this many rows (fewer on a small corpus, for parallelism).
+# An item-list read task holds up to about this many rows; fewer on a smaller corpus, so that it makes at least
+# LIST_TASKS_WANTED tasks and LIST_TASKS_PER_ACTOR for each model actor. Ray Data hands all the rows of a read task
+# to one actor (it merges a task's blocks up to its target block size), so a task is the unit the actors share:
+# with few to each actor, the last ones leave some actors idle while others finish theirs (benchmarks/README.md).
 ITEMS_PER_LIST_TASK = 1000
 LIST_TASKS_WANTED = 16
+LIST_TASKS_PER_ACTOR = 8
 
 
 def check_task(manifest: Manifest, config: ModelConfig) -> None:
@@ -74,12 +78,14 @@ class ReadPlan:
                 else f"{self.items_to_read} of {self.items} items")
         return f"{work} to run" + (f", {self.kept_items} kept from an interrupted run" if self.kept else "")
 
-    def read_tasks(self, block_rows: int) -> list[list[ReadPiece]]:
+    def read_tasks(self, block_rows: int, pool: int = 1) -> list[list[ReadPiece]]:
         """A task per tar shard; an item list's rows to read cut into tasks of whole blocks (a shard may be
-        split between two, and is split around its kept rows), so that every model batch but the last is full."""
+        split between two, and is split around its kept rows), so that every model batch but the last is full,
+        and into enough tasks for a `pool` of model actors to share evenly."""
         if self.items_to_read is None:
             return [[shard] for shard in self.pending]
-        blocks_per_task = max(1, min(ITEMS_PER_LIST_TASK // block_rows, self.items_to_read // (block_rows * LIST_TASKS_WANTED)))
+        tasks_wanted = max(LIST_TASKS_WANTED, LIST_TASKS_PER_ACTOR * pool)
+        blocks_per_task = max(1, min(ITEMS_PER_LIST_TASK // block_rows, self.items_to_read // (block_rows * tasks_wanted)))
         task_rows = block_rows * blocks_per_task
         tasks: list[list[ReadPiece]] = [[]]
         room = task_rows

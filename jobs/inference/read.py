@@ -78,12 +78,12 @@ def read_pieces(pieces: list[ReadPiece], context: ReadContext, kept: dict[int, f
 
 
 class CorpusDatasource(Datasource):
-    """The plan's read tasks for `ray.data.read_datasource`."""
+    """The plan's read tasks for `ray.data.read_datasource`, cut for a `pool` of model actors."""
 
-    def __init__(self, plan: ReadPlan, context: ReadContext):
+    def __init__(self, plan: ReadPlan, context: ReadContext, pool: int = 1):
         super().__init__()
         self.plan = plan
-        self.tasks = plan.read_tasks(context.block_rows)
+        self.tasks = plan.read_tasks(context.block_rows, pool)
         self.context = context
 
     def estimate_inmemory_data_size(self) -> int | None:

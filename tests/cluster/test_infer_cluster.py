@@ -247,6 +247,20 @@ def test_item_list_read_tasks_hold_whole_blocks_and_every_pending_row_once():
                                            items=None, pending_items=None).read_tasks(6)] == [1, 1]  # a task per tar shard
 
 
+def test_item_list_read_tasks_are_many_enough_for_the_actors_to_share_evenly():
+    """Ray Data hands a read task's rows to one actor: a small corpus is cut into enough tasks for every actor to
+    take several, a large one into tasks of up to about ITEMS_PER_LIST_TASK rows whatever the pool."""
+    def task_rows(items: int, block_rows: int, pool: int) -> list[int]:
+        shards = [ItemListShard(number, number * 8, 8, None) for number in range(items // 8)]
+        plan = ReadPlan(pending=shards, shards=len(shards), items=items, pending_items=items)
+        return [sum(piece.stop - piece.start for piece in task) for task in plan.read_tasks(block_rows, pool)]
+
+    assert task_rows(640, 16, pool=1) == [32] * 20  # LIST_TASKS_WANTED at least
+    assert task_rows(640, 16, pool=8) == [16] * 40  # a block a task: five for each of eight actors
+    assert task_rows(2560, 16, pool=8) == [32] * 80
+    assert set(task_rows(100_000, 128, pool=8)[:-1]) == {896}  # the largest whole number of blocks up to 1 000 rows
+
+
 class DeviceFailingPredictor(Predictor):
     """The model actor with `generate` raising a sticky CUDA error: once (the first call while `marker` does not
     exist, which it then creates), or on every call (`always`)."""
