@@ -80,7 +80,7 @@ def read_pieces(pieces: list[ReadPiece], context: ReadContext, kept: dict[int, f
 class CorpusDatasource(Datasource):
     """The plan's read tasks for `ray.data.read_datasource`, cut for a `pool` of model actors."""
 
-    def __init__(self, plan: ReadPlan, context: ReadContext, pool: int = 1):
+    def __init__(self, plan: ReadPlan, context: ReadContext, pool: int):
         super().__init__()
         self.plan = plan
         self.tasks = plan.read_tasks(context.block_rows, pool)

@@ -64,11 +64,12 @@ def test_the_vad_hears_the_spans_that_silero_s_own_loop_hears(speech):
     import silero_vad
     import torch
 
+    wrapped = silero_vad.load_silero_vad(onnx=True)
     noise = np.random.default_rng(0).normal(0, 0.1, 3 * SAMPLE_RATE).astype(np.float32)
     for waveform in (speech, noise, speech[: SAMPLE_RATE // 10], speech[:0]):
         for max_seconds, pad_ms in ((30, segment.SPEECH_PAD_MS), (5, 30)):
             reference = silero_vad.get_speech_timestamps(
-                torch.from_numpy(waveform), silero_vad.load_silero_vad(onnx=True), sampling_rate=SAMPLE_RATE,
+                torch.from_numpy(waveform), wrapped, sampling_rate=SAMPLE_RATE,
                 max_speech_duration_s=max_seconds, min_silence_duration_ms=segment.MIN_SILENCE_MS, speech_pad_ms=pad_ms)
             assert speech_spans(waveform, max_seconds, pad_ms) == [(span["start"], span["end"]) for span in reference]
     assert len(speech_spans(speech, 5)) > len(speech_spans(speech, 30))  # the case above that splits long speech
