@@ -50,7 +50,7 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
     context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A decoded block must stay one block, so that the model's batches cut from it are all full.
     context.target_max_block_size = max(context.target_max_block_size or 0, 2 * block_rows * MAX_CLIP_BYTES)
-    source = CorpusDatasource(plan, ReadContext(manifest, config, options.batch_size, block_rows, staging.expect,
+    source = CorpusDatasource(plan, ReadContext(manifest, config, block_rows, staging.expect,
                                                 dry_run=options.dry_run), pool)
     # As many output blocks as read tasks: Ray Data would otherwise split each task's blocks to reach its
     # minimum parallelism (200), and the model's batches cut from the pieces would not be full.
@@ -76,8 +76,8 @@ def build_dataset(plan: ReadPlan, manifest: Manifest, config: ModelConfig, optio
             )
     # The write stage stages each block of rows as the model returns it (a decode block's, or a few small ones'
     # the pool took together to fill a batch): never held back to gather more, so that progress moves and an
-    # interruption loses only the blocks in flight; the blocks' growth (read.block_sizes) keeps the files of a
-    # big shard few. Shards are committed as the stream goes.
+    # interruption loses only the blocks in flight; a block's rows are staged in one file, so a big shard's files
+    # are few. Shards are committed as the stream goes.
     return rows.map_batches(write_rows, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"staging": staging}, num_cpus=sizing.decode_cpus)
 

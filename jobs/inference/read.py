@@ -2,16 +2,16 @@
 
 A tar shard's task streams it front to back (one request per 64 MB) and decodes each item as its members pass;
 an item-list task reads each item's audio with its own request. A tar shard's task skips the items an
-interrupted run staged (the plan's kept rows; an item list's are in no task). Tasks yield blocks of whole model
-batches (their rows sorted by duration), growing from one batch to `block_rows` (`block_sizes`), and record each
-shard's item count (for the write stage, through the context's `record_items`) before the shard's last rows
-leave the task.
+interrupted run staged (the plan's kept rows; an item list's are in no task). Tasks yield blocks of `block_rows`
+(whole model batches, their rows sorted by duration), and record each shard's item count (for the write stage,
+through the context's `record_items`) before the shard's last rows leave the task. Ray Data joins the blocks a
+task yields into one until they pass the context's target block size (dataset.py raises it so that no decoded block
+is split): a read task, not a block, is the unit the model actors share (plan.py cuts them to the pool).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,43 +32,28 @@ from nota_model.config import ModelConfig
 class ReadContext:
     manifest: Manifest
     config: ModelConfig  # the model the items are decoded for: its audio settings and input features
-    batch_rows: int  # a model batch
-    block_rows: int  # a whole number of model batches
+    block_rows: int  # a whole number of model batches: the rows sorted by duration together
     record_items: Callable[[int, int], None]  # (shard, its item count), before the shard's last rows leave
     dry_run: bool = False  # decode without the model's inputs (decode.decode_item)
 
 
-def block_sizes(batch_rows: int, block_rows: int) -> Iterator[int]:
-    """A read task's block sizes: one model batch, then twice as many, and so on up to `block_rows`, which the
-    rest keep. The write stage stages each block the model returns, so the first rows of every task are staged
-    a batch's time after the model takes them, and a small corpus shows progress from its first batches; the
-    later blocks are whole `block_rows`, so that a big shard is staged in few files (its items over
-    `block_rows`, and one or two more)."""
-    size = batch_rows
-    while size < block_rows:
-        yield size
-        size *= 2
-    yield from itertools.repeat(block_rows)
-
-
 def read_pieces(pieces: list[ReadPiece], context: ReadContext, kept: dict[int, frozenset[int]]) -> Iterator[pa.Table]:
-    """One read task: decoded blocks of `block_sizes` rows, without the `kept` items (indices per tar shard). Each
+    """One read task: decoded blocks of `block_rows` rows, without the `kept` items (indices per tar shard). Each
     shard's item count is recorded for the write stage before any of its last rows leave: an item-list shard's
     (known) first, a tar shard's when it has been read (a full block leaves only when the next row is there)."""
     for piece in pieces:
         if isinstance(piece, ListSlice):
             context.record_items(piece.shard.number, piece.shard.rows)
-    sizes = block_sizes(context.batch_rows, context.block_rows)
-    size, block = next(sizes), []
+    block = []
     for piece in pieces:
         items = 0
         for item, data in walk(piece, context.manifest, WorkItemChecks(context.manifest)):
             items += 1
             if item["index"] in kept.get(item["shard"], ()):
                 continue
-            if len(block) == size:
+            if len(block) == context.block_rows:
                 yield decoded_block(block)
-                size, block = next(sizes), []
+                block = []
             block.append(decode_item(item, data, context.config.audio, features_for=context.config, dry_run=context.dry_run,
                                      skip_silence=context.config.signals.skip_silence))
         if isinstance(piece, TarShard):

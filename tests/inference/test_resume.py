@@ -196,17 +196,17 @@ def test_the_plan_reads_only_the_rows_not_kept():
     assert [tars.kept_indices(task) for task in tars.read_tasks(4)] == [{}, {1: frozenset({0})}]  # skipped as read
 
 
-def test_a_read_task_skips_the_kept_items_and_its_blocks_grow_from_one_model_batch(tmp_path):
+def test_a_read_task_skips_the_kept_items_and_yields_blocks_of_block_rows(tmp_path):
     audio = tmp_path / "audio"
     audio.mkdir()
     for index in range(12):
         (audio / f"clip{index:02d}.wav").write_bytes(wav_bytes(tone(0.5), 16000))
     manifest = load_manifest(build_shards(audio, None, "grow", "asr", str(tmp_path / "shards" / "grow"), 12))
     counts: list[tuple[int, int]] = []
-    context = ReadContext(manifest, load_config("tiny"), batch_rows=2, block_rows=8,
+    context = ReadContext(manifest, load_config("tiny"), block_rows=4,
                           record_items=lambda shard, items: counts.append((shard, items)), dry_run=True)
     blocks = list(read_pieces([TarShard(0, manifest.shard_files()[0][0], manifest.shard_files()[0][1])], context,
                               kept={0: frozenset({3, 11})}))
-    assert [block.num_rows for block in blocks] == [2, 4, 4]  # one batch, two, then up to block_rows
+    assert [block.num_rows for block in blocks] == [4, 4, 2]  # the last block holds what is left
     assert sorted(index for block in blocks for index in block["index"].to_pylist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
     assert counts == [(0, 12)]  # the shard's items, the kept ones too
