@@ -201,7 +201,7 @@ def test_a_read_task_skips_the_kept_items_and_yields_blocks_of_block_rows(tmp_pa
     audio.mkdir()
     for index in range(12):
         (audio / f"clip{index:02d}.wav").write_bytes(wav_bytes(tone(0.5), 16000))
-    manifest = load_manifest(build_shards(audio, None, "grow", "asr", str(tmp_path / "shards" / "grow"), 12))
+    manifest = load_manifest(build_shards(audio, None, "blocks", "asr", str(tmp_path / "shards" / "blocks"), 12))
     counts: list[tuple[int, int]] = []
     context = ReadContext(manifest, load_config("tiny"), block_rows=4,
                           record_items=lambda shard, items: counts.append((shard, items)), dry_run=True)
